@@ -1,0 +1,1 @@
+"""trident: BERT and GPT serving on NVIDIA Triton Inference Server."""
