@@ -1,0 +1,188 @@
+"""Start the real Triton Inference Server on a model repository, in the foreground.
+
+    python -m trident.server.launch [--model-repository model_repository] [--http-port 8000] ...
+
+The binary and the backend directory come from options or the environment (TRITONSERVER_BIN,
+TRITON_BACKEND_DIR), so the same repository runs inside the NGC `tritonserver` image
+(/opt/tritonserver/bin/tritonserver, /opt/tritonserver/backends) and, by default, with the
+`tritonserver` binary that ships in the `nvidia-pytriton` wheel (Python backend only).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+NGC_BIN = Path("/opt/tritonserver/bin/tritonserver")
+NGC_BACKENDS = Path("/opt/tritonserver/backends")
+
+
+@dataclass(frozen=True)
+class ServerPaths:
+    binary: Path
+    backend_dir: Path
+
+
+def find_server(binary: str | None = None, backend_dir: str | None = None) -> ServerPaths:
+    """Options win, then TRITONSERVER_BIN / TRITON_BACKEND_DIR, then the NGC image, then pytriton."""
+    binary = binary or os.environ.get("TRITONSERVER_BIN")
+    backend_dir = backend_dir or os.environ.get("TRITON_BACKEND_DIR")
+    if not binary or not backend_dir:
+        default_bin, default_backends = _default_paths()
+        binary = binary or str(default_bin)
+        backend_dir = backend_dir or str(default_backends)
+    paths = ServerPaths(Path(binary), Path(backend_dir))
+    if not paths.binary.is_file():
+        raise FileNotFoundError(f"tritonserver binary not found at {paths.binary} "
+                                "(set --tritonserver or TRITONSERVER_BIN)")
+    if not (paths.backend_dir / "python").is_dir():
+        raise FileNotFoundError(f"no Python backend under {paths.backend_dir} "
+                                "(set --backend-directory or TRITON_BACKEND_DIR)")
+    return paths
+
+
+def _default_paths() -> tuple[Path, Path]:
+    if NGC_BIN.is_file():
+        return NGC_BIN, NGC_BACKENDS
+    try:
+        import pytriton
+    except ImportError as e:
+        raise FileNotFoundError("no tritonserver: install nvidia-pytriton or set TRITONSERVER_BIN "
+                                "and TRITON_BACKEND_DIR") from e
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    _install_python_stub(root)
+    return root / "bin" / "tritonserver", root / "backends"
+
+
+def _install_python_stub(root: Path) -> None:
+    """pytriton ships one Python-backend stub per Python version; Triton looks for it next to
+    libtriton_python.so, so copy the one matching this interpreter there (once)."""
+    target = root / "backends" / "python" / "triton_python_backend_stub"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    source = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not source.is_file():
+        raise FileNotFoundError(f"nvidia-pytriton has no Python backend stub for Python {version}")
+    if not target.is_file() or target.stat().st_size != source.stat().st_size:
+        shutil.copy2(source, target)
+
+
+def server_env() -> dict[str, str]:
+    """The stub embeds the Python found first on PATH and ignores PYTHONPATH: put this interpreter's
+    directory first so the models see this environment's packages (numpy < 2 among them)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def server_command(paths: ServerPaths, model_repository: Path, http_port: int, grpc_port: int,
+                   metrics_port: int, log_verbose: int = 0, extra: list[str] | None = None) -> list[str]:
+    return [
+        str(paths.binary),
+        f"--model-repository={model_repository}",
+        f"--backend-directory={paths.backend_dir}",
+        f"--http-port={http_port}",
+        f"--grpc-port={grpc_port}",
+        f"--metrics-port={metrics_port}",
+        "--allow-metrics=true",
+        "--allow-gpu-metrics=false" if not _has_gpu() else "--allow-gpu-metrics=true",
+        "--strict-readiness=true",
+        "--exit-on-error=true",
+        f"--log-verbose={log_verbose}",
+        *(extra or []),
+    ]
+
+
+def _has_gpu() -> bool:
+    return Path("/dev/nvidiactl").exists()
+
+
+def wait_ready(http_port: int, process: subprocess.Popen, timeout_s: float = 300.0) -> None:
+    """Poll /v2/health/ready until the server and every model in it are ready."""
+    url = f"http://127.0.0.1:{http_port}/v2/health/ready"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"tritonserver exited with code {process.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"tritonserver not ready after {timeout_s:.0f} s")
+
+
+def start(model_repository: Path, http_port: int, grpc_port: int, metrics_port: int,
+          binary: str | None = None, backend_dir: str | None = None, log_verbose: int = 0,
+          extra: list[str] | None = None, stdout=None) -> subprocess.Popen:
+    paths = find_server(binary, backend_dir)
+    command = server_command(paths, model_repository.resolve(), http_port, grpc_port, metrics_port,
+                             log_verbose, extra)
+    # A new process group, so that Ctrl-C in the terminal reaches us once and we stop Triton cleanly.
+    return subprocess.Popen(command, env=server_env(), stdout=stdout, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop(process: subprocess.Popen, timeout_s: float = 30.0) -> int:
+    """SIGTERM lets Triton unload models (each gets finalize()); SIGKILL only if it hangs."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-repository", default=str(REPO_ROOT / "model_repository"))
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--tritonserver", help="path of the tritonserver binary (env TRITONSERVER_BIN)")
+    parser.add_argument("--backend-directory", help="Triton backends directory (env TRITON_BACKEND_DIR)")
+    parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument("--ready-timeout", type=float, default=600.0)
+    parser.add_argument("extra", nargs="*", help="further tritonserver options, after --")
+    args = parser.parse_args(argv)
+
+    process = start(Path(args.model_repository), args.http_port, args.grpc_port, args.metrics_port,
+                    args.tritonserver, args.backend_directory, args.log_verbose, args.extra)
+    stopping = False
+
+    def on_signal(signum, _frame):
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            print(f"\n[launch] {signal.Signals(signum).name}: stopping Triton ...", flush=True)
+            process.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        wait_ready(args.http_port, process, args.ready_timeout)
+        print(f"[launch] Triton READY: HTTP localhost:{args.http_port}  gRPC localhost:{args.grpc_port}  "
+              f"metrics http://localhost:{args.metrics_port}/metrics  (Ctrl-C to stop)", flush=True)
+    except (RuntimeError, TimeoutError) as e:
+        if not stopping:
+            print(f"[launch] {e}", file=sys.stderr, flush=True)
+            stop(process)
+            return 1
+    code = process.wait()
+    print(f"[launch] Triton exited with code {code}", flush=True)
+    return 0 if stopping else code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Triton Python-backend adapters. Only these modules import triton_python_backend_utils."""

@@ -1,0 +1,93 @@
+"""Triton Python model `bert`: text in, sentence embedding (or classification) out.
+
+A thin adapter over trident.bert.BertEncoder. Triton's dynamic batcher hands execute() several
+requests; their texts are encoded together in one call, and each request gets exactly one response:
+its slice of the outputs, or its own error (a bad request never fails the others).
+
+Model config parameters (string values):
+    artifacts   directory of the build's artifacts, relative to the version directory (default "artifacts")
+    runtime     "onnxruntime" (default)          precision  "int8" (default) | "fp32"
+    device      "cpu" (default)                  num_threads  intra-op threads ("" = runtime default)
+    max_length  truncate texts to this many tokens ("" = the model's maximum)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from trident.bert.encoder import BertEncoder
+from trident.triton.io import RequestError, decode_texts, string_array
+
+OUTPUTS_BY_TASK = {"embedding": {"embedding"}, "classification": {"logits", "label"}}
+
+
+def _parameters(model_config: dict) -> dict[str, str]:
+    return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        self.logger = pb_utils.Logger
+        model_config = json.loads(args["model_config"])
+        params = _parameters(model_config)
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        artifacts = version_dir / params.get("artifacts", "artifacts")
+        if not (artifacts / "manifest.json").is_file():
+            raise pb_utils.TritonModelException(
+                f"no built artifacts in {artifacts}: run `make build` (python -m build.bert) first")
+        self.encoder = BertEncoder.from_artifacts(
+            artifacts,
+            precision=params.get("precision") or "int8",
+            runtime=params.get("runtime") or "onnxruntime",
+            device=params.get("device") or "cpu",
+            max_length=int(params["max_length"]) if params.get("max_length") else None,
+            num_threads=int(params["num_threads"]) if params.get("num_threads") else None,
+        )
+        declared = {o["name"] for o in model_config.get("output", [])}
+        expected = OUTPUTS_BY_TASK[self.encoder.task]
+        if declared != expected:
+            raise pb_utils.TritonModelException(
+                f"artifacts in {artifacts} are a {self.encoder.task} model with outputs {sorted(expected)}, "
+                f"but config.pbtxt declares {sorted(declared)}")
+        self.logger.log_info(f"bert: {self.encoder.task} model from {artifacts}, "
+                             f"max_length={self.encoder.max_length}, hidden={self.encoder.hidden_size}")
+
+    def execute(self, requests):
+        texts, spans, responses = [], [], [None] * len(requests)
+        for index, request in enumerate(requests):
+            try:
+                tensor = pb_utils.get_input_tensor_by_name(request, "text_input")
+                request_texts = decode_texts(None if tensor is None else tensor.as_numpy())
+            except RequestError as e:
+                responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
+                continue
+            spans.append((index, len(texts), len(texts) + len(request_texts)))
+            texts.extend(request_texts)
+        if not spans:
+            return responses
+        try:
+            outputs = self.encoder.encode(texts)
+        except Exception as e:  # one failed batch must still answer every request
+            message = f"bert encode failed: {type(e).__name__}: {e}"
+            self.logger.log_error(message)
+            for index, _, _ in spans:
+                responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+            return responses
+        for index, start, end in spans:
+            responses[index] = pb_utils.InferenceResponse(self._tensors(outputs, start, end))
+        return responses
+
+    def _tensors(self, outputs: dict[str, np.ndarray], start: int, end: int) -> list:
+        tensors = []
+        for name, values in outputs.items():
+            rows = values[start:end]
+            if name == "label":
+                rows = string_array(list(rows), (end - start, 1))
+            tensors.append(pb_utils.Tensor(name, np.ascontiguousarray(rows)))
+        return tensors
+
+    def finalize(self) -> None:
+        self.encoder = None

@@ -1,0 +1,74 @@
+"""Session fixtures shared by the whole suite: the live Triton server used by tests/e2e.
+
+The server is the real `tritonserver` (see trident.server.launch), started once per session on free
+ports, serving a temporary repository that links the real `model_repository/` models and adds the
+test-only models that tests/e2e/repository.py builds (e.g. a small classification checkpoint).
+"""
+from __future__ import annotations
+
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class TritonServer:
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    repository: Path
+    log_path: Path
+    process: subprocess.Popen
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@pytest.fixture(scope="session")
+def triton_server(tmp_path_factory) -> TritonServer:
+    from tests.e2e.repository import assemble_repository
+    from trident.server import launch
+
+    workdir = tmp_path_factory.mktemp("triton")
+    repository = assemble_repository(workdir / "model_repository")
+    http_port, grpc_port, metrics_port = free_ports(3)
+    log_path = workdir / "tritonserver.log"
+    with open(log_path, "wb") as log:
+        process = launch.start(repository, http_port, grpc_port, metrics_port, stdout=log)
+    server = TritonServer(http_port, grpc_port, metrics_port, repository, log_path, process)
+    try:
+        launch.wait_ready(http_port, process, timeout_s=600)
+    except Exception:
+        launch.stop(process)
+        pytest.fail(f"Triton did not become ready; log tail:\n{server.log()[-6000:]}")
+    yield server
+    code = launch.stop(process)
+    assert code == 0, f"Triton exited with {code} on shutdown; log tail:\n{server.log()[-4000:]}"

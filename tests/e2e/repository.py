@@ -1,0 +1,67 @@
+"""The repository the e2e server serves: the real models of model_repository/ plus test-only models.
+
+`bert_classifier` is a small BertForSequenceClassification checkpoint made here (random weights,
+real MiniLM tokenizer) and built by the real build entry point (export -> INT8 -> gate), served by
+the same backend code as `bert` with a literal config that declares `logits` and `label`.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CLASSIFIER_LABELS = {0: "business", 1: "science", 2: "sports", 3: "world"}
+
+CLASSIFIER_CONFIG = """
+name: "bert_classifier"
+backend: "python"
+max_batch_size: 64
+input [ { name: "text_input" data_type: TYPE_STRING dims: [ 1 ] } ]
+output [
+  { name: "logits" data_type: TYPE_FP32 dims: [ %d ] },
+  { name: "label" data_type: TYPE_STRING dims: [ 1 ] }
+]
+dynamic_batching { max_queue_delay_microseconds: 2000 }
+instance_group [ { count: 1, kind: KIND_CPU } ]
+parameters { key: "precision" value: { string_value: "int8" } }
+""" % len(CLASSIFIER_LABELS)
+
+
+def make_classifier_checkpoint(directory: Path) -> Path:
+    """A 2-layer BERT classifier with the real MiniLM vocabulary and tokenizer files."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from build.weights import minilm_dir
+
+    source = minilm_dir()
+    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=512, num_labels=len(CLASSIFIER_LABELS),
+                        id2label=CLASSIFIER_LABELS, label2id={v: k for k, v in CLASSIFIER_LABELS.items()})
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).eval().save_pretrained(directory)
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(source / name, directory / name)
+    return directory
+
+
+def build_classifier(repository: Path) -> Path:
+    model_dir = repository / "bert_classifier"
+    checkpoint = make_classifier_checkpoint(repository.parent / "classifier_checkpoint")
+    shutil.copytree(ROOT / "model_repository" / "bert" / "1", model_dir / "1",
+                    ignore=shutil.ignore_patterns("artifacts", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "build.bert", "--checkpoint", str(checkpoint),
+                    "--out", str(model_dir / "1" / "artifacts")], cwd=ROOT, check=True)
+    (model_dir / "config.pbtxt").write_text(CLASSIFIER_CONFIG)
+    return model_dir
+
+
+def assemble_repository(repository: Path) -> Path:
+    repository.mkdir(parents=True)
+    for model in sorted((ROOT / "model_repository").iterdir()):
+        if (model / "config.pbtxt").is_file() and (model / "1" / "artifacts").is_dir():
+            (repository / model.name).symlink_to(model)
+    build_classifier(repository)
+    return repository
