@@ -1,0 +1,77 @@
+"""Prometheus metrics of the `gpt` model, exported on Triton's :8002/metrics through the Python
+backend's custom-metrics API. Names follow vLLM's, under the `trident:` prefix."""
+from __future__ import annotations
+
+import triton_python_backend_utils as pb_utils
+
+LATENCY_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                   2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0]
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+class GptMetrics:
+    def __init__(self, model_name: str, model_version: str):
+        self.labels = {"model": model_name, "version": model_version}
+        self._families = []
+        self.ttft = self._histogram("time_to_first_token_seconds", "Time to first token")
+        self.itl = self._histogram("inter_token_latency_seconds", "Time between consecutive output tokens")
+        self.e2e = self._histogram("e2e_request_latency_seconds", "End-to-end request latency")
+        self.queue = self._histogram("request_queue_time_seconds", "Time from arrival to first scheduling")
+        self.running = self._gauge("num_requests_running", "Requests running in the engine")
+        self.waiting = self._gauge("num_requests_waiting", "Requests waiting in the engine's queue")
+        self.kv_usage = self._gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1)")
+        self.prefix_hit_rate = self._gauge("prefix_cache_hit_rate", "Prefix-cache hits / queries, in blocks")
+        self.prefix_queries = self._counter("prefix_cache_queries", "Prefix-cache lookups, in blocks")
+        self.prefix_hits = self._counter("prefix_cache_hits", "Prefix-cache hits, in blocks")
+        self.prompt_tokens = self._counter("prompt_tokens_total", "Prompt tokens processed")
+        self.generation_tokens = self._counter("generation_tokens_total", "Tokens generated")
+        self.preemptions = self._counter("num_preemptions_total", "Sequences preempted (recomputed later)")
+        family = self._family("request_success_total", "Finished requests by finish reason",
+                              pb_utils.MetricFamily.COUNTER)
+        self.finished = {reason: family.Metric(labels={**self.labels, "finished_reason": reason})
+                         for reason in FINISH_REASONS}
+        self._last_totals: dict[str, float] = {}
+
+    def _family(self, name, description, kind):
+        family = pb_utils.MetricFamily(name=f"trident:{name}", description=description, kind=kind)
+        self._families.append(family)
+        return family
+
+    def _histogram(self, name, description):
+        family = self._family(name, description, pb_utils.MetricFamily.HISTOGRAM)
+        return family.Metric(labels=self.labels, buckets=LATENCY_BUCKETS)
+
+    def _gauge(self, name, description):
+        return self._family(name, description, pb_utils.MetricFamily.GAUGE).Metric(labels=self.labels)
+
+    def _counter(self, name, description):
+        return self._family(name, description, pb_utils.MetricFamily.COUNTER).Metric(labels=self.labels)
+
+    def record_stats(self, stats) -> None:
+        """Engine-wide figures after a step: gauges set, monotonically growing totals added as deltas."""
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_cache_usage)
+        queries, hits = stats.prefix_cache_queries, stats.prefix_cache_hits
+        self.prefix_hit_rate.set(hits / queries if queries else 0.0)
+        for name, counter, total in (("queries", self.prefix_queries, queries),
+                                     ("hits", self.prefix_hits, hits),
+                                     ("prompt", self.prompt_tokens, stats.prompt_tokens_total),
+                                     ("generation", self.generation_tokens, stats.generation_tokens_total),
+                                     ("preemptions", self.preemptions, stats.num_preemptions_total)):
+            delta = total - self._last_totals.get(name, 0)
+            if delta > 0:
+                counter.increment(delta)
+            self._last_totals[name] = total
+
+    def record_finished(self, finish_reason: str, queue_s: float | None, ttft_s: float | None,
+                        e2e_s: float | None) -> None:
+        if finish_reason in self.finished:
+            self.finished[finish_reason].increment(1)
+        for histogram, value in ((self.queue, queue_s), (self.ttft, ttft_s), (self.e2e, e2e_s)):
+            if value is not None:
+                histogram.observe(value)
+
+    def record_inter_token(self, seconds: float, num_tokens: int) -> None:
+        for _ in range(num_tokens):
+            self.itl.observe(seconds / num_tokens)

@@ -1,0 +1,254 @@
+"""Triton Python model `gpt` (decoupled): a thin adapter over trident.engine.LLMEngine.
+
+vllm_backend's architecture: execute() only validates and enqueues; one engine thread admits
+requests, checks cancellations and runs engine steps; one response thread sends what the engine
+produced. When a stream falls behind, the response thread coalesces the pending chunks of a request
+into one response, so streaming keeps up under load. Every request gets exactly one FINAL response,
+errors and shutdown included.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from trident.engine.config import EngineConfig
+from trident.engine.engine import LLMEngine, QueueFullError
+from trident.triton.gpt_metrics import GptMetrics
+from trident.triton.gpt_request import GenerateRequest, parse_request
+from trident.triton.io import RequestError, string_array
+
+INPUT_NAMES = ("text_input", "max_tokens", "min_tokens", "stream", "temperature", "top_k", "top_p", "min_p",
+               "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop", "ignore_eos",
+               "exclude_input_in_output", "return_logprobs", "sampling_parameters")
+CANCEL_CHECK_INTERVAL_S = 0.02   # cancelled requests free their KV blocks well within 100 ms
+IDLE_WAIT_S = 0.05
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+@dataclass
+class Active:
+    """A request the engine is working on, seen from the Triton side."""
+    request_id: str
+    request: GenerateRequest
+    sender: object
+    num_ids_sent: int = 0
+    last_token_time: float | None = None
+    prompt_sent: bool = False
+    pending: list = field(default_factory=list)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        self.logger = pb_utils.Logger
+        model_config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        config = self._engine_config(version_dir / params.get("engine_config", "engine.json"), version_dir)
+        self.engine = LLMEngine(config)
+        self.logger.log_info(f"gpt: {self.engine.capacity.describe()}")
+        self.max_tokens_limit = self.engine.max_model_len
+        self.metrics = GptMetrics(args["model_name"], args["model_version"])
+        self.inbox: queue.Queue = queue.Queue()
+        self.outbox: queue.Queue = queue.Queue()
+        self.active: dict[str, Active] = {}
+        self.ids = itertools.count()
+        self.stopping = threading.Event()
+        self.engine_thread = threading.Thread(target=self._engine_loop, name="gpt-engine", daemon=True)
+        self.response_thread = threading.Thread(target=self._response_loop, name="gpt-responses", daemon=True)
+        self.engine_thread.start()
+        self.response_thread.start()
+
+    @staticmethod
+    def _engine_config(path: Path, version_dir: Path) -> EngineConfig:
+        if not path.is_file():
+            raise pb_utils.TritonModelException(f"engine config {path} not found")
+        values = json.loads(path.read_text())
+        for key in ("model", "tokenizer"):
+            if values.get(key) and not Path(values[key]).is_absolute():
+                values[key] = str(version_dir / values[key])
+        if not Path(values["model"]).is_dir():
+            raise pb_utils.TritonModelException(
+                f"no model at {values['model']}: run `make build` (python -m build.gpt_convert) first")
+        return EngineConfig.from_dict(values)
+
+    # -- Triton entry points ------------------------------------------------------------------------
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                inputs = {name: _input(request, name) for name in INPUT_NAMES}
+                parsed = parse_request(inputs, self.max_tokens_limit)
+            except RequestError as e:
+                _send_error(sender, str(e))
+                continue
+            self.inbox.put(Active(f"{next(self.ids)}", parsed, sender))
+        return None
+
+    def finalize(self) -> None:
+        self.stopping.set()
+        self.engine_thread.join(timeout=30)
+        self.outbox.put(None)
+        self.response_thread.join(timeout=30)
+
+    # -- engine thread ------------------------------------------------------------------------------
+    def _engine_loop(self) -> None:
+        last_cancel_check = 0.0
+        while not self.stopping.is_set():
+            self._admit(block=not self.engine.has_unfinished())
+            now = time.monotonic()
+            if now - last_cancel_check >= CANCEL_CHECK_INTERVAL_S:
+                self._abort_cancelled()
+                last_cancel_check = now
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a broken step must not strand requests: fail what is in flight
+                self.logger.log_error(f"gpt: engine step failed: {type(e).__name__}: {e}")
+                self._fail_all(f"engine error: {type(e).__name__}: {e}")
+                continue
+            self._route(outputs)
+            self.metrics.record_stats(self.engine.stats())
+        self._fail_all("the gpt model is shutting down; the request was not completed")
+
+    def _admit(self, block: bool) -> None:
+        try:
+            item = self.inbox.get(timeout=IDLE_WAIT_S) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while item is not None:
+            try:
+                self.engine.add_request(item.request_id, item.request.prompt, item.request.sampling_params)
+                self.active[item.request_id] = item
+            except (QueueFullError, ValueError) as e:
+                _send_error(item.sender, str(e))
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                item = None
+
+    def _abort_cancelled(self) -> None:
+        for request_id, item in list(self.active.items()):
+            if item.sender.is_cancelled():
+                self._route(self.engine.abort(request_id) or [])
+                self.active.pop(request_id, None)
+
+    def _route(self, outputs) -> None:
+        now = time.monotonic()
+        for output in outputs:
+            item = self.active.get(output.request_id)
+            if item is None:
+                continue
+            new_ids = len(output.output_token_ids) - item.num_ids_sent
+            if new_ids > 0 and item.last_token_time is not None:
+                self.metrics.record_inter_token(now - item.last_token_time, new_ids)
+            if new_ids > 0:
+                item.last_token_time = now
+            if output.finished:
+                self.active.pop(output.request_id, None)
+                self._record_finished(output)
+            if output.finished or item.request.stream:
+                self.outbox.put((item, output, item.num_ids_sent))
+                item.num_ids_sent = len(output.output_token_ids)
+
+    def _record_finished(self, output) -> None:
+        t = output.timings
+        self.metrics.record_finished(
+            output.finish_reason,
+            queue_s=_delta(t.arrival, t.first_scheduled),
+            ttft_s=_delta(t.arrival, t.first_token),
+            e2e_s=_delta(t.arrival, t.finished))
+
+    def _fail_all(self, message: str) -> None:
+        pending = list(self.active.values())
+        while True:
+            try:
+                pending.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        for item in pending:
+            try:
+                self.engine.abort(item.request_id)
+            except Exception:  # the engine may be what failed; the client must still hear back
+                pass
+            self.outbox.put((item, RequestError(message), 0))
+        self.active.clear()
+
+    # -- response thread ----------------------------------------------------------------------------
+    def _response_loop(self) -> None:
+        while True:
+            batch = [self.outbox.get()]
+            while True:
+                try:
+                    batch.append(self.outbox.get_nowait())
+                except queue.Empty:
+                    break
+            for item, outputs in _coalesce([b for b in batch if b is not None]):
+                self._send(item, outputs)
+            if None in batch:
+                return
+
+    def _send(self, item: Active, chunks: list) -> None:
+        """chunks: [(output or error, num_ids_sent_before)] of one request, oldest first."""
+        last, _ = chunks[-1]
+        try:
+            if isinstance(last, Exception):
+                item.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(last))), flags=FINAL)
+                return
+            first_sent = chunks[0][1]
+            response = pb_utils.InferenceResponse(self._tensors(item, chunks, first_sent))
+            item.sender.send(response, flags=FINAL if last.finished else 0)
+        except Exception as e:  # e.g. the client went away; nothing else to tell it
+            self.logger.log_warn(f"gpt: could not send response for request {item.request_id}: {e}")
+
+    def _tensors(self, item: Active, chunks: list, first_sent: int) -> list:
+        last = chunks[-1][0]
+        request = item.request
+        if request.stream:
+            text = "".join(output.delta_text for output, _ in chunks)
+            ids = last.output_token_ids[first_sent:]
+        else:
+            text, ids = last.text, last.output_token_ids
+        if not request.exclude_input_in_output and not item.prompt_sent:
+            text = request.prompt + text
+            item.prompt_sent = True
+        tensors = [
+            pb_utils.Tensor("text_output", string_array([text], (1,))),
+            pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int32)),
+            pb_utils.Tensor("finish_reason", string_array([last.finish_reason or ""] if last.finished else [""], (1,))),
+            pb_utils.Tensor("num_input_tokens", np.array([len(last.prompt_token_ids)], dtype=np.int32)),
+            pb_utils.Tensor("num_output_tokens", np.array([len(last.output_token_ids)], dtype=np.int32)),
+        ]
+        if request.sampling_params.logprobs:
+            tensors.append(pb_utils.Tensor("cumulative_logprob",
+                                           np.array([last.cumulative_logprob or 0.0], dtype=np.float32)))
+        return tensors
+
+
+def _coalesce(batch):
+    """Group a drained outbox by request, keeping order: one response per request per drain."""
+    grouped: dict[str, tuple[Active, list]] = {}
+    for item, output, num_ids_sent in batch:
+        grouped.setdefault(item.request_id, (item, []))[1].append((output, num_ids_sent))
+    return grouped.values()
+
+
+def _input(request, name: str):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def _send_error(sender, message: str) -> None:
+    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
+
+
+def _delta(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else max(0.0, end - start)
