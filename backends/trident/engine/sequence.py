@@ -44,6 +44,9 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0          # prompt tokens served by the prefix cache (last admission)
         self.block_table: list[int] = []
+        # Chained prefix-cache hashes of the full blocks of `token_ids`, extended lazily by the block
+        # manager; they depend only on the tokens, so they survive preemption.
+        self.block_hashes: list[int] = []
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.stop_reason: str | int | None = None  # the stop string or token id that matched
