@@ -64,4 +64,24 @@ def assemble_repository(repository: Path) -> Path:
         if (model / "config.pbtxt").is_file() and (model / "1" / "artifacts").is_dir():
             (repository / model.name).symlink_to(model)
     build_classifier(repository)
+    if (repository / "gpt").exists():
+        build_small_queue_gpt(repository, ROOT / "model_repository" / "gpt")
     return repository
+
+
+SMALL_QUEUE_ENGINE = {"max_num_seqs": 1, "max_queue_size": 1}
+
+
+def build_small_queue_gpt(repository: Path, gpt_dir: Path) -> Path:
+    """`gpt_small_queue`: the real gpt model with one running and one waiting slot, so the
+    queue-full path can be exercised without flooding the main model."""
+    import json
+
+    model_dir = repository / "gpt_small_queue"
+    shutil.copytree(gpt_dir / "1", model_dir / "1", ignore=shutil.ignore_patterns("artifacts", "__pycache__"))
+    engine = json.loads((gpt_dir / "1" / "engine.json").read_text())
+    engine.update(SMALL_QUEUE_ENGINE, model=str((gpt_dir / "1" / engine["model"]).resolve()))
+    (model_dir / "1" / "engine.json").write_text(json.dumps(engine, indent=2))
+    config = (gpt_dir / "config.pbtxt").read_text().replace('name: "gpt"', 'name: "gpt_small_queue"')
+    (model_dir / "config.pbtxt").write_text(config)
+    return model_dir
