@@ -3,7 +3,6 @@ in-process engine and Hugging Face generate on the real SmolLM2-135M-Instruct.""
 from __future__ import annotations
 
 import json
-import queue
 import re
 import threading
 import time
@@ -51,45 +50,37 @@ def gpt_server(triton_server):
 
 
 class Stream:
-    """One gRPC bidirectional stream carrying many requests; responses collected per request id."""
+    """Requests over gRPC bidirectional streams, one stream per request so that an error (which
+    carries no request id on a stream) is attributed to the right request."""
 
     def __init__(self, url: str):
-        self.client = grpcclient.InferenceServerClient(url)
+        self.url = url
+        self.clients: dict[str, grpcclient.InferenceServerClient] = {}
         self.responses: dict[str, list] = {}
         self.finals: dict[str, threading.Event] = {}
-        self.lock = threading.Lock()
-        self.client.start_stream(callback=self._on_response)
 
-    def _on_response(self, result, error):
-        if error is not None:
-            request_id = getattr(error, "request_id", None) or _error_request_id(error)
-            with self.lock:
-                self.responses.setdefault(request_id, []).append(error)
-            self.finals.setdefault(request_id, threading.Event()).set()
-            return
-        response = result.get_response()
-        with self.lock:
-            self.responses.setdefault(response.id, []).append(result)
-        if response.parameters["triton_final_response"].bool_param:
-            self.finals.setdefault(response.id, threading.Event()).set()
+    def send(self, request_id: str, prompt: str, stop=None, model="gpt", inputs=None, **options):
+        client = grpcclient.InferenceServerClient(self.url)
+        self.clients[request_id] = client
+        self.responses[request_id] = []
+        self.finals[request_id] = threading.Event()
+        client.start_stream(callback=lambda result, error: self._on_response(request_id, result, error))
+        client.async_stream_infer(model, inputs or grpc_inputs(prompt, options, stop), request_id=request_id,
+                                  enable_empty_final_response=True)
 
-    def send(self, request_id: str, prompt: str, stop=None, model="gpt", **options):
-        self.finals.setdefault(request_id, threading.Event())
-        self.client.async_stream_infer(model, grpc_inputs(prompt, options, stop), request_id=request_id,
-                                       enable_empty_final_response=True)
+    def _on_response(self, request_id, result, error):
+        self.responses[request_id].append(error if error is not None else result)
+        if error is not None or result.get_response().parameters["triton_final_response"].bool_param:
+            self.finals[request_id].set()
 
     def wait(self, request_id: str, timeout: float = 300) -> list:
         assert self.finals[request_id].wait(timeout), f"request {request_id}: no final response in {timeout}s"
         return self.responses[request_id]
 
     def close(self, cancel=False):
-        self.client.stop_stream(cancel_requests=cancel)
-        self.client.close()
-
-
-def _error_request_id(error) -> str:
-    match = re.search(r"request id[: ]+'?(\w+)", str(error))
-    return match.group(1) if match else "?"
+        for client in self.clients.values():
+            client.stop_stream(cancel_requests=cancel)
+            client.close()
 
 
 def joined(results) -> tuple[str, list[int], str]:
@@ -290,8 +281,7 @@ def test_non_utf8_prompt_is_rejected(gpt_server):
     try:
         inputs = grpc_inputs("x", {"max_tokens": 4})
         inputs[0].set_data_from_numpy(np.array([b"\xff\xfe\xfd"], dtype=np.object_))
-        stream.finals["u"] = threading.Event()
-        stream.client.async_stream_infer("gpt", inputs, request_id="u", enable_empty_final_response=True)
+        stream.send("u", "", inputs=inputs)
         (error,) = stream.wait("u")
         assert "not valid UTF-8" in str(error)
     finally:
