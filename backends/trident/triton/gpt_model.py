@@ -20,7 +20,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from trident.engine.config import EngineConfig
-from trident.engine.engine import LLMEngine, QueueFullError
+from trident.engine.engine import LLMEngine
+from trident.engine.scheduler import QueueFullError
 from trident.triton.gpt_metrics import GptMetrics
 from trident.triton.gpt_request import GenerateRequest, parse_request
 from trident.triton.io import RequestError, string_array
@@ -138,8 +139,8 @@ class TritonPythonModel:
     def _abort_cancelled(self) -> None:
         for request_id, item in list(self.active.items()):
             if item.sender.is_cancelled():
-                self._route(self.engine.abort(request_id) or [])
-                self.active.pop(request_id, None)
+                self._route(self.engine.abort(request_id))
+                self.metrics.record_stats(self.engine.stats())
 
     def _route(self, outputs) -> None:
         now = time.monotonic()
@@ -161,11 +162,8 @@ class TritonPythonModel:
 
     def _record_finished(self, output) -> None:
         t = output.timings
-        self.metrics.record_finished(
-            output.finish_reason,
-            queue_s=_delta(t.arrival, t.first_scheduled),
-            ttft_s=_delta(t.arrival, t.first_token),
-            e2e_s=_delta(t.arrival, t.finished))
+        self.metrics.record_finished(output.finish_reason, queue_s=t.queue_time, ttft_s=t.time_to_first_token,
+                                     e2e_s=t.e2e_latency)
 
     def _fail_all(self, message: str) -> None:
         pending = list(self.active.values())
@@ -248,7 +246,3 @@ def _input(request, name: str):
 
 def _send_error(sender, message: str) -> None:
     sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
-
-
-def _delta(start: float | None, end: float | None) -> float | None:
-    return None if start is None or end is None else max(0.0, end - start)
