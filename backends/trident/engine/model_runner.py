@@ -1,0 +1,176 @@
+"""The one module that touches the device: loads the model, owns the KV cache, runs forward steps.
+
+KV layout, defined here and nowhere else: one tensor
+``kv_cache [2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]`` (keys at index 0,
+values at 1). Position ``p`` of a sequence lives in slot
+``block_table[p // block_size] * block_size + p % block_size``; block tables are padded with 0
+(a real block, always masked out) to a rectangle.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from trident.engine.attention import AttentionMetadata
+from trident.engine.config import CacheCapacity, EngineConfig
+from trident.engine.sequence import Sequence
+from trident.engine.tokenizer import load_tokenizer
+from trident.models.layers import ModelShape
+from trident.models.loader import load_hf_config, load_model, read_eos_token_ids
+
+logger = logging.getLogger(__name__)
+
+# Without an explicit budget on CPU: room for every sequence at full length, but at most this.
+CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30
+BLOCK_TABLE_PAD = 0
+
+
+@dataclass
+class ModelInput:
+    """One step's packed batch, ready for the model."""
+    input_ids: torch.Tensor       # [num_tokens]
+    positions: torch.Tensor       # [num_tokens]
+    metadata: AttentionMetadata
+    sample_rows: torch.Tensor     # [num_sampled] rows whose hidden state feeds the LM head
+
+
+class ModelRunner:
+    """Loads the model directory, picks device/dtype, sizes and allocates the paged KV cache."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        t0 = time.perf_counter()
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        hf_config = load_hf_config(config.model)
+        self.max_model_len = _max_model_len(config, hf_config)
+        self.model = load_model(config.model, self.device, self.dtype, self.max_model_len, hf_config)
+        shape: ModelShape = self.model.shape
+        self.vocab_size = shape.vocab_size
+        self.eos_token_ids = read_eos_token_ids(config.model, hf_config)
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
+        self.block_size = config.block_size
+        self.capacity = CacheCapacity(num_blocks=self._num_kv_blocks(shape), block_size=self.block_size,
+                                      bytes_per_token=_kv_bytes_per_token(shape, self.dtype),
+                                      max_model_len=self.max_model_len)
+        self.kv_cache = torch.zeros(2, shape.num_layers, self.capacity.num_blocks, self.block_size,
+                                    shape.num_kv_heads, shape.head_dim, dtype=self.dtype, device=self.device)
+        logger.info("loaded %s on %s (%s) in %.1f s", config.model, self.device, self.dtype,
+                    time.perf_counter() - t0)
+        logger.info(self.capacity.describe())
+
+    @torch.inference_mode()
+    def execute(self, seqs: list[Sequence], num_new_tokens: list[int]) -> torch.Tensor:
+        """Forward the packed new tokens of ``seqs``; fp32 logits [num_sampled, vocab] for the
+        sequences whose last token was computed this step, in input order."""
+        batch = self.prepare(seqs, num_new_tokens)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_cache, batch.metadata)  # [num_tokens, hidden]
+        return self.model.compute_logits(hidden[batch.sample_rows]).float()  # [num_sampled, vocab]
+
+    def prepare(self, seqs: list[Sequence], num_new_tokens: list[int]) -> ModelInput:
+        if len(seqs) != len(num_new_tokens) or not seqs:
+            raise ValueError(f"need one token count per sequence, got {len(seqs)} seqs and {len(num_new_tokens)} counts")
+        input_ids: list[int] = []
+        positions: list[int] = []
+        context_lens: list[int] = []
+        sample_rows: list[int] = []
+        for seq, n in zip(seqs, num_new_tokens):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            self._check_schedulable(seq, n)
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            context_lens.append(end)
+            if end == seq.num_tokens:
+                sample_rows.append(len(input_ids) - 1)
+        block_tables = self._block_tables(seqs)
+        slot_mapping = self._slot_mapping(block_tables, num_new_tokens, positions)
+        to = dict(device=self.device)
+        metadata = AttentionMetadata.build(slot_mapping.to(**to), block_tables.to(**to), list(num_new_tokens),
+                                           context_lens, self.block_size)
+        return ModelInput(input_ids=torch.tensor(input_ids, dtype=torch.long, **to),
+                          positions=torch.tensor(positions, dtype=torch.long, **to),
+                          metadata=metadata,
+                          sample_rows=torch.tensor(sample_rows, dtype=torch.long, **to))
+
+    def _check_schedulable(self, seq: Sequence, n: int) -> None:
+        end = seq.num_computed_tokens + n
+        if n < 1 or end > seq.num_tokens:
+            raise ValueError(f"seq {seq.seq_id}: cannot compute {n} new tokens "
+                             f"({seq.num_computed_tokens} computed of {seq.num_tokens})")
+        if end > self.max_model_len:
+            raise ValueError(f"seq {seq.seq_id}: position {end - 1} is beyond max_model_len={self.max_model_len}")
+        if len(seq.block_table) * self.block_size < end:
+            raise ValueError(f"seq {seq.seq_id}: block table covers {len(seq.block_table) * self.block_size} "
+                             f"positions, step needs {end}")
+
+    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(seq.block_table) for seq in seqs)
+        rows = [seq.block_table + [BLOCK_TABLE_PAD] * (width - len(seq.block_table)) for seq in seqs]
+        return torch.tensor(rows, dtype=torch.long)  # [num_seqs, max_blocks]
+
+    def _slot_mapping(self, block_tables: torch.Tensor, num_new_tokens: list[int], positions: list[int]) -> torch.Tensor:
+        seq_index = torch.repeat_interleave(torch.arange(len(num_new_tokens)), torch.tensor(num_new_tokens))  # [num_tokens]
+        pos = torch.tensor(positions, dtype=torch.long)  # [num_tokens]
+        return block_tables[seq_index, pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _num_kv_blocks(self, shape: ModelShape) -> int:
+        c = self.config
+        block_bytes = _kv_bytes_per_token(shape, self.dtype) * c.block_size
+        if c.max_tokens_in_paged_kv_cache is not None:
+            num_blocks = c.max_tokens_in_paged_kv_cache // c.block_size
+        elif c.kv_cache_memory_bytes is not None:
+            num_blocks = c.kv_cache_memory_bytes // block_bytes
+        elif self.device.type == "cuda":
+            num_blocks = self._cuda_kv_budget(shape) // block_bytes
+        else:
+            full = c.max_num_seqs * self.max_model_len * block_bytes // c.block_size
+            one_seq_blocks = -(-self.max_model_len // c.block_size)
+            num_blocks = max(min(full, CPU_DEFAULT_KV_CACHE_BYTES) // block_bytes, one_seq_blocks)
+        if num_blocks < 1:
+            raise ValueError(f"KV cache budget holds no block of {c.block_size} tokens ({block_bytes} B each)")
+        return int(num_blocks)
+
+    def _cuda_kv_budget(self, shape: ModelShape) -> int:
+        """``kv_cache_free_gpu_mem_fraction`` of the memory free after the weights (TensorRT-LLM's
+        meaning), less an estimate of the largest step's activations and logits."""
+        free, _ = torch.cuda.mem_get_info(self.device)
+        c = self.config
+        element = torch.tensor([], dtype=self.dtype).element_size()
+        hidden = self.model.args.hidden_size
+        intermediate = getattr(self.model.args, "intermediate_size", 4 * hidden)
+        activations = c.max_num_batched_tokens * (6 * hidden + 3 * intermediate) * element
+        logits = c.max_num_seqs * shape.vocab_size * 4 * 3  # fp32 logits plus the sampler's copies
+        return int(max(free - activations - logits, 0) * c.kv_cache_free_gpu_mem_fraction)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _max_model_len(config: EngineConfig, hf_config) -> int:
+    limit = hf_config.max_position_embeddings
+    if config.max_model_len is None:
+        return limit
+    if config.max_model_len > limit:
+        raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's "
+                         f"max_position_embeddings={limit}")
+    return config.max_model_len
+
+
+def _kv_bytes_per_token(shape: ModelShape, dtype: torch.dtype) -> int:
+    element = torch.tensor([], dtype=dtype).element_size()
+    return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * element

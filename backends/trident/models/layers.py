@@ -1,0 +1,131 @@
+"""Building blocks shared by the decoder models: norms, rotary embeddings, activations, paged attention."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trident.engine.attention import AttentionMetadata, paged_attention, store_kv
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the runner needs to know to size and lay out the KV cache."""
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm, computed in fp32 like the reference so bf16 runs round the same way."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (rotate-half layout) looked up by absolute position.
+
+    The cos/sin table is built lazily on the device of the first call: models are constructed on
+    the meta device and only then materialised, so nothing tensor-valued is computed in __init__
+    except the inverse frequencies (on the CPU).
+    """
+
+    def __init__(self, inv_freq: torch.Tensor, max_positions: int, attention_scaling: float = 1.0):
+        super().__init__()
+        self.inv_freq_cpu = inv_freq.detach().to("cpu", torch.float32)  # [head_dim / 2]
+        self.max_positions = max_positions
+        self.attention_scaling = attention_scaling
+        self._cos_sin: torch.Tensor | None = None
+
+    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self._table(positions.device)[positions].unbind(1)  # [num_tokens, head_dim / 2] each
+        cos, sin = cos[:, None, :].to(query.dtype), sin[:, None, :].to(query.dtype)
+        return _rotate(query, cos, sin), _rotate(key, cos, sin)
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        if self._cos_sin is None or self._cos_sin.device != device:
+            positions = torch.arange(self.max_positions, dtype=torch.float32, device=device)
+            freqs = positions[:, None] * self.inv_freq_cpu.to(device)[None, :]  # [max_positions, head_dim / 2]
+            self._cos_sin = torch.stack([freqs.cos(), freqs.sin()], dim=1) * self.attention_scaling
+        return self._cos_sin  # [max_positions, 2, head_dim / 2]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)  # [num_tokens, heads, head_dim / 2] each
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def default_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim))
+
+
+def rope_from_hf_config(hf_config, head_dim: int, max_positions: int) -> RotaryEmbedding:
+    """RoPE from the config's ``rope_parameters`` (transformers >= 5 normalises the older
+    ``rope_theta`` / ``rope_scaling`` fields into it).
+
+    Scaled variants reuse transformers' own frequency functions so the numbers match the reference.
+    ``dynamic`` equals the default below the pretraining length (our ``max_model_len`` cap), and
+    ``longrope`` picks its short or long factors once, from the served ``max_positions``.
+    """
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    if rope_type in ("default", "dynamic"):
+        return RotaryEmbedding(default_inv_freq(head_dim, theta), max_positions)
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"unsupported rope_type {rope_type!r}")
+    kwargs = {"seq_len": max_positions} if rope_type == "longrope" else {}
+    inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"), **kwargs)
+    return RotaryEmbedding(inv_freq, max_positions, float(attention_scaling))
+
+
+def activation(name: str):
+    """The elementwise activations our configs name (GELU-tanh under its several aliases)."""
+    table = {
+        "silu": F.silu, "swish": F.silu, "relu": F.relu,
+        "gelu": F.gelu,
+        "gelu_new": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh, "gelu_fast": _gelu_tanh,
+    }
+    if name not in table:
+        raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(sorted(table))}")
+    return table[name]
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+class PagedAttention(nn.Module):
+    """Store this layer's new K/V in the paged cache, then attend over each sequence's context."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                metadata: AttentionMetadata) -> torch.Tensor:
+        """query [num_tokens, num_heads, head_dim]; key/value [num_tokens, num_kv_heads, head_dim];
+        kv_cache [2, num_blocks, block_size, num_kv_heads, head_dim]. Returns [num_tokens, num_heads * head_dim]."""
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        store_kv(key, value, k_cache, v_cache, metadata.slot_mapping)
+        out = paged_attention(query, key, value, k_cache, v_cache, metadata, self.scale)
+        return out.reshape(out.shape[0], self.num_heads * self.head_dim)
