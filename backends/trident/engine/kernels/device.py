@@ -1,0 +1,46 @@
+"""What the kernels ask of the device and dtype: tile padding, multiprocessor count, dot precision."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def pad(n: int, minimum: int = 16) -> int:
+    """Tile extent for ``n`` rows or columns: a power of two, and at least what ``tl.dot`` accepts."""
+    return max(minimum, triton.next_power_of_2(n))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs multiply in full precision: tf32 would cost the fp32 path its exactness (~3e-4)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Multiprocessors on ``device``; a nominal 4 for the CPU interpreter (TRITON_INTERPRET=1)."""
+    if device.type != "cuda":
+        return 4
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def check_cache(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """The layouts the kernels index: caches [num_blocks, block_size, num_kv_heads, head_dim]."""
+    if k_cache.shape != v_cache.shape or k_cache.dim() != 4:
+        raise ValueError(f"k/v caches must both be [num_blocks, block_size, kv_heads, head_dim], "
+                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if query.dtype not in SUPPORTED_DTYPES or k_cache.dtype != query.dtype:
+        raise ValueError(f"query/cache dtypes must match and be one of {SUPPORTED_DTYPES}, "
+                         f"got {query.dtype} and {k_cache.dtype}")
+    if query.shape[-1] != k_cache.shape[-1] or query.shape[-2] % k_cache.shape[-2]:
+        raise ValueError(f"query heads {tuple(query.shape[-2:])} do not fit cache heads {tuple(k_cache.shape[-2:])}")
+    for name, t in (("query", query), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in head_dim")
