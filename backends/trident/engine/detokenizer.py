@@ -1,0 +1,55 @@
+"""Incremental detokenization with vLLM's prefix/read offsets.
+
+Decoding one token at a time loses information: byte-level BPE splits multi-byte characters
+across tokens, and SentencePiece decoders drop or add a leading space depending on what comes
+before. So each step decodes a short window twice — ``tokens[prefix_offset:read_offset]`` (text
+already emitted) and ``tokens[prefix_offset:]`` — and emits the difference. The window starts a
+few prompt tokens back, so the first output token is decoded in context (its leading space is
+kept). Text ending in U+FFFD is an incomplete character: nothing is emitted until it completes.
+"""
+from __future__ import annotations
+
+# Prompt tokens decoded in front of the output, so the first token is decoded in context.
+CONTEXT_TOKENS = 5
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    """Turns the output tokens of one sequence into text deltas.
+
+    For byte-level BPE tokenizers (GPT-2, SmolLM2) the concatenation of all deltas plus ``flush()``
+    equals ``tokenizer.decode(output_ids, skip_special_tokens=..., clean_up_tokenization_spaces=False)``.
+    Clean-up of tokenization spaces is off because it rewrites text across token boundaries
+    (" n't" -> "n't"), which would retract text already streamed.
+    """
+
+    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.token_ids: list[int] = list(prompt_token_ids[-CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.token_ids)
+        self.text = ""
+
+    def add_tokens(self, token_ids: list[int]) -> str:
+        """Append output tokens; returns the newly completed text ("" while a character is incomplete)."""
+        self.token_ids.extend(token_ids)
+        return self._advance(hold_incomplete=True)
+
+    def flush(self) -> str:
+        """Text still held back at the end (a character that never completed, shown as U+FFFD)."""
+        return self._advance(hold_incomplete=False)
+
+    def _advance(self, hold_incomplete: bool) -> str:
+        prefix_text = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
+        full_text = self._decode(self.token_ids[self.prefix_offset:])
+        if len(full_text) <= len(prefix_text) or (hold_incomplete and full_text.endswith(REPLACEMENT_CHAR)):
+            return ""
+        delta = full_text[len(prefix_text):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+        self.text += delta
+        return delta
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens,
+                                     clean_up_tokenization_spaces=False)

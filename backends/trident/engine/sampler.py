@@ -1,0 +1,208 @@
+"""Next-token selection for a batch of sequences, each with its own sampling parameters.
+
+Order of operations (Hugging Face's, which vLLM follows for the same knobs):
+
+1. ``min_tokens``: EOS (unless ``ignore_eos``) and ``stop_token_ids`` are masked out until the
+   sequence has ``min_tokens`` outputs, as HF's ``MinNewTokensLengthLogitsProcessor`` does;
+2. penalties on the raw logits — repetition (HF: over prompt + output, ``x / p`` if ``x > 0``
+   else ``x * p``), then frequency and presence (vLLM/OpenAI: over output tokens,
+   ``x -= frequency * count + presence * (count > 0)``);
+3. greedy rows (``temperature == 0``) take the argmax here;
+4. temperature, then top-k, top-p, min-p (HF's warper order and semantics; ties at the top-k
+   threshold are kept, top-p keeps the smallest set whose mass exceeds ``p``, and at least one
+   token always survives);
+5. one draw per row with the exponential race ``argmax(p / q)``, ``q ~ Exp(1)``: rows with a
+   ``seed`` draw ``q`` from their own ``torch.Generator``, so a seeded request samples the same
+   tokens whatever else is in the batch; the other rows share the engine-wide generator.
+
+Log-probs, when asked for, are those of the distribution the token was drawn from (vLLM's
+``processed_logprobs``): ``log_softmax`` after penalties, temperature and filters — for greedy
+rows after penalties only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trident.engine.sequence import Sequence
+
+
+@dataclass
+class SampleResult:
+    token_id: int
+    logprob: float | None   # log-probability of the chosen token, when the request asked for it
+
+
+class Sampler:
+    """Samples one token per row of ``logits``; keeps per-sequence RNG state for seeded requests."""
+
+    def __init__(self, seed: int = 0, eos_token_ids: list[int] | tuple[int, ...] = ()):
+        self.seed = seed
+        self.eos_token_ids = list(eos_token_ids)
+        self._generators: dict[str, torch.Generator] = {}          # engine-wide, one per device
+        self._seq_generators: dict[int, torch.Generator] = {}
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
+        """logits: fp32 [num_seqs, vocab], row i for seqs[i]."""
+        if logits.shape[0] != len(seqs):
+            raise ValueError(f"{logits.shape[0]} logits rows for {len(seqs)} sequences")
+        params = [seq.sampling_params for seq in seqs]
+        want_logprobs = any(p.logprobs for p in params)
+        if all(p.is_greedy for p in params) and not any(_needs_logits_processing(s) for s in seqs):
+            tokens = logits.argmax(dim=-1)  # [num_seqs]
+            return _results(tokens, logits if want_logprobs else None, params)
+        logits = self._process(logits.clone(), seqs)
+        return self._sample(logits, seqs)
+
+    def free(self, seq_id: int) -> None:
+        """Forget a finished or aborted sequence's RNG state."""
+        self._seq_generators.pop(seq_id, None)
+
+    # -- logits processing -------------------------------------------------------------------------
+    def _process(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        self._mask_min_tokens(logits, seqs)
+        rows = [i for i, s in enumerate(seqs) if s.sampling_params.repetition_penalty != 1.0]
+        if rows:
+            penalties = [seqs[i].sampling_params.repetition_penalty for i in rows]
+            logits[rows] = apply_repetition_penalty(logits[rows], [seqs[i].token_ids for i in rows], penalties)
+        rows = [i for i, s in enumerate(seqs) if s.sampling_params.frequency_penalty or s.sampling_params.presence_penalty]
+        if rows:
+            logits[rows] = apply_frequency_presence_penalties(
+                logits[rows], [seqs[i].output_token_ids for i in rows],
+                [seqs[i].sampling_params.frequency_penalty for i in rows],
+                [seqs[i].sampling_params.presence_penalty for i in rows])
+        return logits
+
+    def _mask_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        for i, seq in enumerate(seqs):
+            params = seq.sampling_params
+            if seq.num_output_tokens < params.min_tokens:
+                banned = list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_token_ids)
+                if banned:
+                    logits[i, banned] = float("-inf")
+
+    # -- sampling ----------------------------------------------------------------------------------
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
+        params = [seq.sampling_params for seq in seqs]
+        is_greedy = torch.tensor([p.is_greedy for p in params], device=logits.device)  # [num_seqs]
+        greedy_tokens = logits.argmax(dim=-1)  # [num_seqs]
+        if bool(is_greedy.all()):
+            return _results(greedy_tokens, logits, params)
+        temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
+                                   dtype=logits.dtype, device=logits.device)
+        warped = apply_top_k_top_p_min_p(logits / temperature[:, None], params)  # [num_seqs, vocab]
+        sampled = self._exponential_race(warped.softmax(dim=-1), seqs)
+        tokens = torch.where(is_greedy, greedy_tokens, sampled)
+        distribution = torch.where(is_greedy[:, None], logits, warped)
+        return _results(tokens, distribution, params)
+
+    def _exponential_race(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """argmax(p / q) with q ~ Exp(1) picks token t with probability p_t (Gumbel-max in disguise).
+
+        Greedy rows draw nothing, so they never shift the engine-wide random stream."""
+        q = torch.ones_like(probs)
+        drawn = [i for i, s in enumerate(seqs) if not s.sampling_params.is_greedy]
+        unseeded = [i for i in drawn if seqs[i].sampling_params.seed is None]
+        if unseeded:
+            noise = torch.empty((len(unseeded), probs.shape[1]), device=probs.device)
+            q[unseeded] = noise.exponential_(generator=self._engine_generator(probs.device))
+        for i in drawn:
+            if seqs[i].sampling_params.seed is not None:
+                q[i].exponential_(generator=self._seq_generator(seqs[i], probs.device))
+        # An exact 0 draw would turn a masked token's 0 / 0 into NaN, which argmax would pick.
+        q.clamp_(min=torch.finfo(q.dtype).tiny)
+        return (probs / q).argmax(dim=-1)  # [num_seqs]
+
+    def _engine_generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device).manual_seed(self.seed)
+        return self._generators[key]
+
+    def _seq_generator(self, seq: Sequence, device: torch.device) -> torch.Generator:
+        generator = self._seq_generators.get(seq.seq_id)
+        if generator is None or generator.device != device:
+            generator = torch.Generator(device).manual_seed(seq.sampling_params.seed)
+            self._seq_generators[seq.seq_id] = generator
+        return generator
+
+
+def apply_repetition_penalty(logits: torch.Tensor, token_ids: list[list[int]], penalties: list[float]) -> torch.Tensor:
+    """HF semantics: every token seen in prompt or output gets ``x / p`` if ``x > 0`` else ``x * p``."""
+    seen = _token_mask(token_ids, logits.shape[1], logits.device)  # [rows, vocab]
+    p = torch.tensor(penalties, dtype=logits.dtype, device=logits.device)[:, None]
+    penalised = torch.where(logits > 0, logits / p, logits * p)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_frequency_presence_penalties(logits: torch.Tensor, output_ids: list[list[int]],
+                                       frequency: list[float], presence: list[float]) -> torch.Tensor:
+    """vLLM/OpenAI semantics over output tokens: ``x - frequency * count - presence * (count > 0)``."""
+    counts = _token_counts(output_ids, logits.shape[1], logits.device)  # [rows, vocab]
+    f = torch.tensor(frequency, dtype=logits.dtype, device=logits.device)[:, None]
+    p = torch.tensor(presence, dtype=logits.dtype, device=logits.device)[:, None]
+    return logits - f * counts - p * (counts > 0).to(logits.dtype)
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, params: list) -> torch.Tensor:
+    """Mask (to -inf) the tokens outside each row's top-k, then top-p, then min-p set."""
+    vocab = logits.shape[1]
+    top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
+    if any(k < vocab for k in top_k):
+        logits = _top_k(logits, torch.tensor(top_k, device=logits.device))
+    if any(p.top_p < 1.0 for p in params):
+        logits = _top_p(logits, torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=logits.device))
+    if any(p.min_p > 0.0 for p in params):
+        logits = _min_p(logits, torch.tensor([p.min_p for p in params], dtype=logits.dtype, device=logits.device))
+    return logits
+
+
+def _top_k(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    values = logits.topk(int(k.max()), dim=-1).values  # [rows, max_k]
+    threshold = values.gather(1, (k - 1)[:, None])  # [rows, 1]
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def _top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    sorted_logits, sorted_index = logits.sort(dim=-1, descending=False)  # [rows, vocab]
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - top_p)[:, None]
+    remove[:, -1] = False  # the most likely token always stays
+    remove &= (top_p < 1.0)[:, None]
+    return logits.masked_fill(remove.scatter(1, sorted_index, remove), float("-inf"))
+
+
+def _min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    probs = logits.softmax(dim=-1)  # [rows, vocab]
+    threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def _token_mask(token_ids: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    return _token_counts(token_ids, vocab, device) > 0
+
+
+def _token_counts(token_ids: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[rows, vocab] occurrence counts; rows are padded with an extra column that is dropped."""
+    width = max((len(ids) for ids in token_ids), default=0)
+    padded = torch.tensor([ids + [vocab] * (width - len(ids)) for ids in token_ids],
+                          dtype=torch.long, device=device).view(len(token_ids), width)
+    counts = torch.zeros(len(token_ids), vocab + 1, device=device)
+    counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))
+    return counts[:, :vocab]
+
+
+def _needs_logits_processing(seq: Sequence) -> bool:
+    p = seq.sampling_params
+    return (p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+            or seq.num_output_tokens < p.min_tokens)
+
+
+def _results(tokens: torch.Tensor, distribution: torch.Tensor | None, params: list) -> list[SampleResult]:
+    token_list = tokens.tolist()
+    logprobs = [None] * len(token_list)
+    if distribution is not None and any(p.logprobs for p in params):
+        chosen = distribution.log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]  # [num_seqs]
+        logprobs = chosen.tolist()
+    return [SampleResult(t, lp if p.logprobs else None) for t, lp, p in zip(token_list, logprobs, params)]
