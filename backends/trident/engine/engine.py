@@ -79,10 +79,10 @@ class LLMEngine:
         self.max_model_len = self.runner.max_model_len
         self.tokenizer = self.runner.tokenizer
         self.scheduler = Scheduler(config, self.capacity.num_blocks, self.max_model_len)
-        self.sampler = Sampler()
+        self._eos_token_ids = list(self.runner.eos_token_ids)
+        self.sampler = Sampler(seed=config.seed, eos_token_ids=self._eos_token_ids)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
-        self._eos_token_ids = list(self.runner.eos_token_ids)
         self._requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self._lock = threading.RLock()
@@ -206,12 +206,16 @@ class LLMEngine:
             self.prompt_tokens_total += seq.num_prompt_tokens
         seq.timings.last_token = now
         self.generation_tokens_total += 1
-        new_text = request.detokenizer.add_tokens([result.token_id])
-        decision = check_stop(seq, request.detokenizer.text, len(new_text), self._eos_token_ids,
-                              self.max_model_len)
+        detokenizer = request.detokenizer
+        new_text = detokenizer.add_tokens([result.token_id])
+        decision = check_stop(seq, detokenizer.text, len(new_text), self._eos_token_ids, self.max_model_len)
+        text_len = decision.text_len
         if decision.finish_reason is not None:
             seq.finish(decision.finish_reason, decision.stop_reason)
-        return request.output(decision.text_len)
+            if decision.finish_reason == "length":   # nothing more will come: release what is held
+                detokenizer.flush()
+                text_len = len(detokenizer.text)
+        return request.output(text_len)
 
     def _retire(self, seq: Sequence) -> None:
         self._requests.pop(seq.request_id, None)

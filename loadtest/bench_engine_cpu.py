@@ -1,0 +1,132 @@
+"""Our engine vs Hugging Face ``generate`` on this CPU, in one run (vLLM benchmark style).
+
+    python loadtest/bench_engine_cpu.py [--model DIR] [--num-requests 32] [--input-len 64]
+                                        [--output-len 64] [--threads N] [--hf-requests K]
+
+N requests of random-token prompts (fixed lengths, EOS ignored, greedy) go to the engine all at
+once; the peer is ``generate`` run request by request on the same weights, in the same process,
+with the same torch threads. Prints output tok/s for each, the ratio, and the engine's TTFT and
+TPOT percentiles; writes the figures as JSON under loadtest/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "backends")]
+
+from trident.engine.config import EngineConfig  # noqa: E402
+from trident.engine.engine import LLMEngine  # noqa: E402
+from trident.engine.sampling_params import SamplingParams  # noqa: E402
+
+DEFAULT_MODEL = REPO_ROOT / "model_repository" / "gpt" / "1" / "artifacts" / "smollm2-135m-instruct"
+RESULTS_DIR = REPO_ROOT / "loadtest" / "results"
+
+
+def random_prompts(num: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab_size) for _ in range(length)] for _ in range(num)]
+
+
+def bench_engine(model: Path, prompts: list[list[int]], output_len: int) -> dict:
+    config = EngineConfig(model=str(model), device="cpu", dtype="float32", max_model_len=256,
+                          max_num_seqs=len(prompts), max_num_batched_tokens=2048)
+    engine = LLMEngine(config)
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    engine.generate([prompts[0][:8]], SamplingParams(temperature=0.0, max_tokens=2))   # warm-up
+    t0 = time.perf_counter()
+    outputs = engine.generate(prompts, params)
+    elapsed = time.perf_counter() - t0
+    num_tokens = sum(len(o.output_token_ids) for o in outputs)
+    ttft = [o.timings.time_to_first_token for o in outputs]
+    tpot = [(o.timings.finished - o.timings.first_token) / (len(o.output_token_ids) - 1) for o in outputs]
+    return {"seconds": elapsed, "output_tokens": num_tokens, "tok_per_s": num_tokens / elapsed,
+            "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
+            "tpot_p50_s": _pct(tpot, 50), "tpot_p99_s": _pct(tpot, 99),
+            "first_output": outputs[0].output_token_ids}
+
+
+def bench_hf(model: Path, prompts: list[list[int]], output_len: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    _hf_generate(hf, prompts[0][:8], 2)   # warm-up
+    t0 = time.perf_counter()
+    outputs = [_hf_generate(hf, prompt, output_len) for prompt in prompts]
+    elapsed = time.perf_counter() - t0
+    num_tokens = sum(len(o) for o in outputs)
+    return {"seconds": elapsed, "output_tokens": num_tokens, "tok_per_s": num_tokens / elapsed,
+            "first_output": outputs[0]}
+
+
+@torch.inference_mode()
+def _hf_generate(model, prompt: list[int], output_len: int) -> list[int]:
+    input_ids = torch.tensor([prompt])
+    # min_new_tokens = max_new_tokens: the peer also ignores EOS.
+    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                         max_new_tokens=output_len, min_new_tokens=output_len)
+    return out[0, len(prompt):].tolist()
+
+
+def _pct(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = Path(args.model)
+    if not (model / "config.json").is_file():
+        raise SystemExit(f"no model at {model}: run `python -m build.gpt_convert` first")
+    vocab_size = json.loads((model / "config.json").read_text())["vocab_size"]
+    prompts = random_prompts(args.num_requests, args.input_len, vocab_size, args.seed)
+    print(f"[bench] {args.num_requests} requests x ({args.input_len} in, {args.output_len} out), greedy, "
+          f"ignore_eos; torch threads {torch.get_num_threads()}; model {model.name}", flush=True)
+
+    engine = bench_engine(model, prompts, args.output_len)
+    print(f"[bench] trident engine : {engine['tok_per_s']:8.1f} output tok/s "
+          f"({engine['output_tokens']} tokens in {engine['seconds']:.1f} s; "
+          f"TTFT p50 {engine['ttft_p50_s']:.2f} s p99 {engine['ttft_p99_s']:.2f} s; "
+          f"TPOT p50 {engine['tpot_p50_s'] * 1e3:.0f} ms p99 {engine['tpot_p99_s'] * 1e3:.0f} ms)", flush=True)
+
+    hf_prompts = prompts[:args.hf_requests or len(prompts)]
+    hf = bench_hf(model, hf_prompts, args.output_len)
+    print(f"[bench] HF generate    : {hf['tok_per_s']:8.1f} output tok/s "
+          f"({hf['output_tokens']} tokens in {hf['seconds']:.1f} s, {len(hf_prompts)} requests one by one)")
+    ratio = engine["tok_per_s"] / hf["tok_per_s"]
+    same = engine["first_output"] == hf["first_output"]
+    print(f"[bench] ratio          : {ratio:8.2f}x  (target >= 4x); request 0 token-identical: {same}")
+
+    result = {"args": vars(args), "torch_threads": torch.get_num_threads(), "engine": engine, "hf": hf,
+              "ratio": ratio, "request0_identical": same}
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"bench_engine_cpu_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"[bench] wrote {path.relative_to(REPO_ROOT)}")
+    return result
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="Hugging Face model directory")
+    parser.add_argument("--num-requests", type=int, default=32)
+    parser.add_argument("--input-len", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--hf-requests", type=int, default=0,
+                        help="run the peer on only the first K requests (its tok/s does not depend on K)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,328 @@
+"""LLMEngine end to end on CPU in fp32, against Hugging Face transformers as the reference.
+
+Tiny random Llama (GQA) and GPT-2 models are built here and saved as Hugging Face directories with
+the real GPT-2 tokenizer; the engine loads them like any model directory. Greedy outputs must be
+token-identical to ``generate`` however the engine batches, chunks, caches or preempts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from pydoc_data.topics import topics
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from trident.engine.config import EngineConfig
+from trident.engine.engine import LLMEngine
+from trident.engine.sampling_params import SamplingParams
+from trident.engine.tokenizer import gpt2_tokenizer
+
+MAX_POSITIONS = 256
+EOS = 50256
+# 18 prompts of mixed lengths, each with its own output length.
+PROMPT_LENS = [1, 3, 5, 8, 9, 13, 17, 24, 31, 33, 40, 47, 55, 64, 70, 81, 90, 100]
+MAX_TOKENS = [12, 20, 7, 24, 16, 1, 24, 9, 18, 24, 5, 14, 24, 11, 22, 3, 17, 24]
+
+
+@dataclass
+class TinyModel:
+    arch: str
+    path: Path
+    hf: torch.nn.Module
+    tokenizer: object
+    reference: dict = field(default_factory=dict)     # (prompt, max_tokens) -> HF greedy tokens
+
+
+def _hf_model(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    common = dict(vocab_size=50257, bos_token_id=EOS, eos_token_id=EOS, initializer_range=0.1)
+    if arch == "llama":
+        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
+                             tie_word_embeddings=False, **common)
+        return LlamaForCausalLM(config).eval()
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=MAX_POSITIONS, **common)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: fanning out over threads costs more than it saves (and CI cores are shared)."""
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(num_threads)
+
+
+@pytest.fixture(scope="session", params=["llama", "gpt2"])
+def tiny(request, tmp_path_factory) -> TinyModel:
+    arch = request.param
+    path = tmp_path_factory.mktemp(f"tiny-{arch}")
+    model, tokenizer = _hf_model(arch), gpt2_tokenizer()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return TinyModel(arch, path, model, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def corpus(tiny) -> list[int]:
+    text = " ".join(topics[k] for k in ("assert", "assignment", "atom-identifiers", "attribute-access"))
+    return tiny.tokenizer.encode(text)
+
+
+def make_prompts(corpus: list[int], lens=PROMPT_LENS) -> list[list[int]]:
+    return [corpus[7 * i: 7 * i + n] for i, n in enumerate(lens)]
+
+
+def make_engine(tiny: TinyModel, **overrides) -> LLMEngine:
+    values = dict(model=str(tiny.path), device="cpu", dtype="float32", block_size=8,
+                  max_model_len=MAX_POSITIONS, max_num_seqs=32, max_num_batched_tokens=512)
+    values.update(overrides)
+    return LLMEngine(EngineConfig(**values))
+
+
+def hf_greedy(tiny: TinyModel, prompt: list[int], max_tokens: int) -> list[int]:
+    """Hugging Face generate, one request at a time: the reference (memoised per model)."""
+    key = (tuple(prompt), max_tokens)
+    if key not in tiny.reference:
+        input_ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            out = tiny.hf.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                   max_new_tokens=max_tokens, eos_token_id=EOS, pad_token_id=EOS)
+        tiny.reference[key] = out[0, len(prompt):].tolist()
+    return tiny.reference[key]
+
+
+def greedy(max_tokens: int, **kwargs) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, **kwargs)
+
+
+def drain(engine: LLMEngine, on_step=None) -> dict[str, list]:
+    """Step until idle; every output per request, in order. ``on_step(engine, step)`` may add requests."""
+    outputs: dict[str, list] = {}
+    step = 0
+    while engine.has_unfinished() or (on_step and step == 0):
+        if on_step:
+            on_step(engine, step)
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+        step += 1
+        assert step < 2000, "engine made no progress"
+    return outputs
+
+
+def assert_matches_hf(tiny, outputs, prompts, max_tokens):
+    for i, (prompt, n) in enumerate(zip(prompts, max_tokens)):
+        final = outputs[str(i)][-1]
+        assert final.finished
+        assert final.output_token_ids == hf_greedy(tiny, prompt, n), f"request {i} ({len(prompt)} prompt tokens)"
+        # Streamed pieces add up to the final text, which is the full decode of the outputs.
+        assert "".join(o.delta_text for o in outputs[str(i)]) == final.text
+        assert final.text == tiny.tokenizer.decode(final.output_token_ids, skip_special_tokens=True)
+
+
+def submit(engine, prompts, max_tokens, ids=None):
+    for i, (prompt, n) in zip(ids or range(len(prompts)), zip(prompts, max_tokens)):
+        engine.add_request(str(i), prompt, greedy(n))
+
+
+# -- exactness ---------------------------------------------------------------------------------------
+def test_greedy_batch_matches_hf(tiny, corpus):
+    prompts = make_prompts(corpus)
+    engine = make_engine(tiny)
+    submit(engine, prompts, MAX_TOKENS)
+    outputs = drain(engine)
+    assert_matches_hf(tiny, outputs, prompts, MAX_TOKENS)
+    stats = engine.stats()
+    assert stats.num_preemptions_total == 0 and stats.kv_cache_usage == 0.0
+    assert stats.generation_tokens_total == sum(len(o[-1].output_token_ids) for o in outputs.values())
+    assert stats.prompt_tokens_total == sum(PROMPT_LENS)
+
+
+def test_greedy_matches_hf_under_preemption(tiny, corpus):
+    prompts = make_prompts(corpus)
+    engine = make_engine(tiny, max_tokens_in_paged_kv_cache=192)   # 24 blocks for 18 requests
+    submit(engine, prompts, MAX_TOKENS)
+    outputs = drain(engine)
+    assert engine.stats().num_preemptions_total > 0
+    assert_matches_hf(tiny, outputs, prompts, MAX_TOKENS)
+    assert engine.scheduler.block_manager.num_free_blocks == engine.capacity.num_blocks
+
+
+def test_greedy_matches_hf_with_prefix_cache_hits(tiny, corpus):
+    shared = corpus[200:243]                                     # 43 tokens: 5 full blocks of 8
+    prompts = [shared + corpus[300 + 5 * i: 300 + 5 * i + 1 + 2 * i] for i in range(16)]
+    max_tokens = [4 + i % 9 for i in range(16)]
+    engine = make_engine(tiny, max_num_batched_tokens=64)        # admissions spread over steps
+    submit(engine, prompts, max_tokens)
+    outputs = drain(engine)
+    stats = engine.stats()
+    # The first prompt is computed in step 1; the second is admitted beside it (chunked), before
+    # there is anything to hit; every later one reuses the 5 shared blocks.
+    assert stats.prefix_cache_hits >= 14 * 40
+    assert sum(o[-1].num_cached_tokens == 40 for o in outputs.values()) >= 14
+    assert_matches_hf(tiny, outputs, prompts, max_tokens)
+
+
+def test_greedy_matches_hf_with_chunked_prefill(tiny, corpus):
+    prompts = make_prompts(corpus)
+    engine = make_engine(tiny, max_num_batched_tokens=16)
+    submit(engine, prompts, MAX_TOKENS)
+    chunked: set[str] = set()
+
+    def watch(engine, step):
+        chunked.update(seq.request_id for seq in engine.scheduler.running
+                       if 0 < seq.num_computed_tokens < seq.num_prompt_tokens)
+
+    outputs = drain(engine, on_step=watch)
+    assert len(chunked) >= 5        # every prompt above 16 tokens, at least
+    assert_matches_hf(tiny, outputs, prompts, MAX_TOKENS)
+
+
+def test_greedy_matches_hf_when_requests_arrive_during_decode(tiny, corpus):
+    prompts = make_prompts(corpus)
+    engine = make_engine(tiny)
+    waves = {0: range(0, 6), 3: range(6, 12), 7: range(12, 18)}
+    decoding_at_arrival = []
+
+    def arrive(engine, step):
+        if step in waves:
+            decoding_at_arrival.append(sum(seq.num_output_tokens > 0 for seq in engine.scheduler.running))
+            for i in waves[step]:
+                engine.add_request(str(i), prompts[i], greedy(MAX_TOKENS[i]))
+
+    outputs = drain(engine, on_step=arrive)
+    assert decoding_at_arrival[0] == 0 and min(decoding_at_arrival[1:]) >= 3
+    assert_matches_hf(tiny, outputs, prompts, MAX_TOKENS)
+
+
+def test_greedy_logprobs_match_hf(tiny, corpus):
+    prompt = corpus[:20]
+    engine = make_engine(tiny)
+    (out,) = engine.generate([prompt], greedy(6, logprobs=True))
+    input_ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        ref = tiny.hf.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                               max_new_tokens=6, eos_token_id=EOS, pad_token_id=EOS,
+                               output_logits=True, return_dict_in_generate=True)
+    chosen = ref.sequences[0, len(prompt):]
+    expected = [torch.log_softmax(step_logits[0].float(), -1)[t].item() for step_logits, t in zip(ref.logits, chosen)]
+    assert out.output_token_ids == chosen.tolist()
+    assert out.logprobs == pytest.approx(expected, abs=1e-4)
+    assert out.cumulative_logprob == pytest.approx(sum(expected), abs=1e-3)
+
+
+# -- sampling, stops, abort, API ---------------------------------------------------------------------
+def test_seeded_sampling_is_reproducible_across_batch_compositions(tiny, corpus):
+    prompts = make_prompts(corpus)
+    seeded = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=1234, max_tokens=16, ignore_eos=True)
+    engine = make_engine(tiny)
+    (alone,) = engine.generate([prompts[7]], seeded)
+
+    others = [SamplingParams(temperature=1.0, seed=s, max_tokens=8 + s) for s in range(6)]
+    others += [SamplingParams(temperature=0.7, max_tokens=10), greedy(5)]
+    batch_prompts = prompts[:4] + [prompts[7]] + prompts[8:12]
+    batch_params = others[:4] + [seeded] + others[4:]
+    crowded = make_engine(tiny, max_num_batched_tokens=32).generate(batch_prompts, batch_params)
+    assert crowded[4].output_token_ids == alone.output_token_ids
+    (other_seed,) = engine.generate([prompts[7]], SamplingParams(temperature=0.9, top_k=50, top_p=0.95,
+                                                                  seed=4321, max_tokens=16, ignore_eos=True))
+    assert other_seed.output_token_ids != alone.output_token_ids
+
+
+def _boundary_stop_string(tokenizer, token_ids: list[int]) -> tuple[str, str]:
+    """A stop string straddling two output tokens (2 chars of each), and the full text."""
+    text = tokenizer.decode(token_ids)
+    for i in range(len(token_ids) // 2, len(token_ids) - 1):
+        left, right = tokenizer.decode(token_ids[i:i + 1]), tokenizer.decode(token_ids[i + 1:i + 2])
+        if len(left) >= 2 and len(right) >= 2 and (left + right).isascii():
+            boundary = len(tokenizer.decode(token_ids[:i + 1]))
+            assert text[boundary - len(left):boundary + len(right)] == left + right
+            return text[boundary - 2:boundary + 2], text
+    pytest.skip("no two ASCII tokens of 2+ characters side by side in this output")
+
+
+def test_stop_string_across_token_boundaries(tiny, corpus):
+    prompt = corpus[40:60]
+    engine = make_engine(tiny)
+    (free,) = engine.generate([prompt], greedy(24, ignore_eos=True))
+    stop, text = _boundary_stop_string(tiny.tokenizer, free.output_token_ids)
+    expected = text[:text.index(stop)]
+
+    engine.add_request("s", prompt, greedy(24, ignore_eos=True, stop=[stop]))
+    outputs = drain(engine)["s"]
+    final = outputs[-1]
+    assert (final.finish_reason, final.stop_reason, final.text) == ("stop", stop, expected)
+    assert "".join(o.delta_text for o in outputs) == expected
+    assert free.output_token_ids[:len(final.output_token_ids)] == final.output_token_ids
+    assert len(final.output_token_ids) < len(free.output_token_ids)
+
+    (kept,) = engine.generate([prompt], greedy(24, ignore_eos=True, stop=[stop], include_stop_str_in_output=True))
+    assert kept.text == expected + stop
+
+
+def test_max_tokens_and_stop_token_ids_finish_requests(tiny, corpus):
+    prompt = corpus[:10]
+    engine = make_engine(tiny)
+    (free,) = engine.generate([prompt], greedy(10, ignore_eos=True))
+    assert (free.finish_reason, len(free.output_token_ids)) == ("length", 10)
+    stop_id = free.output_token_ids[4]
+    first = free.output_token_ids.index(stop_id)
+    (stopped,) = engine.generate([prompt], greedy(10, ignore_eos=True, stop_token_ids=[stop_id]))
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == stop_id
+    assert stopped.output_token_ids == free.output_token_ids[:first + 1]
+
+
+def test_abort_frees_blocks_at_once(tiny, corpus):
+    prompts = make_prompts(corpus)
+    engine = make_engine(tiny, max_num_seqs=4)
+    bm = engine.scheduler.block_manager
+    submit(engine, prompts[10:16], [24] * 6)
+    for _ in range(3):
+        engine.step()
+    running = {seq.request_id: len(seq.block_table) for seq in engine.scheduler.running}
+    assert len(running) == 4 and engine.scheduler.num_waiting == 2
+    victim = next(iter(running))
+    free_before = bm.num_free_blocks
+    (final,) = engine.abort(victim)
+    assert (final.finished, final.finish_reason, final.request_id) == (True, "abort", victim)
+    assert bm.num_free_blocks == free_before + running[victim]
+    assert engine.abort(victim) == []
+    waiting = engine.scheduler.waiting[0].request_id
+    assert engine.abort(waiting)[0].finish_reason == "abort"
+    for request_id in map(str, range(6)):
+        engine.abort(request_id)
+    assert not engine.has_unfinished() and bm.num_free_blocks == engine.capacity.num_blocks
+    assert engine.step() == []
+
+
+def test_text_prompts_offline_generate_and_timings(tiny):
+    engine = make_engine(tiny)
+    prompts = ["Hello world", "The quick brown fox", "a"]
+    outs = engine.generate(prompts, greedy(5))
+    for prompt, out in zip(prompts, outs):
+        assert out.prompt_token_ids == tiny.tokenizer.encode(prompt)
+        assert out.output_token_ids == hf_greedy(tiny, out.prompt_token_ids, 5)
+        t = out.timings
+        assert t.arrival <= t.first_scheduled <= t.first_token <= t.finished
+        assert t.queue_time >= 0 and t.e2e_latency >= t.time_to_first_token
+
+
+def test_invalid_requests_are_rejected_with_clear_errors(tiny):
+    engine = make_engine(tiny, max_model_len=64, max_tokens_in_paged_kv_cache=48)
+    with pytest.raises(ValueError, match="max_model_len is 64"):
+        engine.add_request("long", list(range(64)), greedy(1))
+    with pytest.raises(ValueError, match=r"max_tokens <= 24"):
+        engine.add_request("much", list(range(40)), greedy(30))
+    with pytest.raises(ValueError, match="whole KV cache"):
+        engine.add_request("pool", list(range(40)), greedy(10))
+    with pytest.raises(ValueError, match="out of range"):
+        engine.add_request("vocab", [50257], greedy(1))
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("empty", "", greedy(1))
+    engine.add_request("ok", [1, 2, 3], greedy(2))
+    with pytest.raises(ValueError, match="already in flight"):
+        engine.add_request("ok", [1, 2, 3], greedy(2))
+    assert not any(r in ("long", "much", "pool") for r in drain(engine))
