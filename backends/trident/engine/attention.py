@@ -25,6 +25,7 @@ class DecodeBatch:
     token_indices: torch.Tensor   # [num_decodes] rows of the packed batch
     block_tables: torch.Tensor    # [num_decodes, max_blocks] padding blocks are masked out
     mask: torch.Tensor            # [num_decodes, 1, 1, max_blocks * block_size] True = attend
+    is_whole_batch: bool = False  # every row of the step is a decode (no scatter needed)
 
 
 @dataclass
@@ -95,10 +96,12 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     new tokens, already stored, used directly for prefills without earlier context).
     k_cache/v_cache: [num_blocks, block_size, num_kv_heads, head_dim]. Returns like ``query``.
     """
+    decode = metadata.decode
+    if decode is not None and decode.is_whole_batch:
+        return _decode_attention(query, k_cache, v_cache, decode, scale)
     output = torch.empty_like(query)
-    if metadata.decode is not None:
-        output[metadata.decode.token_indices] = _decode_attention(
-            query[metadata.decode.token_indices], k_cache, v_cache, metadata.decode, scale)
+    if decode is not None:
+        output[decode.token_indices] = _decode_attention(query[decode.token_indices], k_cache, v_cache, decode, scale)
     for span in metadata.prefills:
         output[span.start:span.end] = _prefill_attention(
             query[span.start:span.end], key[span.start:span.end], value[span.start:span.end],
@@ -134,8 +137,9 @@ def _prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     """[num_blocks, block_size, kv_heads, head_dim] -> [B, kv_heads, max_blocks * block_size, head_dim]."""
-    blocks = cache[block_tables]  # [B, max_blocks, block_size, kv_heads, head_dim]
-    b, num_blocks, block_size, num_kv_heads, head_dim = blocks.shape
+    b, num_blocks = block_tables.shape
+    _, block_size, num_kv_heads, head_dim = cache.shape
+    blocks = cache.index_select(0, block_tables.reshape(-1))  # [B * max_blocks, block_size, kv_heads, head_dim]
     return blocks.view(b, num_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)
 
 
@@ -153,6 +157,7 @@ def _decode_batch(rows: list[int], starts: list[int], context_lens: list[int], b
         token_indices=torch.tensor([starts[i] for i in rows], dtype=torch.long, device=device),
         block_tables=block_tables.index_select(0, index)[:, :max_blocks],
         mask=mask[:, None, None, :],
+        is_whole_batch=len(rows) == len(context_lens),
     )
 
 

@@ -126,9 +126,9 @@ class ModelRunner:
         elif self.device.type == "cuda":
             num_blocks = self._cuda_kv_budget(shape) // block_bytes
         else:
-            full = c.max_num_seqs * self.max_model_len * block_bytes // c.block_size
-            one_seq_blocks = -(-self.max_model_len // c.block_size)
-            num_blocks = max(min(full, CPU_DEFAULT_KV_CACHE_BYTES) // block_bytes, one_seq_blocks)
+            blocks_per_seq = -(-self.max_model_len // c.block_size)
+            num_blocks = max(min(c.max_num_seqs * blocks_per_seq, CPU_DEFAULT_KV_CACHE_BYTES // block_bytes),
+                             blocks_per_seq)
         if num_blocks < 1:
             raise ValueError(f"KV cache budget holds no block of {c.block_size} tokens ({block_bytes} B each)")
         return int(num_blocks)

@@ -6,6 +6,7 @@ logits would make greedy argmax ties likely, and ties make token-exact compariso
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -43,7 +44,7 @@ def _save(model_cls, config, path: Path, seed: int) -> Path:
     model = model_cls(config).eval()
     _randomise_norms(model)
     model.save_pretrained(path, safe_serialization=True)
-    gpt2_tokenizer().save_pretrained(path)
+    _gpt2_tokenizer().save_pretrained(path)
     return path
 
 
@@ -54,3 +55,8 @@ def _randomise_norms(model: torch.nn.Module) -> None:
         for name, param in model.named_parameters():
             if "norm" in name or "ln_" in name or name.endswith("bias"):
                 param.add_(torch.randn_like(param) * 0.1)
+
+
+@functools.lru_cache(maxsize=1)
+def _gpt2_tokenizer():
+    return gpt2_tokenizer()  # building the BPE takes about a second; tests save it many times
