@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -75,10 +76,20 @@ def _install_python_stub(root: Path) -> None:
 
 
 def server_env() -> dict[str, str]:
-    """The stub embeds the Python found first on PATH and ignores PYTHONPATH: put this interpreter's
-    directory first so the models see this environment's packages (numpy < 2 among them)."""
+    """The environment the Python-backend stub needs to run models in *this* interpreter's world.
+
+    The stub takes its Python from the first `python3` on PATH and ignores PYTHONPATH, so this
+    interpreter's directory goes first (the models then see this venv, numpy < 2 among it). The stub
+    also links `libpython3.X.so.1.0` dynamically: without help the loader may pick the system's copy
+    (another patch release), whose C API does not match this interpreter's extension modules
+    (`import ssl` then fails with an undefined symbol). So this interpreter's LIBDIR goes first on
+    LD_LIBRARY_PATH when it holds the shared library.
+    """
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
+    if libdir and soname and (Path(libdir) / soname).is_file():
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH")) if p)
     return env
 
 
