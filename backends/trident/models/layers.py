@@ -91,7 +91,8 @@ def rope_from_hf_config(hf_config, head_dim: int, max_positions: int) -> RotaryE
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"unsupported rope_type {rope_type!r}")
     kwargs = {"seq_len": max_positions} if rope_type == "longrope" else {}
-    inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"), **kwargs)
+    with torch.device("cpu"):  # models are built under the meta device; these numbers must be real
+        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"), **kwargs)
     return RotaryEmbedding(inv_freq, max_positions, float(attention_scaling))
 
 

@@ -17,7 +17,7 @@ GPT2_VOCAB_SIZE = 50257
 GPT2_EOS_TOKEN_ID = 50256
 
 
-def save_tiny_llama(path: str | Path, seed: int = 0, **overrides) -> Path:
+def save_tiny_llama(path: str | Path, seed: int = 0, with_tokenizer: bool = True, **overrides) -> Path:
     """A 2-layer grouped-query Llama (4 heads, 2 KV heads, head_dim 16) saved at ``path``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -26,25 +26,26 @@ def save_tiny_llama(path: str | Path, seed: int = 0, **overrides) -> Path:
                   rms_norm_eps=1e-5, initializer_range=0.1, tie_word_embeddings=False,
                   bos_token_id=GPT2_EOS_TOKEN_ID, eos_token_id=GPT2_EOS_TOKEN_ID)
     values.update(overrides)
-    return _save(LlamaForCausalLM, LlamaConfig(**values), Path(path), seed)
+    return _save(LlamaForCausalLM, LlamaConfig(**values), Path(path), seed, with_tokenizer)
 
 
-def save_tiny_gpt2(path: str | Path, seed: int = 0, **overrides) -> Path:
+def save_tiny_gpt2(path: str | Path, seed: int = 0, with_tokenizer: bool = True, **overrides) -> Path:
     """A 2-layer GPT-2 (4 heads, hidden 64, 256 positions) saved at ``path``."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     values = dict(vocab_size=GPT2_VOCAB_SIZE, n_embd=64, n_layer=2, n_head=4, n_positions=256,
                   initializer_range=0.1, bos_token_id=GPT2_EOS_TOKEN_ID, eos_token_id=GPT2_EOS_TOKEN_ID)
     values.update(overrides)
-    return _save(GPT2LMHeadModel, GPT2Config(**values), Path(path), seed)
+    return _save(GPT2LMHeadModel, GPT2Config(**values), Path(path), seed, with_tokenizer)
 
 
-def _save(model_cls, config, path: Path, seed: int) -> Path:
+def _save(model_cls, config, path: Path, seed: int, with_tokenizer: bool) -> Path:
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     _randomise_norms(model)
     model.save_pretrained(path, safe_serialization=True)
-    _gpt2_tokenizer().save_pretrained(path)
+    if with_tokenizer:
+        _gpt2_tokenizer().save_pretrained(path)
     return path
 
 
