@@ -58,6 +58,15 @@ class StoppedMidRequest(Exception):
     """The user was stopped (test end) before the request's final response came."""
 
 
+class RequestFailed(Exception):
+    """Any other error, with its message in the text locust reports (tritonclient's exceptions
+    print an empty repr)."""
+
+    @classmethod
+    def wrap(cls, error: Exception) -> Exception:
+        return error if isinstance(error, (BadResponse, StoppedMidRequest)) else cls(f"{type(error).__name__}: {error}")
+
+
 @dataclass
 class Outcome:
     """Filled in by a request while it runs; fired as one locust request event when it ends."""
@@ -90,7 +99,7 @@ class TritonUser:
             exception = StoppedMidRequest("user stopped before the final response")
             raise
         except Exception as e:  # noqa: BLE001 -- every failure is counted, none stops the user
-            exception = e
+            exception = RequestFailed.wrap(e)
         finally:
             self.environment.events.request.fire(
                 request_type=request_type, name=name, response_time=(time.perf_counter() - outcome.start) * 1000,
@@ -297,6 +306,7 @@ class GptHttpStreamUser(TritonUser, FastHttpUser):
         with self.client.post(f"/v2/models/{model}/generate_stream", json=body, name=model, stream=True,
                               catch_response=True) as response:
             response.request_meta["request_type"] = HTTP_SSE
+            response.request_meta["response_length"] = 0  # locust put the error body's length there
             try:
                 self._read_events(response, timeline, start)
                 problem = timeline.problem(params.max_tokens if params.ignore_eos else None)
@@ -308,7 +318,7 @@ class GptHttpStreamUser(TritonUser, FastHttpUser):
                 response.failure(StoppedMidRequest("user stopped before the final response"))
                 raise
             except Exception as e:  # noqa: BLE001 -- counted as this request's failure
-                response.failure(e)
+                response.failure(RequestFailed.wrap(e))
             finally:
                 # locust timed the headers only (stream=True): the request lasts until its final event.
                 response.request_meta["response_time"] = (time.perf_counter() - start) * 1000

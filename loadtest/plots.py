@@ -110,7 +110,7 @@ def plot_throughput(history, path: Path) -> Path:
     bottom.set_xlabel("seconds since start")
     top.set_title(f"Throughput over time (sliding {RATE_WINDOW} s)")
     _legend(top, users_axis)
-    bottom.legend(loc="best", fontsize=8)
+    _legend(bottom)
     for axis in (top, bottom):
         axis.grid(alpha=0.3)
         axis.set_ylim(bottom=0)
@@ -128,7 +128,7 @@ def plot_latency(history, path: Path) -> Path:
         axis.set_ylabel("ms")
         axis.set_ylim(bottom=0)
         axis.grid(alpha=0.3)
-        axis.legend(loc="best", fontsize=8, ncol=2)
+        _legend(axis, ncol=2)
     axes[-1, 0].set_xlabel("seconds since start")
     return _save(fig, path)
 
@@ -146,8 +146,7 @@ def plot_streaming(history, path: Path) -> Path | None:
         axis.set_ylabel("ms")
         axis.set_ylim(bottom=0)
         axis.grid(alpha=0.3)
-        if rows:
-            axis.legend(loc="best", fontsize=8, ncol=2)
+        _legend(axis, ncol=2)
     axes[-1].set_xlabel("seconds since start")
     return _save(fig, path)
 
@@ -195,7 +194,7 @@ def plot_saturation(history, path: Path) -> Path:
     for axis in (top, bottom):
         axis.grid(alpha=0.3)
         axis.set_ylim(bottom=0)
-        axis.legend(loc="best", fontsize=8)
+        _legend(axis)
     return _save(fig, path)
 
 
@@ -203,18 +202,21 @@ def _percentile_lines(axis, rows: dict[str, list[Sample]], percentiles=PERCENTIL
     styles = {"50%": "-", "90%": "--", "99%": ":"}
     for index, (label, samples) in enumerate(rows.items()):
         color = f"C{index}"
+        samples = samples[1:]  # locust's first window has no percentiles yet (it writes zeros)
         for p in percentiles:
             axis.plot([s.time_s for s in samples], [s.percentiles_ms[p] for s in samples], styles[p],
                       color=color, label=f"{label} p{p.rstrip('%')}")
 
 
-def _legend(*axes) -> None:
+def _legend(*axes, ncol: int = 1) -> None:
+    """One legend on the first axis for the lines of all of them (none when nothing was drawn)."""
     handles, labels = [], []
     for axis in axes:
         h, l = axis.get_legend_handles_labels()
         handles += h
         labels += l
-    axes[0].legend(handles, labels, loc="best", fontsize=8)
+    if handles:
+        axes[0].legend(handles, labels, loc="best", fontsize=8, ncol=ncol)
 
 
 def _save(fig, path: Path) -> Path:

@@ -71,7 +71,8 @@ def locust_command(args: argparse.Namespace, prefix: Path, locust_extra: list[st
     files = f"{LOCUSTFILE},{SHAPES}" if args.step else str(LOCUSTFILE)
     timeout = args.request_timeout if args.request_timeout is not None else _default("--request-timeout")
     command = [sys.executable, "-m", "locust", "-f", files, "--headless", "--host", args.host,
-               "--csv", str(prefix), "--csv-full-history", "--html", str(prefix.parent / "report.html"),
+               "--only-summary", "--csv", str(prefix), "--csv-full-history",
+               "--html", str(prefix.parent / "report.html"),
                "--json-file", str(prefix),  # locust adds .json; written after the last user stopped
                "--stop-timeout", f"{math.ceil(args.stop_timeout if args.stop_timeout is not None else timeout)}s"]
     if not args.step:
@@ -120,11 +121,15 @@ def percentile(histogram: dict[str, int], fraction: float) -> float:
     return float("nan")
 
 
-def summarize(entries: list[dict]) -> list[SummaryRow]:
+def summarize(entries: list[dict], started_at: float) -> list[SummaryRow]:
+    """Rates are over the whole run, from `started_at` (locust's first history sample, within a
+    second of the start) to the last response of any row: locust's own per-row clock starts at a
+    row's first response, which credits a row that ran briefly with absurd rates."""
+    active = [e for e in entries if e["num_requests"]]
+    duration = max(e["last_request_timestamp"] for e in active) - started_at if active else 0.0
     rows = []
     for e in entries:
-        duration = max(e["last_request_timestamp"] - e["start_time"], 1e-9) if e["num_requests"] else 0.0
-        rate = e["num_requests"] / duration if duration else 0.0
+        rate = e["num_requests"] / duration if duration > 0 else 0.0
         mean_size = e["total_content_length"] / e["num_requests"] if e["num_requests"] else 0.0
         rows.append(SummaryRow(
             type=e["method"], name=e["name"], requests=e["num_requests"], failures=e["num_failures"],
@@ -133,6 +138,11 @@ def summarize(entries: list[dict]) -> list[SummaryRow]:
             p90_ms=percentile(e["response_times"], 0.90), p99_ms=percentile(e["response_times"], 0.99),
             max_ms=round(e["max_response_time"] or 0.0, 3)))
     return sorted(rows, key=lambda r: (r.type, r.name))
+
+
+def first_sample_time(history_csv: Path) -> float:
+    with history_csv.open(newline="") as f:
+        return float(next(csv.DictReader(f))["Timestamp"])
 
 
 def write_summary(rows: list[SummaryRow], path: Path) -> None:
@@ -167,7 +177,7 @@ def run(argv: list[str] | None = None) -> int:
     if not final_stats.is_file() or not history.is_file():
         print(f"[run_locust] locust exited with {code} and wrote no stats in {out_dir}", file=sys.stderr)
         return 2
-    rows = summarize(json.loads(final_stats.read_text()))
+    rows = summarize(json.loads(final_stats.read_text()), first_sample_time(history))
     write_summary(rows, out_dir / "summary.csv")
     print_summary(rows)
     for path in draw_all(history, out_dir):
