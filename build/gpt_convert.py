@@ -47,6 +47,8 @@ def convert(gguf: Path, out: Path, force: bool = False) -> bool:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     _write_model(gguf, staging)
+    for path in staging.iterdir():
+        path.chmod(0o644)  # safetensors writes 0600; the Triton server may run as another user
     _write_manifest(staging, gguf, source_sha)
     # Swap in only a complete directory, so an interrupted run never leaves a half-written model.
     shutil.rmtree(out, ignore_errors=True)
