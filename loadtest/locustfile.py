@@ -72,6 +72,7 @@ class Outcome:
     """Filled in by a request while it runs; fired as one locust request event when it ends."""
     start: float
     response_length: int = 0
+    is_success: bool = False
 
 
 class TritonUser:
@@ -95,6 +96,7 @@ class TritonUser:
         exception = None
         try:
             yield outcome
+            outcome.is_success = True
         except gevent.GreenletExit:
             exception = StoppedMidRequest("user stopped before the final response")
             raise
@@ -111,7 +113,8 @@ class TritonUser:
                 request_type=request_type, name=metric_row_name(model, metric), response_time=seconds * 1000,
                 response_length=length, exception=None, context={})
 
-        fire(TTFT, timeline.ttft_s, timeline.num_input_tokens)
+        if timeline.ttft_s is not None:
+            fire(TTFT, timeline.ttft_s, timeline.num_input_tokens)
         for gap in timeline.itls_s:
             fire(ITL, gap)
         if timeline.tpot_s is not None:
@@ -209,7 +212,7 @@ def read_stream_response(result, timeline: StreamTimeline, elapsed_s: float) -> 
     ids = result.as_numpy("output_ids")
     timeline.add(elapsed_s, 0 if ids is None else int(ids.size))
     reason = result.as_numpy("finish_reason")
-    if reason is not None and reason.size:
+    if reason is not None and reason.size and reason.reshape(-1)[0]:
         timeline.finish_reason = reason.reshape(-1)[0].decode("utf-8")
     for name in ("num_input_tokens", "num_output_tokens"):
         value = result.as_numpy(name)
@@ -250,7 +253,6 @@ class GptGrpcStreamUser(TritonUser, User):
         prompt = make_prompt(self.rng, self.options.prompt_tokens)
         model = self.options.gpt_model
         timeline = StreamTimeline()
-        failed = True
         with self.request(GRPC_STREAM, model) as outcome:
             request_id = f"{id(self)}-{next(self.request_ids)}"
             self.client.async_stream_infer(model, gpt_inputs(prompt, params), request_id=request_id,
@@ -258,11 +260,10 @@ class GptGrpcStreamUser(TritonUser, User):
             self._collect(request_id, timeline, outcome.start)
             self._check(timeline, params)
             outcome.response_length = timeline.num_output_tokens
-            failed = False
-        if failed:
-            self._reopen_stream()
-        else:
+        if outcome.is_success:
             self.fire_timeline(GRPC_STREAM, model, timeline)
+        else:
+            self._reopen_stream()
 
     def _collect(self, request_id: str, timeline: StreamTimeline, start: float) -> None:
         deadline = start + self.options.request_timeout
