@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trident.engine import attention
 from trident.engine.attention import AttentionMetadata
 
 
@@ -40,9 +41,9 @@ class PagedBatch:
         return max(self.query_lens)
 
     def metadata(self) -> AttentionMetadata:
-        """The plain-PyTorch path's plan for this batch."""
+        """The plain-PyTorch path's plan for this batch (never the kernels, whatever the device)."""
         return AttentionMetadata.build(self.slot_mapping, self.block_tables, self.query_lens,
-                                       self.context_lens_list, self.block_size)
+                                       self.context_lens_list, self.block_size, use_kernels=False)
 
 
 def make_paged_batch(query_lens: list[int], context_lens: list[int], *, num_heads: int, num_kv_heads: int,
@@ -90,6 +91,13 @@ def make_paged_batch(query_lens: list[int], context_lens: list[int], *, num_head
         query_lens=list(query_lens), context_lens_list=list(context_lens),
         logical_k=logical_k, logical_v=logical_v,
     )
+
+
+def plain_store(batch: PagedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caches after the plain-PyTorch store, run on CPU copies (on CUDA ``store_kv`` is the kernel)."""
+    k_cache, v_cache = batch.k_cache.cpu(), batch.v_cache.cpu()
+    attention.store_kv(batch.key.cpu(), batch.value.cpu(), k_cache, v_cache, batch.slot_mapping.cpu())
+    return k_cache.to(batch.k_cache.device), v_cache.to(batch.v_cache.device)
 
 
 def dense_reference(batch: PagedBatch, scale: float) -> torch.Tensor:

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from tests.gpu.paged_layout import PagedBatch, dense_reference, make_paged_batch, relative_error
+from tests.gpu.paged_layout import PagedBatch, dense_reference, make_paged_batch, plain_store, relative_error
 from trident.engine import attention, kernels
 
 
@@ -69,8 +69,7 @@ def _poisoned(like: torch.Tensor) -> torch.Tensor:
 
 
 def _check_against_references(batch: PagedBatch, actual: torch.Tensor, scale: float) -> None:
-    plain_k, plain_v = batch.k_cache.clone(), batch.v_cache.clone()
-    attention.store_kv(batch.key, batch.value, plain_k, plain_v, batch.slot_mapping)
+    plain_k, plain_v = plain_store(batch)
     plain = attention.paged_attention(batch.query, batch.key, batch.value, plain_k, plain_v,
                                       batch.metadata(), scale)
     expected = dense_reference(batch, scale)
@@ -88,8 +87,7 @@ def test_store_kv_writes_the_same_cache_as_the_plain_store(dtype):
     fused = torch.cat([batch.query, batch.key, batch.value], dim=1)  # [num_tokens, heads + 2 * kv_heads, head_dim]
     heads = batch.query.shape[1]
     key, value = fused[:, heads:heads + NUM_KV_HEADS], fused[:, heads + NUM_KV_HEADS:]
-    expected_k, expected_v = batch.k_cache.clone(), batch.v_cache.clone()
-    attention.store_kv(key, value, expected_k, expected_v, batch.slot_mapping)
+    expected_k, expected_v = plain_store(batch)
 
     kernels.store_kv(key, value, batch.k_cache, batch.v_cache, batch.slot_mapping)
 

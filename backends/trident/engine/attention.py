@@ -1,13 +1,16 @@
 """Attention over the paged KV cache, in plain PyTorch (CPU and CUDA).
 
-Two verbs, kept as the seam where a fused GPU kernel will later slot in:
+Two verbs, the seam where the fused GPU kernels slot in:
 
 * ``store_kv`` writes the new tokens' keys and values into their cache slots;
 * ``paged_attention`` attends every new query over its sequence's whole context, read from the
   cache through the sequence's block table, with causal masking.
 
-The per-step plan (which rows are single-token decodes, which are prefill chunks, the decode
-gather table and masks) is built once per step in ``AttentionMetadata`` and shared by all layers.
+On CUDA (with triton importable) both verbs hand over to the Triton kernels in
+``trident.engine.kernels``, which read the block tables directly; this plain path stays for the
+CPU and as their reference. For the plain path, the per-step plan (which rows are single-token
+decodes, which are prefill chunks, the decode gather table and masks) is built once per step in
+``AttentionMetadata`` and shared by all layers; the kernels need only its layout fields.
 The cache layout itself (``[num_blocks, block_size, num_kv_heads, head_dim]`` per layer, slot =
 ``block_id * block_size + offset``) is defined in ``model_runner.py``.
 """
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from trident.engine import kernels
 
 
 @dataclass
@@ -47,8 +52,9 @@ class PrefillSpan:
 class AttentionMetadata:
     """Where the new tokens go in the cache and what each query may see.
 
-    ``slot_mapping``, ``cu_seqlens_q``, ``context_lens`` and ``block_tables`` are the layout a
-    fused kernel needs; ``decode`` and ``prefills`` are the plain-PyTorch plan derived from them.
+    ``slot_mapping``, ``cu_seqlens_q``, ``context_lens`` and ``block_tables`` (with the host-side
+    bounds ``max_query_len``/``max_context_len``) are the layout the kernels read; ``decode`` and
+    ``prefills`` are the plain-PyTorch plan derived from them, left empty when ``use_kernels``.
     """
     slot_mapping: torch.Tensor    # [num_tokens] int64 cache slot of each new token
     cu_seqlens_q: torch.Tensor    # [num_seqs + 1] int32 query start offsets in the packed batch
@@ -57,32 +63,50 @@ class AttentionMetadata:
     block_size: int
     decode: DecodeBatch | None
     prefills: list[PrefillSpan]
+    max_query_len: int = 1
+    max_context_len: int = 0
+    use_kernels: bool = False     # attend with the Triton kernels (the plain plan is not built)
 
     @classmethod
     def build(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor, query_lens: list[int],
-              context_lens: list[int], block_size: int) -> "AttentionMetadata":
-        """Derive the per-step plan from host-side lengths; tensors go to ``slot_mapping.device``."""
+              context_lens: list[int], block_size: int, use_kernels: bool | None = None) -> "AttentionMetadata":
+        """Derive the per-step plan from host-side lengths; tensors go to ``slot_mapping.device``.
+
+        ``use_kernels``: None picks the Triton kernels wherever they run (CUDA tensors, triton
+        importable); False forces the plain path (the kernels' reference).
+        """
         device = slot_mapping.device
+        if use_kernels is None:
+            use_kernels = kernels.supports(slot_mapping)
         starts = [0]
         for n in query_lens:
             starts.append(starts[-1] + n)
-        decode_rows = [i for i, n in enumerate(query_lens) if n == 1]
-        prefills = [_prefill_span(starts[i], query_lens[i], context_lens[i], block_tables[i], block_size)
-                    for i, n in enumerate(query_lens) if n > 1]
+        decode, prefills = None, []
+        if not use_kernels:
+            decode_rows = [i for i, n in enumerate(query_lens) if n == 1]
+            decode = _decode_batch(decode_rows, starts, context_lens, block_tables, block_size)
+            prefills = [_prefill_span(starts[i], query_lens[i], context_lens[i], block_tables[i], block_size)
+                        for i, n in enumerate(query_lens) if n > 1]
         return cls(
             slot_mapping=slot_mapping,
             cu_seqlens_q=torch.tensor(starts, dtype=torch.int32, device=device),
             context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
             block_tables=block_tables,
             block_size=block_size,
-            decode=_decode_batch(decode_rows, starts, context_lens, block_tables, block_size),
+            decode=decode,
             prefills=prefills,
+            max_query_len=max(query_lens),
+            max_context_len=max(context_lens),
+            use_kernels=use_kernels,
         )
 
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Write the new tokens' keys/values into their slots (one layer's cache)."""
+    if kernels.supports(key):
+        kernels.store_kv(key, value, k_cache, v_cache, slot_mapping)  # one launch, bit-identical result
+        return
     num_kv_heads, head_dim = k_cache.shape[-2:]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)  # [num_slots, kv_heads, head_dim]
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
@@ -96,6 +120,10 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     new tokens, already stored, used directly for prefills without earlier context).
     k_cache/v_cache: [num_blocks, block_size, num_kv_heads, head_dim]. Returns like ``query``.
     """
+    if metadata.use_kernels:
+        return kernels.paged_attention(query, k_cache, v_cache, metadata.block_tables, metadata.cu_seqlens_q,
+                                       metadata.context_lens, scale, max_query_len=metadata.max_query_len,
+                                       max_context_len=metadata.max_context_len)
     decode = metadata.decode
     if decode is not None and decode.is_whole_batch:
         return _decode_attention(query, k_cache, v_cache, decode, scale)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trident.engine import kernels
 from trident.engine.attention import AttentionMetadata
 from trident.engine.config import CacheCapacity, EngineConfig
 from trident.engine.sequence import Sequence
@@ -58,8 +59,11 @@ class ModelRunner:
                                       max_model_len=self.max_model_len)
         self.kv_cache = torch.zeros(2, shape.num_layers, self.capacity.num_blocks, self.block_size,
                                     shape.num_kv_heads, shape.head_dim, dtype=self.dtype, device=self.device)
-        logger.info("loaded %s on %s (%s) in %.1f s", config.model, self.device, self.dtype,
-                    time.perf_counter() - t0)
+        # Triton kernels where they run; tests switch this off to compare with the plain path.
+        self.use_attention_kernels = self.device.type == "cuda" and kernels.IS_AVAILABLE
+        logger.info("loaded %s on %s (%s) in %.1f s; attention: %s", config.model, self.device, self.dtype,
+                    time.perf_counter() - t0,
+                    "Triton paged kernels" if self.use_attention_kernels else "plain PyTorch")
         logger.info(self.capacity.describe())
 
     @torch.inference_mode()
@@ -89,7 +93,7 @@ class ModelRunner:
         slot_mapping = self._slot_mapping(block_tables, num_new_tokens, positions)
         to = dict(device=self.device)
         metadata = AttentionMetadata.build(slot_mapping.to(**to), block_tables.to(**to), list(num_new_tokens),
-                                           context_lens, self.block_size)
+                                           context_lens, self.block_size, use_kernels=self.use_attention_kernels)
         return ModelInput(input_ids=torch.tensor(input_ids, dtype=torch.long, **to),
                           positions=torch.tensor(positions, dtype=torch.long, **to),
                           metadata=metadata,

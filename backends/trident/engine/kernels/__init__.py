@@ -37,8 +37,9 @@ if IS_AVAILABLE:
 
 
 def supports(tensor: torch.Tensor) -> bool:
-    """Whether the kernels can run on ``tensor``'s device (CUDA, or any device when interpreted)."""
-    return IS_AVAILABLE and (tensor.is_cuda or IS_INTERPRETED)
+    """Whether the engine should use the kernels for ``tensor``: CUDA with triton importable.
+    (The interpreter runs them on CPU too, but only where a caller asks for them explicitly.)"""
+    return IS_AVAILABLE and tensor.is_cuda
 
 
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
