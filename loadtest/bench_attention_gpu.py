@@ -60,6 +60,8 @@ CASES = [
     Case("decode SmolLM2 B=16 ctx=4096", 16, 1, 4096, 9, 3, 64),
     Case("prefill SmolLM2 128x128", 128, 128, 128, 9, 3, 64),
     Case("prefill GPT-2 128x128", 128, 128, 128, 12, 12, 64),
+    Case("decode Llama-8B B=64 ctx=1024", 64, 1, 1024, 32, 8, 128),
+    Case("prefill Llama-8B 16x512", 16, 512, 512, 32, 8, 128),
 ]
 FLEX_CASES = {"decode SmolLM2 B=256 ctx=192", "decode GPT-2 B=256 ctx=192", "prefill SmolLM2 128x128"}
 DECODE_SWEEP = [dict(block_n=n, num_warps=w, num_stages=s) for n, w, s in

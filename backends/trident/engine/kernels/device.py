@@ -4,14 +4,13 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def pad(n: int, minimum: int = 16) -> int:
     """Tile extent for ``n`` rows or columns: a power of two, and at least what ``tl.dot`` accepts."""
-    return max(minimum, triton.next_power_of_2(n))
+    return max(minimum, 1 << (n - 1).bit_length())
 
 
 def dot_precision(dtype: torch.dtype) -> str:
