@@ -6,6 +6,7 @@ test-only models that tests/e2e/repository.py builds (e.g. a small classificatio
 """
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -56,6 +57,13 @@ def free_ports(count: int) -> list[int]:
 def triton_server(tmp_path_factory) -> TritonServer:
     from tests.e2e.repository import assemble_repository
     from trident.server import launch
+
+    reuse = os.environ.get("TRIDENT_TEST_SERVER")
+    if reuse:  # developer loop: "HTTP,GRPC,METRICS,REPOSITORY,LOG" of a server started by hand
+        http_port, grpc_port, metrics_port, repository, log_path = reuse.split(",")
+        yield TritonServer(int(http_port), int(grpc_port), int(metrics_port), Path(repository),
+                           Path(log_path), None)
+        return
 
     workdir = tmp_path_factory.mktemp("triton")
     repository = assemble_repository(workdir / "model_repository")
