@@ -1,4 +1,9 @@
 """Scheduler: token budgets, chunked prefill, preemption order, admission policies, queue, abort."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from trident.engine.scheduler import QueueFullError
@@ -214,3 +219,10 @@ def test_finished_sequences_leave_and_free_their_blocks():
     assert seqs[0].is_finished and sched.running == [seqs[1]]
     run_to_completion(sched)
     assert sched.block_manager.num_free_blocks == 16 and sched.block_manager.usage == 0.0
+
+
+def test_the_core_imports_no_torch():
+    code = ("import sys, trident.engine, trident.engine.scheduler, trident.engine.block_manager; "
+            "assert 'torch' not in sys.modules, 'the engine core imported torch'")
+    backends = str(Path(__file__).resolve().parents[2] / "backends")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": backends})

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .sequence import Sequence
 
@@ -49,30 +49,28 @@ class PrefixHit:
 NO_HIT = PrefixHit()
 
 
-@dataclass
 class BlockManager:
     """Owns the pool of ``num_blocks`` KV blocks of ``block_size`` tokens each.
 
     Invariants: a block is in the free list iff its ``ref_count`` is 0; a block is in the prefix
     cache iff its ``block_hash`` is set. Free blocks that hold no cached prefix are handed out
-    first; cached ones are evicted least-recently-freed first.
+    first; cached ones are evicted least-recently-freed first. ``hash_fn`` is injectable so that
+    tests can force collisions.
     """
-    num_blocks: int
-    block_size: int
-    enable_prefix_caching: bool = True
-    hash_fn: HashFn = hash_block_tokens
-    prefix_queries: int = 0          # prompt tokens looked up in the prefix cache at admission
-    prefix_hits: int = 0             # of those, tokens served from the cache
-    blocks: list[Block] = field(init=False)
-    _free: OrderedDict[int, None] = field(init=False)       # front = next to hand out
-    _cached: dict[int, int] = field(init=False)             # block hash -> block id
 
-    def __post_init__(self) -> None:
-        if self.num_blocks < 1:
-            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
-        self.blocks = [Block(i) for i in range(self.num_blocks)]
-        self._free = OrderedDict.fromkeys(range(self.num_blocks))
-        self._cached = {}
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 hash_fn: HashFn = hash_block_tokens):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.hash_fn = hash_fn
+        self.prefix_queries = 0     # tokens of admitted sequences looked up in the prefix cache
+        self.prefix_hits = 0        # of those, tokens served from the cache
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front = next out
+        self._cached: dict[int, int] = {}   # block hash -> block id
 
     # -- accounting --------------------------------------------------------------------------------
     @property
