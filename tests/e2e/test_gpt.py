@@ -37,8 +37,6 @@ PROMPTS = [
     "In machine learning, a transformer is",
     "The opposite of hot is",
     "Q: What is the boiling point of water in Fahrenheit?\nA:",
-    "Hello",
-    "Explain why the sky is blue in one sentence.",
 ]
 
 
@@ -135,7 +133,7 @@ def hf_greedy():
 
 
 # -- tests --------------------------------------------------------------------------------------
-MAX_TOKENS = 24
+MAX_TOKENS = 16
 
 
 def test_concurrent_greedy_equals_in_process_engine_and_hugging_face(gpt_server, hf_greedy):
@@ -261,19 +259,16 @@ def test_bad_requests_get_errors_while_good_ones_complete(gpt_server):
 @pytest.mark.parametrize("body, message", [
     ({"text_input": "hi", "sampling_parameters": "{not json"}, "not valid JSON"),
     ({"text_input": "hi", "sampling_parameters": json.dumps({"temprature": 1})}, "unknown key(s)"),
-    ({"text_input": "hi", "max_tokens": "many"}, ""),   # wrong type: refused by Triton itself
-    ({"text_input": b"\xff\xfe".decode("latin-1")}, ""),
+    ({"text_input": "hi", "max_tokens": "many"}, "Unable to parse"),  # wrong type: refused by Triton itself
+    ({"max_tokens": 4}, "text_input"),                             # missing required input
 ])
 def test_http_generate_rejects_malformed_requests(gpt_server, body, message):
     request = urllib.request.Request(f"http://{gpt_server.http_url}/v2/models/gpt/generate",
                                      json.dumps(body).encode(), {"Content-Type": "application/json"})
-    try:
+    with pytest.raises(urllib.error.HTTPError) as error:
         urllib.request.urlopen(request, timeout=60)
-    except urllib.error.HTTPError as error:
-        assert error.code >= 400 and message in error.read().decode()
-    else:
-        if message:
-            pytest.fail("malformed request was accepted")
+    assert error.value.code >= 400
+    assert message in error.value.read().decode()
 
 
 def test_non_utf8_prompt_is_rejected(gpt_server):
