@@ -186,3 +186,18 @@ def test_eos_ids_come_from_generation_config_lists(tmp_path):
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [50256, 13]}))
     runner = ModelRunner(EngineConfig(model=str(path), max_model_len=32))
     assert runner.eos_token_ids == [50256, 13]
+
+
+def test_bfloat16_weights_and_cache_stay_close_to_the_fp32_reference(tiny):
+    """The dtype CUDA defaults to, exercised on the CPU: same plumbing, looser numbers."""
+    runner = ModelRunner(EngineConfig(model=str(tiny.path), dtype="bfloat16", block_size=BLOCK_SIZE,
+                                      max_tokens_in_paged_kv_cache=NUM_BLOCKS * BLOCK_SIZE))
+    assert runner.kv_cache.dtype == torch.bfloat16 and runner.model.compute_logits(
+        torch.zeros(1, tiny.hf.config.hidden_size, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    seqs = make_seqs([20, 11, 5], seed=7)
+    assign_blocks(seqs, random.Random(7))
+    logits = step(runner, seqs, [s.num_tokens for s in seqs])
+    reference = torch.stack([hf_next_logits(tiny.hf, s.token_ids) for s in seqs])
+    assert logits.dtype == torch.float32
+    assert (logits - reference).abs().max() < 0.15 * reference.std()
+    assert logits.argmax(-1).tolist() == reference.argmax(-1).tolist()
