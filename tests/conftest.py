@@ -80,3 +80,11 @@ def triton_server(tmp_path_factory) -> TritonServer:
     yield server
     code = launch.stop(process)
     assert code == 0, f"Triton exited with {code} on shutdown; log tail:\n{server.log()[-4000:]}"
+
+
+@pytest.fixture(scope="session")
+def gpt_model_dir() -> Path:
+    model = ROOT / "model_repository" / "gpt"
+    if not (model / "1" / "artifacts").is_dir():
+        pytest.fail("the gpt model is not built: run `python -m build.gpt_convert`")
+    return model

@@ -143,14 +143,24 @@ def start(model_repository: Path, http_port: int, grpc_port: int, metrics_port: 
                             start_new_session=True)
 
 
+def terminate(process: subprocess.Popen) -> None:
+    """SIGTERM to Triton's whole process group: Triton starts its shutdown, and the Python-backend
+    stubs (same group) hear it too, so that decoupled models answer their in-flight requests before
+    Triton tries to unload them (see trident.triton.shutdown)."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+
+
 def stop(process: subprocess.Popen, timeout_s: float = 30.0) -> int:
     """SIGTERM lets Triton unload models (each gets finalize()); SIGKILL only if it hangs."""
     if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+        terminate(process)
         try:
             process.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     return process.returncode
 
@@ -177,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         if not stopping:
             stopping = True
             print(f"\n[launch] {signal.Signals(signum).name}: stopping Triton ...", flush=True)
-            process.send_signal(signal.SIGTERM)
+            terminate(process)
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)

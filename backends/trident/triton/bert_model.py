@@ -20,6 +20,7 @@ import triton_python_backend_utils as pb_utils
 
 from trident.bert.encoder import BertEncoder
 from trident.triton.io import RequestError, decode_texts, string_array
+from trident.triton.shutdown import on_sigterm
 
 OUTPUTS_BY_TASK = {"embedding": {"embedding"}, "classification": {"logits", "label"}}
 
@@ -31,6 +32,9 @@ def _parameters(model_config: dict) -> dict[str, str]:
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         self.logger = pb_utils.Logger
+        # The launcher signals the whole process group on shutdown; Triton's own unload path is
+        # all this model needs, so only keep the signal from killing the stub.
+        on_sigterm(lambda: None)
         model_config = json.loads(args["model_config"])
         params = _parameters(model_config)
         version_dir = Path(args["model_repository"]) / args["model_version"]

@@ -25,6 +25,7 @@ from trident.engine.scheduler import QueueFullError
 from trident.triton.gpt_metrics import GptMetrics
 from trident.triton.gpt_request import GenerateRequest, parse_request
 from trident.triton.io import RequestError, string_array
+from trident.triton.shutdown import on_sigterm
 
 INPUT_NAMES = ("text_input", "max_tokens", "min_tokens", "stream", "temperature", "top_k", "top_p", "min_p",
                "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop", "ignore_eos",
@@ -32,6 +33,7 @@ INPUT_NAMES = ("text_input", "max_tokens", "min_tokens", "stream", "temperature"
 CANCEL_CHECK_INTERVAL_S = 0.02   # cancelled requests free their KV blocks well within 100 ms
 IDLE_WAIT_S = 0.05
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+SHUTDOWN_MESSAGE = "the server is shutting down; the request was not completed"
 
 
 @dataclass
@@ -62,6 +64,8 @@ class TritonPythonModel:
         self.active: dict[str, Active] = {}
         self.ids = itertools.count()
         self.stopping = threading.Event()
+        self.shutting_down = threading.Event()
+        on_sigterm(self.shutting_down.set)
         self.engine_thread = threading.Thread(target=self._engine_loop, name="gpt-engine", daemon=True)
         self.response_thread = threading.Thread(target=self._response_loop, name="gpt-responses", daemon=True)
         self.engine_thread.start()
@@ -84,6 +88,9 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
+            if self.shutting_down.is_set():
+                _send_error(sender, SHUTDOWN_MESSAGE)
+                continue
             try:
                 inputs = {name: _input(request, name) for name in INPUT_NAMES}
                 parsed = parse_request(inputs, self.max_tokens_limit)
@@ -94,16 +101,22 @@ class TritonPythonModel:
         return None
 
     def finalize(self) -> None:
+        self.logger.log_info("gpt: finalize: stopping the engine")
         self.stopping.set()
         self.engine_thread.join(timeout=30)
         self.outbox.put(None)
         self.response_thread.join(timeout=30)
+        self.logger.log_info("gpt: finalize: done")
 
     # -- engine thread ------------------------------------------------------------------------------
     def _engine_loop(self) -> None:
         last_cancel_check = 0.0
         while not self.stopping.is_set():
             self._admit(block=not self.engine.has_unfinished())
+            if self.shutting_down.is_set():
+                self._fail_all(SHUTDOWN_MESSAGE)
+                self.metrics.record_stats(self.engine.stats())
+                continue
             now = time.monotonic()
             if now - last_cancel_check >= CANCEL_CHECK_INTERVAL_S:
                 self._abort_cancelled()
@@ -118,7 +131,7 @@ class TritonPythonModel:
                 continue
             self._route(outputs)
             self.metrics.record_stats(self.engine.stats())
-        self._fail_all("the gpt model is shutting down; the request was not completed")
+        self._fail_all(SHUTDOWN_MESSAGE)
 
     def _admit(self, block: bool) -> None:
         try:
