@@ -33,9 +33,10 @@ class ServerPaths:
 
 
 def find_server(binary: str | None = None, backend_dir: str | None = None) -> ServerPaths:
-    """Options win, then TRITONSERVER_BIN / TRITON_BACKEND_DIR, then the NGC image, then pytriton."""
-    binary = binary or os.environ.get("TRITONSERVER_BIN")
+    """Options win, then TRITONSERVER_BIN / TRITON_BACKEND_DIR (a `tritonserver` on PATH counts as
+    the binary when TRITON_BACKEND_DIR is set), then the NGC image, then the nvidia-pytriton wheel."""
     backend_dir = backend_dir or os.environ.get("TRITON_BACKEND_DIR")
+    binary = binary or os.environ.get("TRITONSERVER_BIN") or (backend_dir and shutil.which("tritonserver"))
     if not binary or not backend_dir:
         default_bin, default_backends = _default_paths()
         binary = binary or str(default_bin)
