@@ -113,62 +113,77 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
 
 
 def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+                    v_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
+                    kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of each new query over its sequence's cached context.
 
     query: [num_tokens, num_heads, head_dim]; key/value: [num_tokens, num_kv_heads, head_dim] (the
     new tokens, already stored, used directly for prefills without earlier context).
     k_cache/v_cache: [num_blocks, block_size, num_kv_heads, head_dim]. Returns like ``query``.
+    kv_scales: [2, num_kv_heads] per-head scales of an int8 cache (dequantized as it is gathered);
+    the Triton kernels do not read int8 caches, so the runner keeps them off for one.
     """
     if metadata.use_kernels:
+        if kv_scales is not None:
+            raise ValueError("the Triton attention kernels do not read an int8 KV cache; use the plain path")
         return kernels.paged_attention(query, k_cache, v_cache, metadata.block_tables, metadata.cu_seqlens_q,
                                        metadata.context_lens, scale, max_query_len=metadata.max_query_len,
                                        max_context_len=metadata.max_context_len)
     decode = metadata.decode
     if decode is not None and decode.is_whole_batch:
-        return _decode_attention(query, k_cache, v_cache, decode, scale)
+        return _decode_attention(query, k_cache, v_cache, decode, scale, kv_scales)
     output = torch.empty_like(query)
     if decode is not None:
-        output[decode.token_indices] = _decode_attention(query[decode.token_indices], k_cache, v_cache, decode, scale)
+        output[decode.token_indices] = _decode_attention(query[decode.token_indices], k_cache, v_cache, decode, scale,
+                                                            kv_scales)
     for span in metadata.prefills:
         output[span.start:span.end] = _prefill_attention(
             query[span.start:span.end], key[span.start:span.end], value[span.start:span.end],
-            k_cache, v_cache, span, scale)
+            k_cache, v_cache, span, scale, kv_scales)
     return output
 
 
 def _decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      batch: DecodeBatch, scale: float) -> torch.Tensor:
+                      batch: DecodeBatch, scale: float, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     num_decodes, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
     # Grouped-query heads become the query-length axis, so one key/value head serves its whole
     # group without repeating the cache.
     q = query.view(num_decodes, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, kv_heads, group, head_dim]
-    k = _gather(k_cache, batch.block_tables)  # [B, kv_heads, max_context, head_dim]
-    v = _gather(v_cache, batch.block_tables)
+    k = _gather(k_cache, batch.block_tables, *_scale_of(kv_scales, 0, query.dtype))  # [B, kv_heads, max_context, head_dim]
+    v = _gather(v_cache, batch.block_tables, *_scale_of(kv_scales, 1, query.dtype))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, scale=scale)  # [B, kv_heads, group, head_dim]
     return out.reshape(num_decodes, num_heads, head_dim)
 
 
 def _prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
-                       v_cache: torch.Tensor, span: PrefillSpan, scale: float) -> torch.Tensor:
+                       v_cache: torch.Tensor, span: PrefillSpan, scale: float,
+                       kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     if span.is_fresh:
         k, v = key.transpose(0, 1), value.transpose(0, 1)  # [kv_heads, query_len, head_dim]
     else:
-        k = _gather(k_cache, span.block_table[None])[0, :, :span.context_len]  # [kv_heads, context_len, head_dim]
-        v = _gather(v_cache, span.block_table[None])[0, :, :span.context_len]
+        k = _gather(k_cache, span.block_table[None], *_scale_of(kv_scales, 0, query.dtype))[0, :, :span.context_len]  # [kv_heads, context_len, head_dim]
+        v = _gather(v_cache, span.block_table[None], *_scale_of(kv_scales, 1, query.dtype))[0, :, :span.context_len]
     q = query.transpose(0, 1)  # [num_heads, query_len, head_dim]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=span.mask, is_causal=span.is_fresh,
                                          scale=scale, enable_gqa=True)  # [num_heads, query_len, head_dim]
     return out.transpose(0, 1)
 
 
-def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """[num_blocks, block_size, kv_heads, head_dim] -> [B, kv_heads, max_blocks * block_size, head_dim]."""
+def _gather(cache: torch.Tensor, block_tables: torch.Tensor, scale: torch.Tensor | None = None,
+            dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[num_blocks, block_size, kv_heads, head_dim] -> [B, kv_heads, max_blocks * block_size, head_dim];
+    an int8 cache is dequantized with its per-head ``scale`` [kv_heads] into ``dtype``."""
     b, num_blocks = block_tables.shape
     _, block_size, num_kv_heads, head_dim = cache.shape
     blocks = cache.index_select(0, block_tables.reshape(-1))  # [B * max_blocks, block_size, kv_heads, head_dim]
+    if scale is not None:
+        blocks = blocks.to(dtype) * scale.to(dtype)[:, None]  # only the gathered blocks, not the whole cache
     return blocks.view(b, num_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)
+
+
+def _scale_of(kv_scales: torch.Tensor | None, index: int, dtype: torch.dtype) -> tuple:
+    return () if kv_scales is None else (kv_scales[index], dtype)
 
 
 def _decode_batch(rows: list[int], starts: list[int], context_lens: list[int], block_tables: torch.Tensor,

@@ -11,6 +11,9 @@ from pathlib import Path
 
 POLICIES = ("max_utilization", "guaranteed_no_evict")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+# INT8 (vLLM's names); "w8a8" and an int8 KV cache need a directory built by `build/gpt_int8.py`.
+QUANTIZATIONS = (None, "int8_weight_only", "w8a8")
+KV_CACHE_DTYPES = ("auto", "int8")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None
     kv_cache_free_gpu_mem_fraction: float = 0.9
     seed: int = 0
+    quantization: str | None = None          # None | "int8_weight_only" (W8A16) | "w8a8" (SmoothQuant)
+    kv_cache_dtype: str = "auto"             # "auto" (the model dtype) | "int8" (per-head scales)
 
     def __post_init__(self) -> None:
         _check(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
@@ -45,6 +50,10 @@ class EngineConfig:
         _check(self.batch_scheduler_policy in POLICIES,
                f"batch_scheduler_policy must be one of {POLICIES}, got {self.batch_scheduler_policy!r}")
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _check(self.quantization in QUANTIZATIONS,
+               f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        _check(self.kv_cache_dtype in KV_CACHE_DTYPES,
+               f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         _check(self.max_queue_size >= 0, f"max_queue_size must be >= 0, got {self.max_queue_size}")
         _check(0 < self.kv_cache_free_gpu_mem_fraction <= 1,
                f"kv_cache_free_gpu_mem_fraction must be in (0, 1], got {self.kv_cache_free_gpu_mem_fraction}")

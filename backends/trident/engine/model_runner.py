@@ -21,6 +21,7 @@ from trident.engine.sequence import Sequence
 from trident.engine.tokenizer import load_tokenizer
 from trident.models.layers import ModelShape
 from trident.models.loader import load_hf_config, load_model, read_eos_token_ids
+from trident.models.quant import cache_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -48,19 +49,24 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, self.device)
         hf_config = load_hf_config(config.model)
         self.max_model_len = _max_model_len(config, hf_config)
-        self.model = load_model(config.model, self.device, self.dtype, self.max_model_len, hf_config)
+        # INT8 hook (build/gpt_int8.py, docs/int8.md): quantized linears and an int8 KV cache.
+        self.model = load_model(config.model, self.device, self.dtype, self.max_model_len, hf_config,
+                                quantization=config.quantization, kv_cache_dtype=config.kv_cache_dtype)
+        self.kv_dtype = cache_dtype(config.kv_cache_dtype, self.dtype)
         shape: ModelShape = self.model.shape
         self.vocab_size = shape.vocab_size
         self.eos_token_ids = read_eos_token_ids(config.model, hf_config)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         self.block_size = config.block_size
         self.capacity = CacheCapacity(num_blocks=self._num_kv_blocks(shape), block_size=self.block_size,
-                                      bytes_per_token=_kv_bytes_per_token(shape, self.dtype),
+                                      bytes_per_token=_kv_bytes_per_token(shape, self.kv_dtype),
                                       max_model_len=self.max_model_len)
         self.kv_cache = torch.zeros(2, shape.num_layers, self.capacity.num_blocks, self.block_size,
-                                    shape.num_kv_heads, shape.head_dim, dtype=self.dtype, device=self.device)
+                                    shape.num_kv_heads, shape.head_dim, dtype=self.kv_dtype, device=self.device)
         # Triton kernels where they run; tests switch this off to compare with the plain path.
-        self.use_attention_kernels = self.device.type == "cuda" and kernels.IS_AVAILABLE
+        # (The kernels do not read an int8 cache: that runs on the plain path.)
+        self.use_attention_kernels = (self.device.type == "cuda" and kernels.IS_AVAILABLE
+                                      and config.kv_cache_dtype == "auto")
         logger.info("loaded %s on %s (%s) in %.1f s; attention: %s", config.model, self.device, self.dtype,
                     time.perf_counter() - t0,
                     "Triton paged kernels" if self.use_attention_kernels else "plain PyTorch")
@@ -122,7 +128,7 @@ class ModelRunner:
 
     def _num_kv_blocks(self, shape: ModelShape) -> int:
         c = self.config
-        block_bytes = _kv_bytes_per_token(shape, self.dtype) * c.block_size
+        block_bytes = _kv_bytes_per_token(shape, self.kv_dtype) * c.block_size
         if c.max_tokens_in_paged_kv_cache is not None:
             num_blocks = c.max_tokens_in_paged_kv_cache // c.block_size
         elif c.kv_cache_memory_bytes is not None:

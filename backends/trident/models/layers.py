@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trident.engine.attention import AttentionMetadata, paged_attention, store_kv
+from trident.models.quant import dequantize_kv, quantize_kv
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,13 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 class PagedAttention(nn.Module):
-    """Store this layer's new K/V in the paged cache, then attend over each sequence's context."""
+    """Store this layer's new K/V in the paged cache, then attend over each sequence's context.
+
+    With an int8 cache, keys/values are quantized with this layer's static per-head scales
+    (``set_kv_scales``, calibrated by ``build/gpt_int8.py``) before they are stored, and the fresh
+    prefill path attends the same dequantized values the cache will give back later, so a token's
+    attention does not depend on whether its context came from this step or from the cache.
+    """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None):
         super().__init__()
@@ -121,12 +128,28 @@ class PagedAttention(nn.Module):
             raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+        # Not a buffer: the quantized checkpoint stores all layers' scales as one tensor.
+        self.kv_scales: torch.Tensor | None = None  # [2, num_kv_heads] keys, values
+
+    def set_kv_scales(self, scales: torch.Tensor | None) -> None:
+        if scales is not None and tuple(scales.shape) != (2, self.num_kv_heads):
+            raise ValueError(f"kv scales must be [2, {self.num_kv_heads}], got {tuple(scales.shape)}")
+        self.kv_scales = scales
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 metadata: AttentionMetadata) -> torch.Tensor:
         """query [num_tokens, num_heads, head_dim]; key/value [num_tokens, num_kv_heads, head_dim];
         kv_cache [2, num_blocks, block_size, num_kv_heads, head_dim]. Returns [num_tokens, num_heads * head_dim]."""
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        store_kv(key, value, k_cache, v_cache, metadata.slot_mapping)
-        out = paged_attention(query, key, value, k_cache, v_cache, metadata, self.scale)
+        kv_scales = None
+        if kv_cache.dtype == torch.int8:
+            if self.kv_scales is None:
+                raise ValueError("an int8 KV cache needs calibrated per-head scales (set_kv_scales)")
+            kv_scales = self.kv_scales
+            q_key, q_value = quantize_kv(key, kv_scales[0]), quantize_kv(value, kv_scales[1])  # int8, like key
+            store_kv(q_key, q_value, k_cache, v_cache, metadata.slot_mapping)
+            key, value = dequantize_kv(q_key, kv_scales[0], query.dtype), dequantize_kv(q_value, kv_scales[1], query.dtype)
+        else:
+            store_kv(key, value, k_cache, v_cache, metadata.slot_mapping)
+        out = paged_attention(query, key, value, k_cache, v_cache, metadata, self.scale, kv_scales)
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)
