@@ -1,7 +1,7 @@
 """Our engine vs Hugging Face ``generate`` on this CPU, in one run (vLLM benchmark style).
 
     python loadtest/bench_engine_cpu.py [--model DIR] [--num-requests 32] [--input-len 64]
-                                        [--output-len 64] [--threads N] [--hf-requests K]
+                                        [--output-len 64] [--threads 1] [--hf-requests K]
 
 N requests of random-token prompts (fixed lengths, EOS ignored, greedy) go to the engine all at
 once (twice: before and after the peer); the peer is ``generate`` run request by request on the same weights, in the same process,
@@ -133,7 +133,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    # One thread by default: on shared cores, OpenMP threads that wait on each other collapse
+    # (measured here: both sides 5-6x slower at 2 threads under a neighbour's load).
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's choice)")
     parser.add_argument("--hf-requests", type=int, default=0,
                         help="run the peer on only the first K requests (its tok/s does not depend on K)")
     parser.add_argument("--seed", type=int, default=0)
