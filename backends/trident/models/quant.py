@@ -5,8 +5,8 @@ gate) and saves them with :func:`save_quantized`; the loader *loads* them here, 
 :func:`quantize_linears` swaps in for ``nn.Linear``. Schemes (vLLM's names):
 
 * ``int8_weight_only`` (W8A16): symmetric per-output-channel int8 weights, dequantized inside the
-  matmul (``torch._weight_int8pack_mm`` where the build of torch has it for the device, else
-  dequantize-then-matmul). Activations stay in the model dtype.
+  matmul: on CUDA a Triton kernel (``int8_kernels``), elsewhere ``torch._weight_int8pack_mm`` where
+  torch has it for the device, else dequantize-then-matmul. Activations stay in the model dtype.
 * ``w8a8``: SmoothQuant-smoothed weights in int8 per output channel, activations quantized per
   token at run time, int8 x int8 -> int32 GEMM through ``torch._int_mm``.
 * INT8 KV cache: static per-(layer, KV head) scales calibrated on real text; keys/values are
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trident.engine.config import KV_CACHE_DTYPES, QUANTIZATIONS  # noqa: F401  (one list of names)
+from trident.models import int8_kernels
 MANIFEST = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
 INT8_MAX = 127
@@ -127,7 +128,9 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # [tokens, in]
-        if _has_int8pack_mm(x.device.type):
+        if int8_kernels.supports(rows):
+            out = int8_kernels.w8a16_matmul(rows, self.weight, self.weight_scale)  # [tokens, out]
+        elif _has_int8pack_mm(x.device.type):
             out = torch._weight_int8pack_mm(rows, self.weight, self.weight_scale.to(x.dtype))  # [tokens, out]
         else:
             out = F.linear(rows, self.weight.to(x.dtype) * self.weight_scale.to(x.dtype)[:, None])
@@ -160,7 +163,8 @@ class Int8Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, smooth: torch.Tensor | None = None) -> "Int8Linear":
         dtype = linear.weight.dtype
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype)
-        smooth = torch.ones(linear.in_features) if smooth is None else smooth.float()
+        device = linear.weight.device
+        smooth = torch.ones(linear.in_features, device=device) if smooth is None else smooth.float().to(device)
         qweight, scale = quantize_per_channel(linear.weight.data.float() * smooth[None, :])
         module.weight, module.weight_scale = qweight, scale
         module.inv_smooth = (1.0 / smooth).to(dtype)
