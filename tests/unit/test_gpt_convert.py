@@ -9,6 +9,7 @@ from safetensors import safe_open
 
 from build import gpt_convert
 from build.gpt_convert import GGUF_NAME, GGUF_SHA256, convert, is_up_to_date, smollm2_gguf_path
+from build.weights import WeightsError, sha256_file
 
 
 def fake_output(out: Path, source_sha: str) -> Path:
@@ -22,13 +23,13 @@ def fake_output(out: Path, source_sha: str) -> Path:
 def test_packaged_gguf_is_found_and_matches_the_pinned_hash():
     gguf = smollm2_gguf_path()
     assert gguf.name == GGUF_NAME and gguf.is_file()
-    assert gpt_convert._sha256(gguf) == GGUF_SHA256
+    assert sha256_file(gguf) == GGUF_SHA256
 
 
 def test_a_tampered_gguf_is_refused(tmp_path):
     gguf = tmp_path / GGUF_NAME
     gguf.write_bytes(b"not the model")
-    with pytest.raises(ValueError, match="does not match the pinned"):
+    with pytest.raises(WeightsError, match="does not match the pinned"):
         convert(gguf, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
