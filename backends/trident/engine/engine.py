@@ -78,6 +78,7 @@ class LLMEngine:
         self.capacity = self.runner.capacity
         self.max_model_len = self.runner.max_model_len
         self.tokenizer = self.runner.tokenizer
+        self._decoder = fast_decoder(self.tokenizer)
         self.scheduler = Scheduler(config, self.capacity.num_blocks, self.max_model_len)
         self._eos_token_ids = list(self.runner.eos_token_ids)
         self.sampler = Sampler(seed=config.seed, eos_token_ids=self._eos_token_ids)
@@ -104,7 +105,7 @@ class LLMEngine:
             self._validate(token_ids, params)
             seq = Sequence(next(self._seq_ids), token_ids, params, request_id, arrival_time)
             self.scheduler.add(seq)
-            detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
+            detokenizer = IncrementalDetokenizer(self._decoder, token_ids, params.skip_special_tokens)
             self._requests[request_id] = _Request(seq, detokenizer)
 
     def abort(self, request_id: str) -> list[RequestOutput]:
@@ -123,9 +124,14 @@ class LLMEngine:
             out = self.scheduler.schedule()
             if out.is_empty:
                 return []
-            logits = self.runner.execute(out.seqs, out.num_new_tokens)   # [num_sampled, vocab]
             sampled = [seq for seq, is_sampled in zip(out.seqs, out.is_sampled) if is_sampled]
-            results = self.sampler(logits, sampled) if sampled else []
+            if self.sampler.is_plain_greedy(sampled):
+                # On-device argmax: only the token ids cross to the host (one sync per step).
+                token_ids = self.runner.execute_greedy(out.seqs, out.num_new_tokens)
+                results = [SampleResult(token_id, None) for token_id in token_ids]
+            else:
+                logits = self.runner.execute(out.seqs, out.num_new_tokens)   # [num_sampled, vocab]
+                results = self.sampler(logits, sampled) if sampled else []
             now = time.monotonic()
             outputs = [self._append(seq, result, now) for seq, result in zip(sampled, results)]
             self.scheduler.update(out)
@@ -235,6 +241,31 @@ class LLM:
     def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
         return self.engine.generate(prompts, sampling_params)
+
+
+class _RustDecoder:
+    """``tokenizer.decode`` straight through the Rust ``tokenizers`` object.
+
+    The detokenizer decodes two short windows per output token; through the transformers wrapper
+    each call pays ~10 us of argument conversion, several times the decode itself, and at hundreds
+    of sequences per step that is milliseconds. Same text as the wrapper with
+    ``clean_up_tokenization_spaces=False`` (which is all the detokenizer asks for).
+    """
+
+    def __init__(self, backend):
+        self._decode = backend.decode
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = False,
+               clean_up_tokenization_spaces: bool = False) -> str:
+        if clean_up_tokenization_spaces:
+            raise ValueError("the fast decoder does not clean up tokenization spaces")
+        return self._decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+
+def fast_decoder(tokenizer):
+    """The Rust decoder of a fast tokenizer, else the tokenizer itself."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return tokenizer if backend is None else _RustDecoder(backend)
 
 
 def _is_token_list(prompts) -> bool:

@@ -9,6 +9,7 @@ values at 1). Position ``p`` of a sequence lives in slot
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch
 from trident.engine import kernels
 from trident.engine.attention import AttentionMetadata
 from trident.engine.config import CacheCapacity, EngineConfig
+from trident.engine.cuda_graph import DecodeGraphs, fetch_token_ids
 from trident.engine.sequence import Sequence
 from trident.engine.tokenizer import load_tokenizer
 from trident.models.layers import ModelShape
@@ -28,6 +30,8 @@ logger = logging.getLogger(__name__)
 # Without an explicit budget on CPU: room for every sequence at full length, but at most this.
 CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30
 BLOCK_TABLE_PAD = 0
+# vLLM's name: run every step eagerly (no CUDA graphs), e.g. to profile kernels one by one.
+ENFORCE_EAGER_ENV = "TRIDENT_ENFORCE_EAGER"
 
 
 @dataclass
@@ -37,6 +41,13 @@ class ModelInput:
     positions: torch.Tensor       # [num_tokens]
     metadata: AttentionMetadata
     sample_rows: torch.Tensor     # [num_sampled] rows whose hidden state feeds the LM head
+
+
+@dataclass
+class StepLogits:
+    """The forward's result for the sampled rows, still on the device."""
+    logits: torch.Tensor          # [num_sampled, vocab] model dtype
+    token_ids: torch.Tensor       # [num_sampled] greedy argmax
 
 
 class ModelRunner:
@@ -71,14 +82,52 @@ class ModelRunner:
                     time.perf_counter() - t0,
                     "Triton paged kernels" if self.use_attention_kernels else "plain PyTorch")
         logger.info(self.capacity.describe())
+        # Decode steps replay CUDA graphs (needs the kernels: the plain path syncs and gathers).
+        self.graphs: DecodeGraphs | None = None
+        if self.use_attention_kernels and os.environ.get(ENFORCE_EAGER_ENV, "0") != "1":
+            self.graphs = DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs, self.block_size,
+                                       self.max_model_len, self.device)
+            self.graphs.capture()
+        self.use_cuda_graphs = self.graphs is not None
+        self._token_ids_host = (torch.zeros(config.max_num_seqs, dtype=torch.long, pin_memory=True)
+                                if self.device.type == "cuda" else None)
 
     @torch.inference_mode()
     def execute(self, seqs: list[Sequence], num_new_tokens: list[int]) -> torch.Tensor:
         """Forward the packed new tokens of ``seqs``; fp32 logits [num_sampled, vocab] for the
         sequences whose last token was computed this step, in input order."""
+        # A copy: a graph's logits live in its pool and the next replay overwrites them.
+        return self.forward(seqs, num_new_tokens).logits.to(torch.float32, copy=True)  # [num_sampled, vocab]
+
+    @torch.inference_mode()
+    def execute_greedy(self, seqs: list[Sequence], num_new_tokens: list[int]) -> list[int]:
+        """Like ``execute`` but returns the argmax token of each sampled row: only these ids cross
+        to the host (one sync), the logits stay on the device."""
+        token_ids = self.forward(seqs, num_new_tokens).token_ids  # [num_sampled]
+        if self._token_ids_host is None or token_ids.shape[0] > self._token_ids_host.shape[0]:
+            return token_ids.tolist()
+        return fetch_token_ids(token_ids, self._token_ids_host)
+
+    def forward(self, seqs: list[Sequence], num_new_tokens: list[int]) -> StepLogits:
+        """Logits and greedy tokens of the sampled rows; a decode-only step replays a CUDA graph."""
+        if self._is_graphable(seqs, num_new_tokens):
+            out = self.graphs.run(seqs)
+            return StepLogits(out.logits, out.token_ids)
         batch = self.prepare(seqs, num_new_tokens)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_cache, batch.metadata)  # [num_tokens, hidden]
-        return self.model.compute_logits(hidden[batch.sample_rows]).float()  # [num_sampled, vocab]
+        logits = self.model.compute_logits(hidden[batch.sample_rows])  # [num_sampled, vocab]
+        return StepLogits(logits, logits.argmax(dim=-1))
+
+    def _is_graphable(self, seqs: list[Sequence], num_new_tokens: list[int]) -> bool:
+        """Every sequence computes exactly its one last token, and a graph holds them all."""
+        if not (self.use_cuda_graphs and self.use_attention_kernels) or len(seqs) > self.graphs.max_batch:
+            return False
+        if len(seqs) != len(num_new_tokens) or not seqs:
+            return False
+        # (Block-table coverage is checked as the rows are staged; the scheduler keeps positions
+        # within max_model_len.)
+        return all(n == 1 and seq.num_tokens - seq.num_computed_tokens == 1
+                   for seq, n in zip(seqs, num_new_tokens))
 
     def prepare(self, seqs: list[Sequence], num_new_tokens: list[int]) -> ModelInput:
         if len(seqs) != len(num_new_tokens) or not seqs:

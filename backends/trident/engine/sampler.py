@@ -55,6 +55,14 @@ class Sampler:
         logits = self._process(logits.clone(), seqs)
         return self._sample(logits, seqs)
 
+    @staticmethod
+    def is_plain_greedy(seqs: list[Sequence]) -> bool:
+        """Whether the argmax of the raw logits is the whole answer for every row: greedy, no
+        penalties or min_tokens masking, no log-probs. Then the runner's on-device argmax serves
+        (``ModelRunner.execute_greedy``) and no logits cross to the host."""
+        return all(s.sampling_params.is_greedy and not s.sampling_params.logprobs
+                   and not _needs_logits_processing(s) for s in seqs)
+
     def free(self, seq_id: int) -> None:
         """Forget a finished or aborted sequence's RNG state."""
         self._seq_generators.pop(seq_id, None)

@@ -1,0 +1,739 @@
+#!/usr/bin/env python3
+"""GPT throughput, vLLM style: random token prompts, fixed input/output lengths, EOS ignored, every
+request sent at once. Peers run in the same process, on the same random weights of the real shape:
+
+* ``hf_static``   Hugging Face ``generate``, static batches of ``--hf-batch``;
+* ``hf_cb``       Hugging Face ``generate_batch`` (continuous batching, ``paged|sdpa``, default config);
+* ``engine``      our ``LLMEngine`` in-process (CUDA graphs for decode);
+* ``triton``      our engine behind Triton (``gpt`` model, gRPC ``stream_infer``), non-streaming and
+                  streaming, from several client processes so that the client is not the bottleneck.
+
+Prints output tok/s, TTFT and TPOT p50/p99 and the fraction of the decode roofline; writes JSON
+(``--out``) for ``docs/benchmarks.md`` and its plots (``--plot results.json``).
+
+    # GPU machine, from the checkout root (Triton needs `source .gpu/env.sh`):
+    PYTHONPATH=backends:. python3 loadtest/bench_gpt.py --out results.json
+    # CPU, tiny shapes, every system, to check the script itself:
+    PYTHONPATH=backends:. python loadtest/bench_gpt.py --smoke
+    # plots from a results file
+    python loadtest/bench_gpt.py --plot results.json --img-dir docs/img
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HBM_BYTES_PER_S = 3.35e12   # H100 SXM datasheet (reference.md); 3.03e12 measured copy
+
+# Real shapes (random weights: values do not change speed). SmolLM2-135M and GPT-2 124M.
+SHAPES = {
+    "smollm2-135m": dict(arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
+    "gpt2-124m": dict(arch="gpt2", vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024,
+                      bos_token_id=50256, eos_token_id=50256),
+    # --smoke: the same code paths on the CPU in seconds
+    "tiny-llama": dict(arch="llama", vocab_size=49152, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                       bos_token_id=1, eos_token_id=2),
+}
+TOKENIZER_FOR = {"smollm2-135m": "smollm2", "gpt2-124m": "gpt2", "tiny-llama": "smollm2"}
+
+
+@dataclass(frozen=True)
+class Case:
+    shape: str
+    input_len: int
+    output_len: int
+    num_requests: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.shape} {self.input_len}/{self.output_len} x{self.num_requests}"
+
+
+@dataclass
+class Result:
+    """One system on one case."""
+    system: str
+    case: str
+    num_requests: int
+    output_tokens: int
+    elapsed_s: float
+    ttft_s: list[float] = field(default_factory=list)
+    tpot_s: list[float] = field(default_factory=list)
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def output_tok_s(self) -> float:
+        return self.output_tokens / self.elapsed_s if self.elapsed_s else 0.0
+
+    def summary(self) -> dict:
+        return {"system": self.system, "case": self.case, "num_requests": self.num_requests,
+                "output_tokens": self.output_tokens, "elapsed_s": round(self.elapsed_s, 3),
+                "output_tok_s": round(self.output_tok_s, 1),
+                "ttft_p50_ms": _ms(_pct(self.ttft_s, 50)), "ttft_p99_ms": _ms(_pct(self.ttft_s, 99)),
+                "tpot_p50_ms": _ms(_pct(self.tpot_s, 50)), "tpot_p99_ms": _ms(_pct(self.tpot_s, 99)),
+                **self.notes}
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+# -- model directories ---------------------------------------------------------------------------
+def make_model_dir(shape: str, path: Path, tokenizer_dir: Path | None, dtype: torch.dtype) -> Path:
+    """config.json + random safetensors of ``shape`` (+ the tokenizer files) at ``path``."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    values = dict(SHAPES[shape])
+    arch = values.pop("arch")
+    config = LlamaConfig(**values) if arch == "llama" else GPT2Config(**values)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = (LlamaForCausalLM if arch == "llama" else GPT2LMHeadModel)(config).to(dtype)
+    model.save_pretrained(path, safe_serialization=True)
+    if tokenizer_dir is not None:
+        for f in tokenizer_dir.iterdir():
+            if f.is_file() and ("token" in f.name or f.name in ("vocab.json", "merges.txt")):
+                shutil.copy(f, path / f.name)
+    else:
+        _byte_tokenizer(path)
+    return path
+
+
+def _byte_tokenizer(path: Path) -> None:
+    """A byte-level tokenizer for runs without the real one (ids past 255 decode to nothing)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(path)
+
+
+def random_prompts(case: Case, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    # Skip the first ids: special tokens live there in both vocabularies.
+    return [[rng.randrange(256, vocab_size) for _ in range(case.input_len)] for _ in range(case.num_requests)]
+
+
+def decode_roofline(model_dir: Path, case: Case, batch: int, dtype: torch.dtype) -> dict:
+    """Decode-step bytes (weights incl. LM head + batch x mean context x KV bytes/token) / HBM."""
+    config = json.loads((model_dir / "config.json").read_text())
+    element = torch.tensor([], dtype=dtype).element_size()
+    layers = config.get("num_hidden_layers") or config["n_layer"]
+    heads = config.get("num_attention_heads") or config["n_head"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    hidden = config.get("hidden_size") or config["n_embd"]
+    head_dim = hidden // heads
+    # A tied embedding counts once: as the LM head, read whole every step (the lookup reads a few rows).
+    weight_bytes = sum(math.prod(shape) for shape in _safetensors_shapes(model_dir)) * element
+    kv_per_token = 2 * layers * kv_heads * head_dim * element
+    batch = min(batch, case.num_requests)
+    context = case.input_len + case.output_len / 2
+    step_bytes = weight_bytes + batch * context * kv_per_token
+    step_s = step_bytes / HBM_BYTES_PER_S
+    return {"batch": batch, "mean_context": context, "weight_bytes": weight_bytes,
+            "kv_bytes_per_token": kv_per_token, "step_bytes": step_bytes, "step_ms": step_s * 1e3,
+            "roofline_tok_s": batch / step_s}
+
+
+def _safetensors_shapes(model_dir: Path):
+    from safetensors import safe_open
+
+    for f in model_dir.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as handle:
+            for name in handle.keys():
+                yield handle.get_slice(name).get_shape()
+
+
+# -- Hugging Face peers --------------------------------------------------------------------------
+def _hf_model(model_dir: Path, device: str, dtype: torch.dtype, attn: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"attn_implementation": attn} if attn else {}
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **kwargs).to(device).eval()
+
+
+class _StepClock:
+    """A logits processor that only records when each generation step's logits arrive."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def run_hf_static(model_dir: Path, case: Case, prompts, device: str, dtype, batch: int) -> Result:
+    from transformers import LogitsProcessorList
+
+    model = _hf_model(model_dir, device, dtype)
+    pad = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
+    _hf_generate(model, prompts[:2], 4, pad, None)    # warm-up
+    ttft, tpot, total = [], [], 0
+    t0 = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        clock = _StepClock()
+        out = _hf_generate(model, chunk, case.output_len, pad, LogitsProcessorList([clock]))
+        _sync(device)
+        done = time.perf_counter()
+        total += (out.shape[1] - case.input_len) * len(chunk)
+        first = clock.times[0] - t0
+        ttft += [first] * len(chunk)
+        tpot += [(done - clock.times[0]) / max(case.output_len - 1, 1)] * len(chunk)
+    elapsed = time.perf_counter() - t0
+    del model
+    _free(device)
+    return Result("hf_static", case.name, len(prompts), total, elapsed, ttft, tpot, {"batch": batch})
+
+
+def _hf_generate(model, prompts, max_new_tokens, pad_id, processors):
+    device = model.device
+    input_ids = torch.tensor(prompts, device=device)
+    with torch.inference_mode():
+        return model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                              max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                              pad_token_id=pad_id, logits_processor=processors)
+
+
+def run_hf_cb(model_dir: Path, case: Case, prompts, device: str, dtype) -> Result:
+    from transformers import GenerationConfig
+
+    model = _hf_model(model_dir, device, dtype, attn="paged|sdpa")
+    config = GenerationConfig(max_new_tokens=case.output_len, do_sample=False)
+    # (Not under inference_mode: its generation thread updates tensors made outside it.)
+    model.generate_batch(inputs=prompts[:4], generation_config=config)   # warm-up
+    t0 = time.perf_counter()
+    outputs = model.generate_batch(inputs=prompts, generation_config=config)
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+    total = sum(len(o.generated_tokens) for o in outputs.values())
+    del model
+    _free(device)
+    return Result("hf_cb", case.name, len(prompts), total, elapsed, notes={"attn": "paged|sdpa"})
+
+
+# -- our engine in-process -----------------------------------------------------------------------
+def engine_config(model_dir: Path, case: Case, device: str, dtype: str, max_num_seqs: int,
+                  max_num_batched_tokens: int, kv_fraction: float | None):
+    from trident.engine.config import EngineConfig
+
+    values = dict(model=str(model_dir), device=device, dtype=dtype, max_num_seqs=max_num_seqs,
+                  max_num_batched_tokens=max_num_batched_tokens, max_queue_size=0,
+                  max_model_len=case.input_len + case.output_len + 16, enable_prefix_caching=False)
+    if device == "cpu":
+        values["kv_cache_memory_bytes"] = 1 << 28
+    elif kv_fraction is not None:
+        values["kv_cache_free_gpu_mem_fraction"] = kv_fraction
+    return EngineConfig(**values)
+
+
+class _Timer:
+    """Wall time spent inside one method of an object (the bench's host/device split)."""
+
+    def __init__(self, owner, name: str):
+        self.total = 0.0
+        self.calls = 0
+        inner = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.total += time.perf_counter() - t
+                self.calls += 1
+        setattr(owner, name, timed)
+
+
+def run_engine(config, case: Case, prompts, profile_dir: Path | None = None) -> Result:
+    from trident.engine.engine import LLMEngine
+    from trident.engine.sampling_params import SamplingParams
+
+    engine = LLMEngine(config)
+    params = SamplingParams(temperature=0.0, max_tokens=case.output_len, ignore_eos=True)
+    for i, prompt in enumerate(prompts[:8]):     # warm-up: prefill + a few decode buckets
+        engine.add_request(f"warm-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    forward = _Timer(engine.runner, "execute_greedy")
+    schedule = _Timer(engine.scheduler, "schedule")
+    replays_before = engine.runner.graphs.num_replays if engine.runner.graphs else 0
+    t0 = time.monotonic()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params, arrival_time=t0)
+    finals, steps = [], 0
+    profiler = None
+    while engine.has_unfinished():
+        if profile_dir is not None and steps == 40:
+            profiler = _start_profiler()
+        finals += [out for out in engine.step() if out.finished]
+        steps += 1
+        if profiler is not None and steps == 60:
+            _stop_profiler(profiler, profile_dir)
+            profiler = None
+    elapsed = time.monotonic() - t0
+    ttft = [o.timings.time_to_first_token for o in finals]
+    tpot = [(o.timings.finished - o.timings.first_token) / max(len(o.output_token_ids) - 1, 1) for o in finals]
+    total = sum(len(o.output_token_ids) for o in finals)
+    notes = {"steps": steps, "forward_s": round(forward.total, 3), "schedule_s": round(schedule.total, 3),
+             "other_host_s": round(elapsed - forward.total - schedule.total, 3),
+             "max_num_seqs": config.max_num_seqs, "max_num_batched_tokens": config.max_num_batched_tokens,
+             "kv_cache": engine.capacity.describe(),
+             "graph_replays": (engine.runner.graphs.num_replays - replays_before) if engine.runner.graphs else 0}
+    if engine.runner.graphs is not None:
+        notes["graph_decode_step_ms"] = round(_time_graph(engine.runner.graphs, config.max_num_seqs) * 1e3, 3)
+    del engine
+    _free(config.device)
+    return Result("engine", case.name, len(prompts), total, elapsed, ttft, tpot, notes)
+
+
+def _time_graph(graphs, batch: int, iters: int = 50) -> float:
+    """GPU time of one replay of the largest decode graph (inputs left as they are)."""
+    bucket = graphs.bucket_for(batch)
+    g = graphs._graphs[bucket]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    g.replay()
+    start.record()
+    for _ in range(iters):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters
+
+
+def _start_profiler():
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    profiler = profile(activities=activities)
+    profiler.__enter__()
+    return profiler
+
+
+def _stop_profiler(profiler, out_dir: Path) -> None:
+    profiler.__exit__(None, None, None)
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    table = profiler.key_averages().table(sort_by=key, row_limit=25)
+    host = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "engine_profile.txt").write_text(f"# 20 engine steps, by device time\n{table}\n"
+                                                f"# by host (self CPU) time\n{host}\n")
+    print(table)
+
+
+# -- our engine through Triton -------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TritonServer:
+    """A temporary model repository with the `gpt` model over ``model_dir``, served by our launcher."""
+
+    def __init__(self, model_dir: Path, engine_values: dict, work: Path):
+        self.repo = work / "model_repository"
+        gpt = self.repo / "gpt"
+        (gpt / "1").mkdir(parents=True)
+        shutil.copy(REPO_ROOT / "model_repository/gpt/config.pbtxt", gpt / "config.pbtxt")
+        shutil.copy(REPO_ROOT / "model_repository/gpt/1/model.py", gpt / "1/model.py")
+        (gpt / "1/engine.json").write_text(json.dumps({**engine_values, "model": str(model_dir)}, indent=1))
+        self._add_backends_to_stub_path()
+        self.http, self.grpc, self.metrics = _free_port(), _free_port(), _free_port()
+        self.log = open(work / "tritonserver.log", "w")
+        env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT / 'backends'}:{REPO_ROOT}"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "trident.server.launch", "--model-repository", str(self.repo),
+             "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics)],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=REPO_ROOT)
+        self._wait_ready()
+
+    @staticmethod
+    def _add_backends_to_stub_path() -> None:
+        """The Python stub ignores PYTHONPATH; a .pth in its interpreter's site dir points at our code."""
+        import site
+
+        for site_dir in site.getsitepackages():
+            try:
+                (Path(site_dir) / "trident-backends.pth").write_text(f"{REPO_ROOT / 'backends'}\n")
+                return
+            except OSError:
+                continue
+
+    def _wait_ready(self, timeout_s: float = 600) -> None:
+        url = f"http://127.0.0.1:{self.http}/v2/models/gpt/ready"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited ({self.process.returncode}); see {self.log.name}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(1)
+        raise TimeoutError("the gpt model did not become ready")
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=60)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.log.close()
+
+
+def _client_worker(url: str, texts: list[str], max_tokens: int, stream: bool, start_at: float, queue) -> None:
+    """One client process: every request of its share on one gRPC stream, sent at ``start_at``."""
+    import threading
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    records: dict[str, dict] = {}
+    done = threading.Event()
+    remaining = [len(texts)]
+
+    def on_response(result, error):
+        now = time.perf_counter()
+        if error is not None:
+            queue.put({"error": str(error)})
+            remaining[0] -= 1
+        else:
+            response = result.get_response()
+            rec = records[response.id]
+            ids = result.as_numpy("output_ids")
+            if ids is not None and ids.size:
+                rec.setdefault("first", now)
+                rec["chunks"] += 1
+            if response.parameters["triton_final_response"].bool_param:
+                n = result.as_numpy("num_output_tokens")
+                rec["tokens"] = int(n.reshape(-1)[0]) if n is not None else 0
+                m = result.as_numpy("num_input_tokens")
+                rec["input_tokens"] = int(m.reshape(-1)[0]) if m is not None else 0
+                rec["end"] = now
+                remaining[0] -= 1
+        if remaining[0] == 0:
+            done.set()
+
+    def tensor(name, datatype, array):
+        t = grpcclient.InferInput(name, list(array.shape), datatype)
+        t.set_data_from_numpy(array)
+        return t
+
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=on_response)
+    requests = []
+    for i, text in enumerate(texts):
+        requests.append([tensor("text_input", "BYTES", np.array([text.encode()], dtype=np.object_)),
+                         tensor("max_tokens", "INT32", np.array([max_tokens], dtype=np.int32)),
+                         tensor("ignore_eos", "BOOL", np.array([True])),
+                         tensor("temperature", "FP32", np.array([0.0], dtype=np.float32)),
+                         tensor("stream", "BOOL", np.array([stream])),
+                         tensor("exclude_input_in_output", "BOOL", np.array([True]))])
+    while time.time() < start_at:
+        time.sleep(0.001)
+    for i, inputs in enumerate(requests):
+        rid = f"{os.getpid()}-{i}"
+        records[rid] = {"sent": time.perf_counter(), "chunks": 0}
+        client.async_stream_infer("gpt", inputs, request_id=rid, enable_empty_final_response=True)
+    done.wait(timeout=900)
+    client.stop_stream()
+    client.close()
+    queue.put({"records": list(records.values())})
+
+
+def run_triton(server: TritonServer, case: Case, texts: list[str], stream: bool, num_clients: int) -> Result:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    start_at = time.time() + 10.0   # every client sends at once, after its process is up (imports torch)
+    shares = [texts[i::num_clients] for i in range(num_clients)]
+    procs = [ctx.Process(target=_client_worker, args=(f"127.0.0.1:{server.grpc}", share, case.output_len,
+                                                      stream, start_at, queue)) for share in shares]
+    for p in procs:
+        p.start()
+    records, errors = [], []
+    for _ in procs:
+        message = queue.get(timeout=900)
+        while "error" in message:
+            errors.append(message["error"])
+            message = queue.get(timeout=900)
+        records += message["records"]
+    for p in procs:
+        p.join(timeout=30)
+    complete = [r for r in records if "end" in r]
+    t0 = min(r["sent"] for r in records)   # perf_counter is system-wide (CLOCK_MONOTONIC) on Linux
+    elapsed = max(r["end"] for r in complete) - t0
+    total = sum(r.get("tokens", 0) for r in complete)
+    ttft = [r["first"] - r["sent"] for r in complete if "first" in r] if stream else []
+    tpot = [(r["end"] - r["first"]) / max(r["tokens"] - 1, 1) for r in complete if "first" in r] if stream else []
+    e2e = sorted(r["end"] - r["sent"] for r in complete)
+    notes = {"clients": num_clients, "errors": len(errors) + len(records) - len(complete),
+             "first_error": errors[0] if errors else None,
+             "mean_input_tokens": round(statistics.mean(r.get("input_tokens", 0) for r in complete), 1),
+             "e2e_p50_ms": _ms(_pct(e2e, 50)),
+             "mean_responses_per_request": round(statistics.mean(r["chunks"] for r in complete), 2)}
+    return Result("triton_stream" if stream else "triton", case.name, len(texts), total, elapsed, ttft, tpot, notes)
+
+
+# -- driver --------------------------------------------------------------------------------------
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def _machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        import transformers
+        import triton
+
+        info["transformers"] = transformers.__version__
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def run_case(case: Case, args, work: Path, tokenizers: Path | None) -> list[Result]:
+    dtype = getattr(torch, args.dtype)
+    tokenizer_dir = tokenizers / TOKENIZER_FOR[case.shape] if tokenizers else None
+    if tokenizer_dir is not None and not tokenizer_dir.is_dir():
+        tokenizer_dir = None
+    model_dir = make_model_dir(case.shape, work / case.shape.replace("/", "_"), tokenizer_dir, dtype)
+    config = json.loads((model_dir / "config.json").read_text())
+    prompts = random_prompts(case, config["vocab_size"])
+    roofline = decode_roofline(model_dir, case, args.max_num_seqs, dtype)
+    print(f"\n== {case.name} ({args.device}, {args.dtype}); decode roofline at batch {roofline['batch']}: "
+          f"{roofline['step_ms']:.3f} ms/step = {roofline['roofline_tok_s']:,.0f} tok/s", flush=True)
+    results = []
+
+    def attempt(system: str, fn):
+        if system not in args.systems:
+            return
+        try:
+            result = fn()
+        except Exception as e:  # a peer that fails must not lose the others' numbers
+            logging.exception("%s failed on %s", system, case.name)
+            result = Result(system, case.name, len(prompts), 0, 0.0, notes={"error": f"{type(e).__name__}: {e}"})
+        result.notes["roofline_fraction"] = round(result.output_tok_s / roofline["roofline_tok_s"], 4)
+        results.append(result)
+        _print(result)
+
+    econfig = engine_config(model_dir, case, args.device, args.dtype, args.max_num_seqs,
+                            args.max_num_batched_tokens, args.kv_fraction)
+    profile_dir = Path(args.profile_dir) if args.profile_dir and case == args.cases[0] else None
+    attempt("engine", lambda: run_engine(econfig, case, prompts, profile_dir))
+    attempt("hf_static", lambda: run_hf_static(model_dir, case, prompts, args.device, dtype, args.hf_batch))
+    attempt("hf_cb", lambda: run_hf_cb(model_dir, case, prompts, args.device, dtype))
+    if {"triton", "triton_stream"} & set(args.systems) and case.shape in args.triton_shapes:
+        values = {k: v for k, v in asdict(econfig).items() if v is not None and k not in ("model", "tokenizer")}
+        server = None
+        try:
+            tokenizer = _load_tokenizer(model_dir)
+            texts = [tokenizer.decode(p) for p in prompts]
+            server = TritonServer(model_dir, values, work / f"triton-{case.shape}-{case.input_len}")
+            if "triton" in args.systems:
+                attempt("triton", lambda: run_triton(server, case, texts, False, args.clients))
+            if "triton_stream" in args.systems:
+                attempt("triton_stream", lambda: run_triton(server, case, texts, True, args.clients))
+        except Exception as e:
+            logging.exception("Triton run failed")
+            results.append(Result("triton", case.name, len(prompts), 0, 0.0, notes={"error": str(e)}))
+        finally:
+            if server is not None:
+                server.stop()
+                log = Path(server.log.name)
+                if args.out:
+                    shutil.copy(log, Path(args.out).with_name(f"tritonserver-{case.shape}-{case.input_len}.log"))
+    for r in results:
+        r.notes.setdefault("roofline", roofline)
+    return results
+
+
+def _load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def _print(r: Result) -> None:
+    s = r.summary()
+    error = f"  ERROR {s['error']}" if "error" in s else ""
+    print(f"{r.system:>14}: {s['output_tok_s']:>10,.0f} out tok/s  {r.elapsed_s:7.2f} s  "
+          f"TTFT p50/p99 {s['ttft_p50_ms']}/{s['ttft_p99_ms']} ms  TPOT p50/p99 {s['tpot_p50_ms']}/{s['tpot_p99_ms']} ms"
+          f"  roofline {s.get('roofline_fraction', 0):.1%}{error}", flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", nargs="+", default=["smollm2-135m:128:128", "gpt2-124m:128:128",
+                                                  "smollm2-135m:1024:128"],
+                   help="shape:input_len:output_len")
+    p.add_argument("--num-requests", type=int, default=1000)
+    p.add_argument("--systems", nargs="+", default=["engine", "hf_static", "hf_cb", "triton", "triton_stream"])
+    p.add_argument("--triton-shapes", nargs="+", default=["smollm2-135m"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--kv-fraction", type=float, default=0.3,
+                   help="kv_cache_free_gpu_mem_fraction (the HF peers need room afterwards)")
+    p.add_argument("--hf-batch", type=int, default=256)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--tokenizers", default=str(REPO_ROOT / ".bench/tokenizers"),
+                   help="folder with smollm2/ and gpt2/ tokenizer files (else a byte-level one)")
+    p.add_argument("--profile-dir", help="write a torch.profiler summary of 20 engine steps here")
+    p.add_argument("--out", help="results JSON")
+    p.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, 24 requests, every system")
+    p.add_argument("--plot", help="only draw the plots of this results JSON")
+    p.add_argument("--img-dir", default=str(REPO_ROOT / "docs/img"))
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.cases = ["tiny-llama:32:16"]
+        args.num_requests = min(args.num_requests, 24)
+        args.triton_shapes = ["tiny-llama"]
+        args.device, args.dtype = "cpu", "float32"
+        args.max_num_seqs, args.hf_batch, args.clients = 8, 8, 2
+    args.cases = [Case(s, int(i), int(o), args.num_requests) for s, i, o in (c.split(":") for c in args.cases)]
+    return args
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("trident").setLevel(logging.INFO)
+    args = parse_args(argv)
+    if args.plot:
+        plot(json.loads(Path(args.plot).read_text()), Path(args.img_dir))
+        return 0
+    tokenizers = Path(args.tokenizers) if Path(args.tokenizers).is_dir() else None
+    machine = _machine()
+    print(json.dumps(machine))
+    all_results = []
+    with tempfile.TemporaryDirectory(prefix="bench_gpt_") as tmp:
+        for case in args.cases:
+            all_results += run_case(case, args, Path(tmp), tokenizers)
+            if args.out:
+                _write(args, machine, all_results)
+    _print_ratios([r.summary() for r in all_results])
+    return 0
+
+
+def _write(args, machine: dict, results: list[Result]) -> None:
+    payload = {"machine": machine, "command": " ".join(sys.argv), "device": args.device, "dtype": args.dtype,
+               "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+               "results": [r.summary() for r in results]}
+    Path(args.out).write_text(json.dumps(payload, indent=1, default=str))
+
+
+def _print_ratios(rows: list[dict]) -> None:
+    by = {(r["case"], r["system"]): r["output_tok_s"] for r in rows}
+    for case in dict.fromkeys(r["case"] for r in rows):
+        ours = by.get((case, "engine"))
+        if not ours:
+            continue
+        parts = [f"{s} {ours / by[(case, s)]:.1f}x" for s in ("hf_static", "hf_cb") if by.get((case, s))]
+        parts += [f"{s} {by[(case, s)] / ours:.0%} of in-process" for s in ("triton", "triton_stream")
+                  if by.get((case, s))]
+        print(f"{case}: engine vs " + ", ".join(parts))
+
+
+# -- plots ---------------------------------------------------------------------------------------
+COLORS = {"engine": "#1f77b4", "triton": "#2ca02c", "triton_stream": "#98df8a", "hf_static": "#ff7f0e",
+          "hf_cb": "#d62728"}
+
+
+def plot(payload: dict, img_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img_dir.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in payload["results"] if r["output_tok_s"]]
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    systems = [s for s in COLORS if any(r["system"] == s for r in rows)]
+    gpu = payload["machine"].get("gpu", "CPU")
+
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    width = 0.8 / len(systems)
+    for j, system in enumerate(systems):
+        values = [next((r["output_tok_s"] for r in rows if r["case"] == c and r["system"] == system), 0)
+                  for c in cases]
+        bars = ax.bar([i + j * width for i in range(len(cases))], values, width, label=system, color=COLORS[system])
+        ax.bar_label(bars, labels=[f"{v / 1e3:.0f}k" if v else "" for v in values], fontsize=7)
+    ax.set_xticks([i + width * (len(systems) - 1) / 2 for i in range(len(cases))], cases, fontsize=8)
+    ax.set_ylabel("output tokens / s")
+    ax.set_title(f"GPT throughput, 1000 requests at once, {payload['dtype']}, {gpu}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(img_dir / "bench_gpt_throughput.png", dpi=120)
+    plt.close(fig)
+
+    timed = [r for r in rows if r.get("ttft_p50_ms") is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric in zip(axes, ("ttft", "tpot")):
+        labels = [f"{r['system']}\n{r['case'].split(' x')[0]}" for r in timed]
+        p50 = [r[f"{metric}_p50_ms"] or 0 for r in timed]
+        p99 = [r[f"{metric}_p99_ms"] or 0 for r in timed]
+        x = range(len(timed))
+        ax.bar([i - 0.2 for i in x], p50, 0.4, label="p50", color=[COLORS[r["system"]] for r in timed])
+        ax.bar([i + 0.2 for i in x], p99, 0.4, label="p99", color=[COLORS[r["system"]] for r in timed], alpha=0.5)
+        ax.set_xticks(list(x), labels, fontsize=6, rotation=30, ha="right")
+        ax.set_ylabel(f"{metric.upper()} ms")
+        ax.set_yscale("log")
+        ax.set_title(f"{metric.upper()} p50 (solid) / p99 (light)")
+    fig.tight_layout()
+    fig.savefig(img_dir / "bench_gpt_latency.png", dpi=120)
+    plt.close(fig)
+    print(f"plots in {img_dir}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

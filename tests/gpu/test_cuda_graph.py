@@ -1,0 +1,113 @@
+"""Decode steps under CUDA graphs against eager steps and the CPU engine, on a tiny random Llama at fp32.
+
+The checkpoint carries a byte-level tokenizer built here (the GPU machine has no tokenizer
+package); prompts are token ids, so the tokenizer only feeds the detokenizer.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from trident.engine import kernels
+from trident.engine.config import EngineConfig
+from trident.engine.cuda_graph import decode_buckets
+from trident.engine.engine import LLMEngine
+from trident.engine.model_runner import ModelRunner
+from trident.engine.sampling_params import SamplingParams
+from trident.engine.sequence import Sequence
+from trident.models.testing import save_tiny_llama
+
+needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and kernels.IS_AVAILABLE),
+                                reason="needs CUDA and triton")
+VOCAB = 512
+PROMPT_LENS = [1, 5, 16, 17, 33, 60, 90]
+MAX_TOKENS = [20, 7, 30, 12, 25, 3, 18]
+
+
+def _save_byte_tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama-graphs")
+    # Group of 3 query heads per KV head, head_dim 32: shapes the kernels pad and mask.
+    save_tiny_llama(path, with_tokenizer=False, vocab_size=VOCAB, hidden_size=192, num_attention_heads=6,
+                    num_key_value_heads=2, bos_token_id=0, eos_token_id=0)
+    _save_byte_tokenizer(path)
+    return path
+
+
+def _config(model_dir: Path, device: str) -> EngineConfig:
+    return EngineConfig(model=str(model_dir), device=device, dtype="float32", block_size=16, max_model_len=256,
+                        max_num_seqs=6, max_num_batched_tokens=64, max_tokens_in_paged_kv_cache=4096)
+
+
+def _prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(1, VOCAB, (n,), generator=gen).tolist() for n in PROMPT_LENS]
+
+
+def test_buckets_cover_every_batch_size_up_to_max_num_seqs():
+    for max_num_seqs in (1, 3, 8, 9, 16, 20, 256):
+        buckets = decode_buckets(max_num_seqs)
+        assert buckets == sorted(set(buckets)) and buckets[-1] == max_num_seqs
+        assert all(any(b >= n for b in buckets) for n in range(1, max_num_seqs + 1))
+    assert decode_buckets(256)[:6] == [1, 2, 4, 8, 16, 32]
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_seqs", [1, 3, 5, 6])
+def test_graph_logits_match_eager_logits(model_dir, num_seqs):
+    """Same decode step, replayed (with padding rows when num_seqs is not a bucket) and eager."""
+    runner = ModelRunner(_config(model_dir, "cuda"))
+    assert runner.graphs is not None
+    seqs = [Sequence(i, prompt, SamplingParams()) for i, prompt in enumerate(_prompts()[:num_seqs])]
+    for i, seq in enumerate(seqs):   # prefill eagerly, then append one token to decode
+        seq.block_table = list(range(i * 8, i * 8 + 8))   # 8 blocks x 16 = room for 128 tokens
+        runner.execute([seq], [seq.num_tokens])
+        seq.num_computed_tokens = seq.num_tokens
+        seq.append_token(7 + i)
+    ones = [1] * num_seqs
+
+    replays = runner.graphs.num_replays
+    graph_logits = runner.execute(seqs, ones)
+    assert runner.graphs.num_replays == replays + 1
+    runner.use_cuda_graphs = False
+    eager_logits = runner.execute(seqs, ones)
+
+    assert graph_logits.shape == (num_seqs, VOCAB)
+    torch.testing.assert_close(graph_logits, eager_logits, rtol=1e-5, atol=1e-5)
+    runner.use_cuda_graphs = True
+    assert runner.execute_greedy(seqs, ones) == eager_logits.argmax(dim=-1).tolist()
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_greedy_tokens_equal_across_graphs_eager_and_cpu(model_dir):
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in MAX_TOKENS]
+
+    def greedy(engine: LLMEngine) -> list[list[int]]:
+        return [out.output_token_ids for out in engine.generate(_prompts(), params)]
+
+    graphed = LLMEngine(_config(model_dir, "cuda"))
+    eager = LLMEngine(_config(model_dir, "cuda"))
+    eager.runner.use_cuda_graphs = False
+
+    graph_tokens = greedy(graphed)
+
+    assert graphed.runner.graphs.num_replays > 0
+    assert graph_tokens == greedy(eager)
+    assert eager.runner.graphs.num_replays == 0
+    assert graph_tokens == greedy(LLMEngine(_config(model_dir, "cpu")))
+    assert [len(t) for t in graph_tokens] == MAX_TOKENS
