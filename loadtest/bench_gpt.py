@@ -571,7 +571,6 @@ def run_case(case: Case, args, work: Path, tokenizers: Path | None) -> list[Resu
     profile_dir = Path(args.profile_dir) if args.profile_dir and case == args.cases[0] else None
     attempt("engine", lambda: run_engine(econfig, case, prompts, profile_dir))
     attempt("hf_static", lambda: run_hf_static(model_dir, case, prompts, args.device, dtype, args.hf_batch))
-    attempt("hf_cb", lambda: run_hf_cb(model_dir, case, prompts, args.device, dtype))
     if {"triton", "triton_stream"} & set(args.systems) and case.shape in args.triton_shapes:
         values = {k: v for k, v in asdict(econfig).items() if v is not None and k not in ("model", "tokenizer")}
         server = None
@@ -592,6 +591,8 @@ def run_case(case: Case, args, work: Path, tokenizers: Path | None) -> list[Resu
                 log = Path(server.log.name)
                 if args.out:
                     shutil.copy(log, Path(args.out).with_name(f"tritonserver-{case.shape}-{case.input_len}.log"))
+    # Last: the slowest peer, and the one most likely to stall
+    attempt("hf_cb", lambda: run_hf_cb(model_dir, case, prompts, args.device, dtype))
     for r in results:
         r.notes.setdefault("roofline", roofline)
     return results
