@@ -60,7 +60,8 @@ class GPT2Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.c_attn(x).view(num_tokens, 3, -1, self.head_dim).unbind(1)  # [num_tokens, num_heads, head_dim] each
+        qkv = self.c_attn(x).view(num_tokens, 3, -1, self.head_dim)  # [num_tokens, 3, num_heads, head_dim]
+        q, k, v = qkv.unbind(1)
         return self.c_proj(self.attn(q, k, v, kv_cache, metadata))
 
 

@@ -52,7 +52,8 @@ class RotaryEmbedding(nn.Module):
         self.attention_scaling = attention_scaling
         self._cos_sin: torch.Tensor | None = None
 
-    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, query: torch.Tensor,
+                key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self._table(positions.device)[positions].unbind(1)  # [num_tokens, head_dim / 2] each
         cos, sin = cos[:, None, :].to(query.dtype), sin[:, None, :].to(query.dtype)
         return _rotate(query, cos, sin), _rotate(key, cos, sin)
