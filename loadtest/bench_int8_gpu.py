@@ -13,8 +13,10 @@ Methods:
   w8a16    int8 weights, Triton kernel (trident.models.int8_kernels), what Int8WeightOnlyLinear runs
   w8a16pk  torch._weight_int8pack_mm (when this torch has it for CUDA)
   w8a16dq  dequantize-then-matmul baseline (weights converted every call)
-  w8a8     Int8Linear.forward: smooth, per-token quantize, torch._int_mm (column-major weight), rescale
-  int_mm   torch._int_mm alone on already-int8 activations (the GEMM's share of w8a8)
+  w8a8     Int8Linear.forward on CUDA: Triton fused smooth+quantize, Triton int8 GEMM with the rescale fused
+  w8a8im   the same quantize kernel, then torch._int_mm (column-major weight) and a PyTorch rescale
+  int_mm   torch._int_mm alone on already-int8 activations (the GEMM's share of w8a8im)
+  best16   the fastest of a few w8a16 tile configs for the case (what a better tile rule could reach)
 """
 from __future__ import annotations
 
@@ -42,7 +44,12 @@ MODELS = [
     Model("SmolLM2-135M", 30, (("qkv", 576, 960), ("o", 576, 576), ("gate_up", 576, 3072), ("down", 1536, 576))),
     Model("GPT-2-124M", 12, (("c_attn", 768, 2304), ("attn.c_proj", 768, 768), ("c_fc", 768, 3072),
                               ("mlp.c_proj", 3072, 768))),
+    # Not served here: shows where int8 weights pay, once a layer's weights are large.
+    Model("Llama-2-7B (4 of 32 layers)", 4, (("qkv", 4096, 12288), ("o", 4096, 4096), ("gate_up", 4096, 22016),
+                                             ("down", 11008, 4096))),
 ]
+W8A16_CONFIGS = [(16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3), (32, 64, 128, 4, 4),
+                 (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 64, 64, 8, 3), (32, 32, 256, 4, 3)]
 
 
 def main() -> None:
@@ -51,10 +58,8 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {args.dtype} | "
           f"µs per layer-projection under a CUDA graph, weights rotated over the model's layers")
-    has_pack = _has_int8pack_cuda(dtype)
-    methods = ["fp", "w8a16"] + (["w8a16pk"] if has_pack else []) + ["w8a16dq", "w8a8", "int_mm"]
-    if not has_pack:
-        print("torch._weight_int8pack_mm: not available on CUDA in this torch; skipped")
+    has_pack = args.with_int8pack and _has_int8pack_cuda(dtype)
+    methods = ["fp", "w8a16"] + (["w8a16pk"] if has_pack else []) + ["w8a16dq", "w8a8", "w8a8im", "int_mm", "best16"]
     for model in MODELS:
         print(f"\n## {model.name} ({model.num_layers} layers)")
         print(f"{'proj':<12}{'M':>5} " + "".join(f"{m:>10}" for m in methods) + f"{'fp GB/s':>10}{'w8a16 GB/s':>12}")
@@ -80,6 +85,8 @@ def main() -> None:
 def time_method(method: str, num_layers: int, batch: int, k: int, n: int, dtype: torch.dtype,
                 replays: int = 20) -> float:
     """µs per call of ``method`` for x [batch, k] against one of ``num_layers`` [n, k] weights."""
+    if method == "best16":
+        return min(time_method(("w8a16", c), num_layers, batch, k, n, dtype, replays) for c in W8A16_CONFIGS)
     x = torch.randn(batch, k, device="cuda", dtype=dtype)
     fns = [_make(method, x, n, k, dtype) for _ in range(num_layers)]
     for fn in fns:  # compile / warm up outside the capture
@@ -107,6 +114,8 @@ def _make(method: str, x: torch.Tensor, n: int, k: int, dtype: torch.dtype):
         return lambda: F.linear(x, w)
     qweight, scale = quantize_per_channel(w)  # [n, k] int8 row-major: .t() is column-major for _int_mm
     scale_x = scale.to(dtype)
+    if isinstance(method, tuple):  # ("w8a16", tile config)
+        return lambda: int8_kernels.w8a16_matmul(x, qweight, scale, method[1])
     if method == "w8a16":
         return lambda: int8_kernels.w8a16_matmul(x, qweight, scale)
     if method == "w8a16pk":
@@ -118,6 +127,13 @@ def _make(method: str, x: torch.Tensor, n: int, k: int, dtype: torch.dtype):
         linear.weight.data.copy_(w)
         module = Int8Linear.from_linear(linear, torch.rand(k, device="cuda") + 0.5)
         return lambda: module(x)
+    if method == "w8a8im":
+        inv_smooth = torch.ones(k, device="cuda", dtype=dtype)
+
+        def w8a8_int_mm():
+            qx, x_scale = int8_kernels.quantize_rows(x, inv_smooth)
+            return (int8_matmul(qx, qweight).float() * x_scale * scale).to(dtype)
+        return w8a8_int_mm
     if method == "int_mm":
         qx = torch.randint(-127, 128, x.shape, device="cuda", dtype=torch.int8)
         return lambda: int8_matmul(qx, qweight)
@@ -138,6 +154,8 @@ def _has_int8pack_cuda(dtype: torch.dtype) -> bool:
 def _parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    p.add_argument("--with-int8pack", action="store_true",
+                   help="also time torch._weight_int8pack_mm (10-100x slower than bf16 on H100 in torch 2.11)")
     p.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], default=[1, 16, 32, 64, 128, 256])
     return p.parse_args()
 

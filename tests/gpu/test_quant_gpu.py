@@ -17,7 +17,7 @@ from trident.engine.engine import LLMEngine
 from trident.engine.sampling_params import SamplingParams
 from trident.models import int8_kernels
 from trident.models.quant import (Int8Linear, Int8WeightOnlyLinear, dequantize_per_channel, int8_matmul,
-                                  quantize_per_channel)
+                                  quantize_per_channel, quantize_per_token)
 from trident.models.testing import save_tiny_llama
 
 pytestmark = [pytest.mark.gpu,
@@ -49,6 +49,22 @@ def test_int_mm_on_cuda_equals_the_exact_integer_product(m):
     qw = torch.randint(-127, 128, (960, 576), generator=g, dtype=torch.int8)
     exact = qx.long() @ qw.long().T  # [m, 960]
     assert torch.equal(int8_matmul(qx.cuda(), qw.cuda()).cpu().long(), exact)
+
+
+@pytest.mark.skipif(not int8_kernels.IS_AVAILABLE, reason="needs triton")
+@pytest.mark.parametrize("m,k,n", [(1, 576, 960), (13, 1536, 576), (64, 768, 3072)])
+def test_w8a8_kernels_equal_the_exact_integer_pipeline(m, k, n):
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-1, 1, k)
+    inv_smooth = torch.rand(k, generator=g) + 0.5
+    qx, x_scale = int8_kernels.quantize_rows(x.cuda(), inv_smooth.cuda())
+    ref_qx, ref_scale = quantize_per_token(x * inv_smooth)
+    torch.testing.assert_close(x_scale.cpu(), ref_scale)
+    assert (qx.cpu().long() - ref_qx.long()).abs().max() <= 1  # only exact .5 ties may round apart
+    qw, w_scale = quantize_per_channel(torch.randn(n, k, generator=g))
+    out = int8_kernels.w8a8_matmul(qx, x_scale, qw.cuda(), w_scale.cuda(), torch.float32)
+    exact = (qx.cpu().double() @ qw.double().T) * x_scale.double() * w_scale.double()  # [m, n]
+    torch.testing.assert_close(out.cpu().double(), exact, rtol=1e-5, atol=1e-5)
 
 
 def test_int8_linears_on_cuda_match_cpu():

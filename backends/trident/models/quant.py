@@ -8,7 +8,8 @@ gate) and saves them with :func:`save_quantized`; the loader *loads* them here, 
   matmul: on CUDA a Triton kernel (``int8_kernels``), elsewhere ``torch._weight_int8pack_mm`` where
   torch has it for the device, else dequantize-then-matmul. Activations stay in the model dtype.
 * ``w8a8``: SmoothQuant-smoothed weights in int8 per output channel, activations quantized per
-  token at run time, int8 x int8 -> int32 GEMM through ``torch._int_mm``.
+  token at run time, int8 x int8 -> int32 GEMM: on CUDA Triton kernels (a fused smooth + quantize,
+  then a GEMM with both rescales in its epilogue), elsewhere ``torch._int_mm``.
 * INT8 KV cache: static per-(layer, KV head) scales calibrated on real text; keys/values are
   stored in an int8 cache and dequantized where attention reads them.
 
@@ -173,10 +174,15 @@ class Int8Linear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features) * self.inv_smooth  # [tokens, in]
-        qx, x_scale = quantize_per_token(rows)  # [tokens, in] int8, [tokens, 1]
-        acc = int8_matmul(qx, self.weight)  # [tokens, out] int32
-        out = (acc.float() * x_scale * self.weight_scale).to(x.dtype)
+        rows = x.reshape(-1, self.in_features)  # [tokens, in]
+        if int8_kernels.supports(rows):
+            # Two launches: fused smooth + quantize, then the int8 GEMM with the rescale in its epilogue.
+            qx, x_scale = int8_kernels.quantize_rows(rows, self.inv_smooth)  # [tokens, in] int8, [tokens, 1]
+            out = int8_kernels.w8a8_matmul(qx, x_scale, self.weight, self.weight_scale, x.dtype)
+        else:
+            qx, x_scale = quantize_per_token(rows * self.inv_smooth)  # [tokens, in] int8, [tokens, 1]
+            acc = int8_matmul(qx, self.weight)  # [tokens, out] int32
+            out = (acc.float() * x_scale * self.weight_scale).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
