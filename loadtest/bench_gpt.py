@@ -11,8 +11,9 @@ request sent at once. Peers run in the same process, on the same random weights 
 Prints output tok/s, TTFT and TPOT p50/p99 and the fraction of the decode roofline; writes JSON
 (``--out``) for ``docs/benchmarks.md`` and its plots (``--plot results.json``).
 
-    # GPU machine, from the checkout root (Triton needs `source .gpu/env.sh`):
-    PYTHONPATH=backends:. python3 loadtest/bench_gpt.py --out results.json
+    # GPU machine, from the checkout root. `.gpu/env.sh` puts Triton and a python3 with tritonclient
+    # on PATH (server and clients use it); the benchmark runs under the machine's own interpreter:
+    source .gpu/env.sh && PYTHONPATH=backends:. /opt/torch/.venv/bin/python3 loadtest/bench_gpt.py --out results.json
     # CPU, tiny shapes, every system, to check the script itself:
     PYTHONPATH=backends:. python loadtest/bench_gpt.py --smoke
     # plots from a results file
@@ -375,27 +376,23 @@ class TritonServer:
         shutil.copy(REPO_ROOT / "model_repository/gpt/config.pbtxt", gpt / "config.pbtxt")
         shutil.copy(REPO_ROOT / "model_repository/gpt/1/model.py", gpt / "1/model.py")
         (gpt / "1/engine.json").write_text(json.dumps({**engine_values, "model": str(model_dir)}, indent=1))
-        self._add_backends_to_stub_path()
+        self.python = triton_python()
+        self._add_backends_to_stub_path(self.python)
         self.http, self.grpc, self.metrics = _free_port(), _free_port(), _free_port()
         self.log = open(work / "tritonserver.log", "w")
         env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT / 'backends'}:{REPO_ROOT}"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "trident.server.launch", "--model-repository", str(self.repo),
+            [self.python, "-m", "trident.server.launch", "--model-repository", str(self.repo),
              "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics)],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=REPO_ROOT)
         self._wait_ready()
 
     @staticmethod
-    def _add_backends_to_stub_path() -> None:
+    def _add_backends_to_stub_path(python: str) -> None:
         """The Python stub ignores PYTHONPATH; a .pth in its interpreter's site dir points at our code."""
-        import site
-
-        for site_dir in site.getsitepackages():
-            try:
-                (Path(site_dir) / "trident-backends.pth").write_text(f"{REPO_ROOT / 'backends'}\n")
-                return
-            except OSError:
-                continue
+        site_dir = subprocess.check_output([python, "-c", "import site; print(site.getsitepackages()[0])"],
+                                           text=True).strip()
+        (Path(site_dir) / "trident-backends.pth").write_text(f"{REPO_ROOT / 'backends'}\n")
 
     def _wait_ready(self, timeout_s: float = 600) -> None:
         url = f"http://127.0.0.1:{self.http}/v2/models/gpt/ready"
@@ -419,6 +416,12 @@ class TritonServer:
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(self.process.pid, signal.SIGKILL)
         self.log.close()
+
+
+def triton_python() -> str:
+    """The interpreter Triton's stub runs (the `python3` on PATH: .gpu/env.sh's venv, with
+    tritonclient and numpy 1.26); the benchmark itself may run another (HF needs numpy 2 there)."""
+    return shutil.which("python3") or sys.executable
 
 
 def _client_worker(url: str, texts: list[str], max_tokens: int, stream: bool, start_at: float, queue) -> None:
@@ -483,6 +486,7 @@ def _client_worker(url: str, texts: list[str], max_tokens: int, stream: bool, st
 
 def run_triton(server: TritonServer, case: Case, texts: list[str], stream: bool, num_clients: int) -> Result:
     ctx = mp.get_context("spawn")
+    ctx.set_executable(triton_python())   # the one with tritonclient
     queue = ctx.Queue()
     start_at = time.time() + 10.0   # every client sends at once, after its process is up (imports torch)
     shares = [texts[i::num_clients] for i in range(num_clients)]
