@@ -23,7 +23,7 @@ from build import text
 from build.bert_checkpoint import COPIED_FILES, BertCheckpoint, copy_tokenizer_files, inspect_checkpoint, load_model, \
     load_reference_tokenizer
 from build.bert_export import check_parity, export_onnx
-from build.bert_gate import GateFailed, candidate_outputs, enforce, evaluate_gate, reference_outputs
+from build.bert_gate import GateFailed, GateResult, candidate_outputs, enforce, evaluate_gate, reference_outputs
 from build.bert_manifest import Manifest
 from build.bert_quantize import TextCalibrationReader, quantize_int8
 from build.weights import MINILM_NAME, WeightsError, minilm_dir, sha256_file
@@ -82,7 +82,7 @@ class BertBuild:
         log("build", f"{self.checkpoint.name} ({self.checkpoint.task}, hidden {self.checkpoint.hidden_size}, "
                      f"max_length {self.checkpoint.max_length}) -> {self.out}")
 
-    def run(self):
+    def run(self) -> GateResult:
         self.copy_tokenizer()
         self.export()
         self.quantize()
@@ -142,7 +142,7 @@ class BertBuild:
                         f"{report.num_quantized_matmuls} MatMuls in INT8, {len(report.excluded_nodes)} kept FP32 "
                         "(FFN down projections)")
 
-    def gate(self):
+    def gate(self) -> GateResult:
         texts = self.held_out_texts()
         inputs = {"int8_sha256": sha256_file(self.out / MODEL_FILES["int8"]), **self.source,
                   "held_out_sha256": text.fingerprint(texts), "max_length": self.checkpoint.max_length,
@@ -237,9 +237,7 @@ def _with_passages(split: tuple[str, ...], num_sentences: int) -> list[str]:
     return sentences + text.passages(list(split[num_sentences:]), PASSAGE_WORDS)[:NUM_PASSAGES]
 
 
-def _gate_result(record: dict):
-    from build.bert_gate import GateResult
-
+def _gate_result(record: dict) -> GateResult:
     return GateResult(**{k: v for k, v in record.items() if k != "passed"})
 
 
