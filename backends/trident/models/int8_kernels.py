@@ -129,7 +129,7 @@ if IS_AVAILABLE:
                         mask=(rm[:, None] < M) & (kk[None, :] < K), other=0)  # [BLOCK_M, BLOCK_K] int8
             w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None],
                         mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)  # [BLOCK_K, BLOCK_N] int8
-            acc = tl.dot(x, w, acc)  # int8 x int8 accumulates in int32
+            acc = tl.dot(x, w, acc, out_dtype=tl.int32)  # int8 x int8 accumulates in int32
         xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)  # [BLOCK_M]
         ws = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)  # [BLOCK_N]
         out = acc.to(tl.float32) * xs[:, None] * ws[None, :]
