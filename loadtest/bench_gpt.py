@@ -389,17 +389,34 @@ class TritonServer:
 
     @staticmethod
     def _add_backends_to_stub_path(python: str) -> None:
-        """The Python stub ignores PYTHONPATH; a .pth in its interpreter's site dir points at our code."""
+        """The Python stub ignores PYTHONPATH; a .pth in its interpreter's site dir points at our code.
+
+        On the GPU machine that interpreter (.gpu/env.sh's venv: numpy 1.26 for the stub) also sees
+        the machine's scipy/scikit-learn, built for numpy 2; transformers imports them when it finds
+        them, and fails. The .pth hides them from that interpreter only (find_spec -> None).
+        """
         site_dir = subprocess.check_output([python, "-c", "import site; print(site.getsitepackages()[0])"],
                                            text=True).strip()
-        (Path(site_dir) / "trident-backends.pth").write_text(f"{REPO_ROOT / 'backends'}\n")
+        hide = "import sys; [sys.modules.setdefault(m, None) for m in ('sklearn', 'scipy')]"
+        needs_hiding = subprocess.run([python, "-c", "import scipy.sparse"], capture_output=True).returncode != 0
+        lines = [str(REPO_ROOT / "backends")] + ([hide] if needs_hiding else [])
+        (Path(site_dir) / "trident-backends.pth").write_text("\n".join(lines) + "\n")
+
+    @staticmethod
+    def remove_stub_path(python: str) -> None:
+        site_dir = subprocess.check_output([python, "-c", "import site; print(site.getsitepackages()[0])"],
+                                           text=True).strip()
+        (Path(site_dir) / "trident-backends.pth").unlink(missing_ok=True)
 
     def _wait_ready(self, timeout_s: float = 600) -> None:
         url = f"http://127.0.0.1:{self.http}/v2/models/gpt/ready"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited ({self.process.returncode}); see {self.log.name}")
+                self.log.flush()
+                lines = Path(self.log.name).read_text().splitlines()
+                tail = "\n".join(line[:400] for line in lines if line[:1] == "E" or "rror" in line or "  File" in line)[-6000:]
+                raise RuntimeError(f"tritonserver exited ({self.process.returncode}); log tail:\n{tail}")
             try:
                 with urllib.request.urlopen(url, timeout=2) as r:
                     if r.status == 200:
@@ -410,6 +427,7 @@ class TritonServer:
         raise TimeoutError("the gpt model did not become ready")
 
     def stop(self) -> None:
+        self.remove_stub_path(self.python)
         try:
             os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(timeout=60)
