@@ -49,7 +49,9 @@ MODELS = [
                                              ("down", 11008, 4096))),
 ]
 W8A16_CONFIGS = [(16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3), (32, 64, 128, 4, 4),
-                 (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 64, 64, 8, 3), (32, 32, 256, 4, 3)]
+                 (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 64, 64, 8, 3), (32, 32, 256, 4, 3),
+                 (16, 32, 256, 4, 3), (16, 16, 256, 4, 3), (64, 32, 128, 4, 3), (128, 128, 64, 8, 3)]
+BEST_CONFIGS: dict[tuple[int, int, int], tuple] = {}  # (M, K, N) -> fastest w8a16 tile config
 
 
 def main() -> None:
@@ -62,7 +64,7 @@ def main() -> None:
     methods = ["fp", "w8a16"] + (["w8a16pk"] if has_pack else []) + ["w8a16dq", "w8a8", "w8a8im", "int_mm", "best16"]
     for model in MODELS:
         print(f"\n## {model.name} ({model.num_layers} layers)")
-        print(f"{'proj':<12}{'M':>5} " + "".join(f"{m:>10}" for m in methods) + f"{'fp GB/s':>10}{'w8a16 GB/s':>12}")
+        print(f"{'proj':<12}{'M':>5} " + "".join(f"{m:>10}" for m in methods) + f"{'fp GB/s':>10}{'w8a16 GB/s':>12}  best16 tiles (M, N, K, warps, stages)")
         totals = {m: {b: 0.0 for b in args.batches} for m in methods}
         for name, k, n in model.projections:
             for batch in args.batches:
@@ -71,8 +73,9 @@ def main() -> None:
                     totals[m][batch] += t
                 fp_rate = n * k * dtype.itemsize / (times["fp"] * 1e-6) / 1e9
                 q_rate = n * k / (times["w8a16"] * 1e-6) / 1e9
+                best = BEST_CONFIGS.get((batch, k, n), "")
                 print(f"{name:<12}{batch:>5} " + "".join(f"{times[m]:>10.2f}" for m in methods)
-                      + f"{fp_rate:>10.0f}{q_rate:>12.0f}", flush=True)
+                      + f"{fp_rate:>10.0f}{q_rate:>12.0f}  {best}", flush=True)
         print(f"{'layer total':<12}")
         for batch in args.batches:
             fp = totals["fp"][batch]
@@ -86,7 +89,9 @@ def time_method(method: str, num_layers: int, batch: int, k: int, n: int, dtype:
                 replays: int = 20) -> float:
     """µs per call of ``method`` for x [batch, k] against one of ``num_layers`` [n, k] weights."""
     if method == "best16":
-        return min(time_method(("w8a16", c), num_layers, batch, k, n, dtype, replays) for c in W8A16_CONFIGS)
+        t, config = min((time_method(("w8a16", c), num_layers, batch, k, n, dtype, replays), c) for c in W8A16_CONFIGS)
+        BEST_CONFIGS[(batch, k, n)] = config
+        return t
     x = torch.randn(batch, k, device="cuda", dtype=dtype)
     fns = [_make(method, x, n, k, dtype) for _ in range(num_layers)]
     for fn in fns:  # compile / warm up outside the capture

@@ -63,7 +63,7 @@ def test_w8a8_kernels_equal_the_exact_integer_pipeline(m, k, n):
     assert (qx.cpu().long() - ref_qx.long()).abs().max() <= 1  # only exact .5 ties may round apart
     qw, w_scale = quantize_per_channel(torch.randn(n, k, generator=g))
     out = int8_kernels.w8a8_matmul(qx, x_scale, qw.cuda(), w_scale.cuda(), torch.float32)
-    exact = (qx.cpu().double() @ qw.double().T) * x_scale.double() * w_scale.double()  # [m, n]
+    exact = (qx.cpu().double() @ qw.double().T) * x_scale.cpu().double() * w_scale.double()  # [m, n]
     torch.testing.assert_close(out.cpu().double(), exact, rtol=1e-5, atol=1e-5)
 
 
