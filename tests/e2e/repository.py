@@ -58,12 +58,26 @@ def build_classifier(repository: Path) -> Path:
     return model_dir
 
 
+def build_fp32_bert(repository: Path, bert_dir: Path) -> Path:
+    """`bert_fp32`: the default model's FP32 ONNX, chosen by the `precision` parameter alone."""
+    model_dir = repository / "bert_fp32"
+    (model_dir / "1").mkdir(parents=True)
+    (model_dir / "1" / "model.py").symlink_to(bert_dir / "1" / "model.py")
+    (model_dir / "1" / "artifacts").symlink_to(bert_dir / "1" / "artifacts")
+    config = (bert_dir / "config.pbtxt").read_text().replace('name: "bert"', 'name: "bert_fp32"')
+    config = config.replace('string_value: "int8"', 'string_value: "fp32"')
+    (model_dir / "config.pbtxt").write_text(config)
+    return model_dir
+
+
 def assemble_repository(repository: Path) -> Path:
     repository.mkdir(parents=True)
     for model in sorted((ROOT / "model_repository").iterdir()):
         if (model / "config.pbtxt").is_file() and (model / "1" / "artifacts").is_dir():
             (repository / model.name).symlink_to(model)
     build_classifier(repository)
+    if (repository / "bert").exists():
+        build_fp32_bert(repository, ROOT / "model_repository" / "bert")
     if (repository / "gpt").exists():
         build_small_queue_gpt(repository, ROOT / "model_repository" / "gpt")
     return repository

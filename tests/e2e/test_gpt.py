@@ -253,7 +253,8 @@ def test_bad_requests_get_errors_while_good_ones_complete(gpt_server):
             assert ids and reason in ("stop", "length")
     finally:
         stream.close()
-    assert grpcclient.InferenceServerClient(gpt_server.grpc_url).is_model_ready("gpt")
+    with grpcclient.InferenceServerClient(gpt_server.grpc_url) as client:
+        assert client.is_model_ready("gpt")
 
 
 @pytest.mark.parametrize("body, message", [
@@ -328,6 +329,6 @@ def test_repeated_prompt_hits_the_prefix_cache(gpt_server):
 
 def test_unary_infer_is_refused_for_the_decoupled_model(gpt_server):
     from tritonclient.utils import InferenceServerException
-    client = grpcclient.InferenceServerClient(gpt_server.grpc_url)
-    with pytest.raises(InferenceServerException, match="(?i)decoupled"):
-        client.infer("gpt", grpc_inputs("Hello", {"max_tokens": 2}))
+    with grpcclient.InferenceServerClient(gpt_server.grpc_url) as client:
+        with pytest.raises(InferenceServerException, match="(?i)decoupled"):
+            client.infer("gpt", grpc_inputs("Hello", {"max_tokens": 2}))

@@ -40,8 +40,8 @@ def served(server) -> dict[str, str]:
 
 def successes(server, model: str) -> int:
     """Requests Triton completed successfully for `model` (a decoupled request counts once)."""
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    stats = client.get_inference_statistics(model, as_json=True)["model_stats"]
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"]
     return sum(int(s["inference_stats"]["success"].get("count", 0)) for s in stats)
 
 
