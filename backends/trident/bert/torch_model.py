@@ -1,0 +1,196 @@
+"""Our BERT encoder forward in PyTorch on a packed batch: no padding token is ever computed.
+
+The batch's tokens are concatenated into one ``[num_tokens, hidden]`` tensor; ``cu_seqlens`` marks
+where each sequence starts. Linears, LayerNorm and GELU are row-wise, so they run on the packed rows
+as they are; attention is the only op that mixes rows, and it runs per sequence through
+FlashAttention's varlen kernel on CUDA (``cu_seqlens``, no mask, no padded ``[batch, seq, seq]``
+scores). Pooling (mean, or the [CLS] row for classifiers) is a segment sum on the packed rows.
+
+Weights load from a Hugging Face ``BertModel`` / ``BertForSequenceClassification`` safetensors file.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+MIN_TOKEN_COUNT = 1e-9  # the floors of trident.bert.pooling (sentence-transformers')
+MIN_NORM = 1e-12
+
+
+@dataclass(frozen=True)
+class BertShape:
+    """The architecture numbers of a BERT checkpoint (a view of its ``config.json``)."""
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    num_labels: int = 0  # > 0: a sequence classifier (pooler + classifier head)
+
+    @classmethod
+    def from_config(cls, path: str | Path, is_classifier: bool = False) -> "BertShape":
+        config = json.loads(Path(path).read_text())
+        if config.get("hidden_act", "gelu") != "gelu" or config.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"{path}: only gelu activations and absolute positions are supported")
+        num_labels = (len(config.get("id2label", {})) or config.get("num_labels", 2)) if is_classifier else 0
+        return cls(config["vocab_size"], config["hidden_size"], config["num_hidden_layers"],
+                   config["num_attention_heads"], config["intermediate_size"],
+                   config["max_position_embeddings"], config.get("type_vocab_size", 2),
+                   config.get("layer_norm_eps", 1e-12), num_labels)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """Device inputs of one packed batch; rows past ``cu_seqlens[-1]`` are padding of a CUDA-graph bucket.
+
+    ``seq_index`` maps each row to its sequence (padding rows to ``num_seqs``, a row nobody reads),
+    ``max_seqlen`` bounds every sequence's length (FlashAttention sizes its grid with it).
+    """
+    input_ids: torch.Tensor       # [num_tokens] int64
+    token_type_ids: torch.Tensor  # [num_tokens] int64
+    position_ids: torch.Tensor    # [num_tokens] int64
+    seq_index: torch.Tensor       # [num_tokens] int64
+    cu_seqlens: torch.Tensor      # [num_seqs + 1] int32
+    max_seqlen: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.cu_seqlens.shape[0] - 1
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int) -> torch.Tensor:
+    """Bidirectional attention within each packed sequence; q, k, v [num_tokens, num_heads, head_dim]."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, False, False)[0]
+    return _attention_per_sequence(q, k, v, cu_seqlens)
+
+
+def _attention_per_sequence(q, k, v, cu_seqlens) -> torch.Tensor:
+    # The reference path (CPU, fp32): one SDPA per sequence, still never computing a padded row.
+    out = torch.zeros_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            rows = [t[start:end].transpose(0, 1) for t in (q, k, v)]  # [num_heads, seq, head_dim]
+            out[start:end] = F.scaled_dot_product_attention(*rows).transpose(0, 1)
+    return out
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, shape: BertShape) -> None:
+        super().__init__()
+        h, i = shape.hidden_size, shape.intermediate_size
+        self.shape = shape
+        self.qkv = nn.Linear(h, 3 * h)  # Q, K and V fused: one GEMM instead of three
+        self.attn_out = nn.Linear(h, h)
+        self.attn_norm = nn.LayerNorm(h, eps=shape.layer_norm_eps)
+        self.up = nn.Linear(h, i)
+        self.down = nn.Linear(i, h)
+        self.ffn_norm = nn.LayerNorm(h, eps=shape.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        qkv = self.qkv(x).view(num_tokens, 3, self.shape.num_heads, self.shape.head_dim)  # [num_tokens, 3, num_heads, head_dim]
+        attn = varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], batch.cu_seqlens, batch.max_seqlen)
+        x = self.attn_norm(x + self.attn_out(attn.reshape(num_tokens, -1)))  # [num_tokens, hidden]
+        return self.ffn_norm(x + self.down(F.gelu(self.up(x))))              # [num_tokens, hidden]
+
+
+class PackedBert(nn.Module):
+    """BERT encoder on packed tokens; ``forward`` returns what the encoder serves, in fp32:
+    L2-normalised mean-pooled embeddings [num_seqs, hidden], or classifier logits [num_seqs, num_labels]."""
+
+    def __init__(self, shape: BertShape) -> None:
+        super().__init__()
+        h = shape.hidden_size
+        self.shape = shape
+        self.word_embeddings = nn.Embedding(shape.vocab_size, h)
+        self.position_embeddings = nn.Embedding(shape.max_position_embeddings, h)
+        self.token_type_embeddings = nn.Embedding(shape.type_vocab_size, h)
+        self.embed_norm = nn.LayerNorm(h, eps=shape.layer_norm_eps)
+        self.layers = nn.ModuleList(EncoderLayer(shape) for _ in range(shape.num_layers))
+        if shape.num_labels:
+            self.pooler = nn.Linear(h, h)
+            self.classifier = nn.Linear(h, shape.num_labels)
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        x = (self.word_embeddings(batch.input_ids) + self.position_embeddings(batch.position_ids)
+             + self.token_type_embeddings(batch.token_type_ids))  # [num_tokens, hidden]
+        x = self.embed_norm(x)
+        for layer in self.layers:
+            x = layer(x, batch)
+        if self.shape.num_labels:
+            return self._classify(x, batch)
+        return mean_pool_packed(x, batch)
+
+    def _classify(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        # A bucket's padding sequences start at cu_seqlens[-1], which may be one past the last row.
+        first = batch.cu_seqlens[:-1].long().clamp(max=x.shape[0] - 1)  # [num_seqs]
+        pooled = torch.tanh(self.pooler(x[first]))                        # [num_seqs, hidden]
+        return self.classifier(pooled).float()                            # [num_seqs, num_labels]
+
+
+def mean_pool_packed(x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """Mean over each sequence's rows then L2 normalisation; x [num_tokens, hidden] -> fp32 [num_seqs, hidden].
+
+    ``index_add_`` rather than a pooling matmul: padding rows may hold NaN (FlashAttention leaves rows
+    outside every sequence unwritten) and 0 * NaN would leak into the sums; they land in a spare row.
+    """
+    sums = x.new_zeros(batch.num_seqs + 1, x.shape[1], dtype=torch.float32)  # [num_seqs + 1, hidden]
+    sums.index_add_(0, batch.seq_index, x.float())
+    counts = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).float().clamp(min=MIN_TOKEN_COUNT)  # [num_seqs]
+    return F.normalize(sums[:-1] / counts[:, None], dim=-1, eps=MIN_NORM)   # [num_seqs, hidden]
+
+
+# ---- Hugging Face weights -----------------------------------------------------------------------
+
+def hf_state_dict(tensors: dict[str, torch.Tensor], shape: BertShape) -> dict[str, torch.Tensor]:
+    """Our parameter names from a ``BertModel`` / ``BertForSequenceClassification`` state dict."""
+    prefix = "bert." if any(k.startswith("bert.") for k in tensors) else ""
+    t = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in tensors.items()}
+    state = {
+        "word_embeddings.weight": t["embeddings.word_embeddings.weight"],
+        "position_embeddings.weight": t["embeddings.position_embeddings.weight"],
+        "token_type_embeddings.weight": t["embeddings.token_type_embeddings.weight"],
+        "embed_norm.weight": t["embeddings.LayerNorm.weight"],
+        "embed_norm.bias": t["embeddings.LayerNorm.bias"],
+    }
+    for i in range(shape.num_layers):
+        src, dst = f"encoder.layer.{i}.", f"layers.{i}."
+        for kind in ("weight", "bias"):
+            state[dst + f"qkv.{kind}"] = torch.cat([t[src + f"attention.self.{n}.{kind}"]
+                                                    for n in ("query", "key", "value")])
+            state[dst + f"attn_out.{kind}"] = t[src + f"attention.output.dense.{kind}"]
+            state[dst + f"attn_norm.{kind}"] = t[src + f"attention.output.LayerNorm.{kind}"]
+            state[dst + f"up.{kind}"] = t[src + f"intermediate.dense.{kind}"]
+            state[dst + f"down.{kind}"] = t[src + f"output.dense.{kind}"]
+            state[dst + f"ffn_norm.{kind}"] = t[src + f"output.LayerNorm.{kind}"]
+    if shape.num_labels:
+        for kind in ("weight", "bias"):
+            state[f"pooler.{kind}"] = t[f"pooler.dense.{kind}"]
+            state[f"classifier.{kind}"] = tensors[f"classifier.{kind}"]
+    return state
+
+
+def load_packed_bert(checkpoint: str | Path, is_classifier: bool = False) -> PackedBert:
+    """fp32 ``PackedBert`` on the CPU from a checkpoint directory (config.json + model.safetensors)."""
+    checkpoint = Path(checkpoint)
+    shape = BertShape.from_config(checkpoint / "config.json", is_classifier)
+    model = PackedBert(shape)
+    model.load_state_dict(hf_state_dict(load_file(checkpoint / "model.safetensors"), shape))
+    return model.eval()

@@ -1,0 +1,191 @@
+"""The torch runtime: packs token ids, runs ``PackedBert`` (fp16 / bf16 / INT8) under CUDA graphs.
+
+A CUDA graph replays a fixed launch sequence on fixed buffers, so a batch is padded to a *bucket*:
+its sequence count up to the next of 1, 2, 4, ... and its token count up to the next power of two
+(then the next multiple of 1024). Padding rows sit outside every sequence (``cu_seqlens`` ends before
+them) and pool into a spare row, so they cost a little compute but never change a result. Graphs are
+captured lazily, one per bucket, sharing one memory pool; batches beyond ``max_graph_tokens`` run
+eagerly (at that size the GPU, not the launch overhead, sets the pace).
+
+INT8 is W8A8: dynamic per-token int8 activations, per-channel int8 weights, int32 accumulation, on
+the four linears of every layer (embeddings, LayerNorms, attention and the heads stay fp16). The
+GEMM is either the INT8 engine's fused Triton kernel (``trident.models.int8_kernels``: quantize in one
+launch, rescale in the GEMM's epilogue) or cuBLAS ``torch._int_mm`` with a column-major weight.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from trident.bert.torch_model import PackedBatch, PackedBert
+from trident.models import int8_kernels
+from trident.models.quant import Int8Linear, int8_matmul, quantize_per_token
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float16}
+INT8_GEMMS = ("triton", "cublas")
+LINEARS = ("qkv", "attn_out", "up", "down")
+
+
+@dataclass(frozen=True)
+class TorchRuntimeOptions:
+    precision: str = "fp16"            # fp32 | fp16 | bf16 | int8 (W8A8, fp16 elsewhere)
+    device: str = "cuda"
+    use_cuda_graphs: bool = True
+    max_graph_tokens: int = 16384      # larger batches run eagerly
+    int8_gemm: str = "triton"          # triton | cublas
+
+    def __post_init__(self) -> None:
+        if self.precision not in DTYPES:
+            raise ValueError(f"precision must be one of {tuple(DTYPES)}, got {self.precision!r}")
+        if self.int8_gemm not in INT8_GEMMS:
+            raise ValueError(f"int8_gemm must be one of {INT8_GEMMS}, got {self.int8_gemm!r}")
+
+
+class CublasInt8Linear(Int8Linear):
+    """``Int8Linear`` with the GEMM on cuBLAS ``_int_mm`` (``weight.t()`` is column-major) and the
+    rescale as a separate elementwise pass; measured against the fused Triton GEMM in bench_bert."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)  # [tokens, in]
+        if int8_kernels.supports(rows):
+            qx, x_scale = int8_kernels.quantize_rows(rows, self.inv_smooth)  # [tokens, in] int8, [tokens, 1]
+        else:
+            qx, x_scale = quantize_per_token(rows * self.inv_smooth)
+        acc = int8_matmul(qx, self.weight)  # [tokens, out] int32
+        out = (acc.float() * (x_scale * self.weight_scale)).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def quantize_int8(model: PackedBert, int8_gemm: str = "triton") -> PackedBert:
+    """Swaps every layer's linears for W8A8 ones in place (no SmoothQuant: per-token activation
+    scales already absorb BERT's per-token outliers; measured in tests/gpu/test_bert_cuda.py)."""
+    cls = Int8Linear if int8_gemm == "triton" else CublasInt8Linear
+    for layer in model.layers:
+        for name in LINEARS:
+            setattr(layer, name, cls.from_linear(getattr(layer, name)))
+    return model
+
+
+def prepare(model: PackedBert, options: TorchRuntimeOptions) -> PackedBert:
+    """The fp32 model cast to the options' dtype and device, quantized for int8."""
+    model = model.to(device=options.device, dtype=DTYPES[options.precision]).eval()
+    if options.precision == "int8":
+        quantize_int8(model, options.int8_gemm)
+    return model
+
+
+def token_buckets(max_tokens: int) -> list[int]:
+    """Padded token counts: powers of two from 16 to 1024, then multiples of 1024 (at most 1/8 waste there)."""
+    buckets = [16]
+    while buckets[-1] < min(max_tokens, 1024):
+        buckets.append(buckets[-1] * 2)
+    while buckets[-1] < max_tokens:
+        buckets.append(buckets[-1] + 1024)
+    return buckets
+
+
+def seq_bucket(num_seqs: int) -> int:
+    return 1 << max(0, (num_seqs - 1).bit_length())
+
+
+def pack(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], num_tokens: int, num_seqs: int
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """Host arrays of a packed batch, padded to a (num_tokens, num_seqs) bucket.
+
+    ``sequences`` are (input_ids, token_type_ids). Returns rows int64 [4, num_tokens] (input ids,
+    token types, positions, sequence index) and cu_seqlens int32 [num_seqs + 1].
+    """
+    lengths = np.array([len(ids) for ids, _ in sequences], dtype=np.int64)
+    cu_seqlens = np.zeros(num_seqs + 1, dtype=np.int32)
+    np.cumsum(lengths, out=cu_seqlens[1:len(sequences) + 1])
+    total = int(cu_seqlens[len(sequences)])
+    cu_seqlens[len(sequences) + 1:] = total  # padding sequences are empty
+    rows = np.zeros((4, num_tokens), dtype=np.int64)
+    if total:
+        rows[0, :total] = np.concatenate([np.asarray(ids, dtype=np.int64) for ids, _ in sequences])
+        rows[1, :total] = np.concatenate([np.asarray(types, dtype=np.int64) for _, types in sequences])
+        starts = np.repeat(cu_seqlens[:len(sequences)], lengths)
+        rows[2, :total] = np.arange(total) - starts
+        rows[3, :total] = np.repeat(np.arange(len(sequences)), lengths)
+    rows[3, total:] = num_seqs  # the spare pooling row
+    return rows, cu_seqlens
+
+
+class TorchRuntime:
+    """Runs batches of token ids through a prepared ``PackedBert``; thread-unsafe (one caller at a time).
+
+    ``run(sequences)`` takes (input_ids, token_type_ids) per text, each at most ``max_seqlen`` long,
+    and returns fp32 [len(sequences), width] on the host (embeddings or logits).
+    """
+
+    def __init__(self, model: PackedBert, options: TorchRuntimeOptions, max_seqlen: int) -> None:
+        self.model = model
+        self.options = options
+        self.max_seqlen = max_seqlen
+        self.device = torch.device(options.device)
+        self._graphs: dict[tuple[int, int], _BucketGraph] = {}
+        self._pool = None
+        self._is_graphed = options.use_cuda_graphs and self.device.type == "cuda"
+
+    @torch.inference_mode()
+    def run(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> np.ndarray:
+        num_tokens = sum(len(ids) for ids, _ in sequences)
+        if self._is_graphed and num_tokens <= self.options.max_graph_tokens:
+            out = self._replay(sequences, num_tokens)
+        else:
+            rows, cu_seqlens = pack(sequences, num_tokens, len(sequences))
+            max_seqlen = max([1] + [len(ids) for ids, _ in sequences])
+            out = self.model(self._to_device(rows, cu_seqlens, max_seqlen))
+        return out[:len(sequences)].cpu().numpy()
+
+    def _to_device(self, rows: np.ndarray, cu_seqlens: np.ndarray, max_seqlen: int) -> PackedBatch:
+        rows_d = torch.from_numpy(rows).to(self.device, non_blocking=True)             # [4, num_tokens]
+        cu_d = torch.from_numpy(cu_seqlens).to(self.device, non_blocking=True)         # [num_seqs + 1]
+        return PackedBatch(rows_d[0], rows_d[1], rows_d[2], rows_d[3], cu_d, max_seqlen)
+
+    def _replay(self, sequences, num_tokens: int) -> torch.Tensor:
+        key = (seq_bucket(len(sequences)), _bucket(token_buckets(self.options.max_graph_tokens), num_tokens))
+        graph = self._graphs.get(key) or self._capture(*key)
+        rows, cu_seqlens = pack(sequences, key[1], key[0])
+        graph.rows.copy_(torch.from_numpy(rows), non_blocking=True)
+        graph.cu_seqlens.copy_(torch.from_numpy(cu_seqlens), non_blocking=True)
+        graph.graph.replay()
+        return graph.out
+
+    def _capture(self, num_seqs: int, num_tokens: int) -> "_BucketGraph":
+        rows = torch.zeros(4, num_tokens, dtype=torch.int64, device=self.device)           # [4, num_tokens]
+        rows[3] = num_seqs
+        cu_seqlens = torch.zeros(num_seqs + 1, dtype=torch.int32, device=self.device)       # [num_seqs + 1]
+        batch = PackedBatch(rows[0], rows[1], rows[2], rows[3], cu_seqlens, self.max_seqlen)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up off the capture: Triton JIT, cuBLAS handles
+            self.model(batch)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self.model(batch)  # [num_seqs, width]
+        self._pool = graph.pool()
+        self._graphs[(num_seqs, num_tokens)] = _BucketGraph(graph, rows, cu_seqlens, out)
+        return self._graphs[(num_seqs, num_tokens)]
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
+
+
+@dataclass
+class _BucketGraph:
+    graph: torch.cuda.CUDAGraph
+    rows: torch.Tensor        # [4, num_tokens] int64, the static inputs
+    cu_seqlens: torch.Tensor  # [num_seqs + 1] int32
+    out: torch.Tensor         # [num_seqs, width] fp32, the static output
+
+
+def _bucket(buckets: list[int], n: int) -> int:
+    return next(b for b in buckets if b >= n)
+
