@@ -33,7 +33,7 @@ from trident.bert.tokenizer import TextTokenizer
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "model_repository" / "bert" / "1" / "artifacts"
 NUM_PASSAGES, PASSAGE_WORDS = 16, 200  # long texts: calibrate and gate the truncation length too
-QUANTIZE_RECIPE_VERSION = 1            # bump when bert_quantize's recipe changes
+QUANTIZE_RECIPE_VERSION = 2            # bump when bert_quantize's recipe changes
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ class BertBuild:
         self._save()
         log("quantize", f"wrote {path.name} ({_mib(path)}) in {time.perf_counter() - started:.1f} s; "
                         f"{report.num_quantized_matmuls} MatMuls in INT8, {len(report.excluded_nodes)} kept FP32 "
-                        "(FFN down projections)")
+                        f"(FFN down projections), {_smoothed(report)}")
 
     def gate(self) -> GateResult:
         texts = self.held_out_texts()
@@ -239,6 +239,14 @@ def _with_passages(split: tuple[str, ...], num_sentences: int) -> list[str]:
 
 def _gate_result(record: dict) -> GateResult:
     return GateResult(**{k: v for k, v in record.items() if k != "passed"})
+
+
+def _smoothed(report) -> str:
+    smoothing = report.recipe["smoothing"]
+    if not smoothing:
+        return "no smoothing"
+    return (f"{smoothing['num_matmuls']} LayerNorm-fed MatMuls smoothed (alpha {smoothing['alpha']}, "
+            f"max scale {smoothing['max_scale']:.1f})")
 
 
 def _mib(path: Path) -> str:

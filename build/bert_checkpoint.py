@@ -85,6 +85,8 @@ def copy_tokenizer_files(checkpoint: BertCheckpoint, out: Path) -> list[Path]:
     for file_name in COPIED_FILES:
         if (checkpoint.path / file_name).is_file():
             written.append(Path(shutil.copyfile(checkpoint.path / file_name, out / file_name)))
+        else:  # left over from a different checkpoint built into the same directory
+            (out / file_name).unlink(missing_ok=True)
     if (checkpoint.path / TOKENIZER).is_file():
         written.append(Path(shutil.copyfile(checkpoint.path / TOKENIZER, out / TOKENIZER)))
     else:  # vocab.txt-only checkpoints: the fast tokenizer converts it, the runtime needs the JSON

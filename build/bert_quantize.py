@@ -2,7 +2,7 @@
 
 The recipe, and why. ORT's defaults (int8 activations, every MatMul and its output quantized)
 reach only mean cosine 0.937 / min 0.878 vs HF FP32 on all-MiniLM-L6-v2, far below the gate.
-Each change below was measured on 128 held-out sentences:
+Measured on held-out text (first 128 sentences, then the full gate set of 256 + 16 passages):
   - uint8 per-tensor asymmetric activations (MinMax ranges), int8 per-channel symmetric weights:
     U8S8 is what ORT's x86 kernels fuse; with int8 activations half of the MatMuls stayed as
     DQ -> fp32 MatMul and ran slower than the FP32 model.
@@ -10,13 +10,14 @@ Each change below was measured on 128 held-out sentences:
     into MatMulIntegerToFloat, and bias adds and residuals stay exact. Mean 0.937 -> 0.989.
   - The FFN down projections (the MatMul fed by GELU) stay FP32: GELU outputs carry a few channels
     ~15x larger than the median (max 25 vs 1.4 in MiniLM's first layer), and one per-tensor uint8
-    scale for them costs most of the remaining error. 42 of 48 MatMuls in INT8: mean 0.993, min 0.983.
-    Percentile (99.999) / entropy calibration and moving-average MinMax, tried with this exclusion
-    but int8 activations and quantized outputs, were within +-0.001 of plain MinMax. SmoothQuant
-    on the down projections instead (per-channel smoothing from calibration maxima, all 48 MatMuls
-    in INT8) was worse on the full gate set: mean 0.980 / 0.985 at alpha 0.5 / 0.8, min 0.94 / 0.96.
+    scale for them costs most of the remaining error: full gate set 0.9924 mean / 0.9832 min.
+    SmoothQuant on them instead (all 48 MatMuls in INT8) was worse: 0.980 / 0.985 mean at alpha
+    0.5 / 0.8. Percentile / entropy calibration and moving-average MinMax moved figures by <0.001.
     The price: those 6 FP32 MatMuls are ~40% of INT8 run time (ORT profile, 1 thread).
-The full default build's gate (256 held-out sentences + 16 long passages) is in its manifest.
+  - SmoothQuant (bert_smooth.py, alpha 0.5) on the LayerNorm-fed Q/K/V and FFN-up projections,
+    whose inputs have the classic BERT outlier channels: 0.9924 -> 0.9980 mean, 0.9832 -> 0.9901
+    min, with the same 42 INT8 MatMuls (and off-distribution text such as mixed German/Japanese/
+    emoji went from 0.989 to 0.998).
 ORT's pre-processing (quant_pre_process, without symbolic shape inference, which cannot follow the
 dynamo graph's shapes) gave identical gate figures: ORT's session optimizer performs the same
 fusions at load time. It is skipped, and the quantizer's reminder to run it is filtered out.
@@ -26,17 +27,20 @@ truncation and length-sorted padding), so the ranges describe what serving will 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import onnx
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quantize_static)
 
+from build.bert_smooth import smooth_layer_norm_matmuls
 from trident.bert.batching import plan_micro_batches
 from trident.bert.tokenizer import TextTokenizer
 
 OP_TYPES = ["MatMul", "Gemm"]
+SMOOTH_ALPHA = 0.5
 GELU_OPS = {"Gelu", "FastGelu", "BiasGelu"}
 ERF_GELU_DEPTH = 3  # x * 0.5 * (1 + erf(x / sqrt 2)) puts Erf two or three nodes above the MatMul
 
@@ -64,6 +68,10 @@ class TextCalibrationReader(CalibrationDataReader):
     def __len__(self) -> int:
         return len(self._batches)
 
+    @property
+    def batches(self) -> list[dict]:
+        return self._batches
+
     def get_next(self) -> dict | None:
         if self._next == len(self._batches):
             return None
@@ -76,10 +84,31 @@ class TextCalibrationReader(CalibrationDataReader):
         self._next = 0
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, reader: TextCalibrationReader,
-                  num_texts: int, exclude_ffn_down: bool = True) -> QuantizeReport:
-    model = onnx.load(str(fp32_path), load_external_data=False)
-    excluded = ffn_down_projections(model.graph) if exclude_ffn_down else []
+def quantize_int8(fp32_path: Path, int8_path: Path, reader: TextCalibrationReader, num_texts: int,
+                  exclude_ffn_down: bool = True, smooth_alpha: float | None = SMOOTH_ALPHA) -> QuantizeReport:
+    """Smooth (optional), calibrate and quantize ``fp32_path`` into ``int8_path``."""
+    with tempfile.TemporaryDirectory(prefix="bert_smooth_") as scratch:
+        smoothing = None
+        if smooth_alpha is not None:
+            smoothed = Path(scratch) / "smoothed.onnx"
+            smoothing = smooth_layer_norm_matmuls(fp32_path, smoothed, reader.batches, smooth_alpha)
+            fp32_path = smoothed
+        excluded = ffn_down_projections(onnx.load(str(fp32_path)).graph) if exclude_ffn_down else []
+        _quantize_static(fp32_path, int8_path, reader, excluded)
+    return QuantizeReport(
+        num_calibration_texts=num_texts,
+        num_calibration_batches=len(reader),
+        num_quantized_matmuls=count_quantized_matmuls(onnx.load(str(int8_path))),
+        excluded_nodes=tuple(excluded),
+        recipe={"format": "QDQ", "weights": "int8 per-channel symmetric",
+                "activations": "uint8 per-tensor asymmetric", "calibration": "MinMax",
+                "matmul_outputs": "float",
+                "smoothing": asdict(smoothing) if smoothing else None,
+                "excluded": "FFN down projections (MatMul fed by GELU)" if exclude_ffn_down else "none"},
+    )
+
+
+def _quantize_static(fp32_path: Path, int8_path: Path, reader: TextCalibrationReader, excluded: list[str]) -> None:
     extra_options = {"OpTypesToExcludeOutputQuantization": ["MatMul"], "ActivationSymmetric": False,
                      "WeightSymmetric": True}
     pre_process_reminder = _DropMessages("pre-processing before quantization")
@@ -91,16 +120,6 @@ def quantize_int8(fp32_path: Path, int8_path: Path, reader: TextCalibrationReade
                         calibrate_method=CalibrationMethod.MinMax, extra_options=extra_options)
     finally:
         logging.getLogger().removeFilter(pre_process_reminder)
-    return QuantizeReport(
-        num_calibration_texts=num_texts,
-        num_calibration_batches=len(reader),
-        num_quantized_matmuls=count_quantized_matmuls(onnx.load(str(int8_path))),
-        excluded_nodes=tuple(excluded),
-        recipe={"format": "QDQ", "weights": "int8 per-channel symmetric",
-                "activations": "uint8 per-tensor asymmetric", "calibration": "MinMax",
-                "matmul_outputs": "float", "excluded": "FFN down projections (MatMul fed by GELU)"
-                if exclude_ffn_down else "none"},
-    )
 
 
 def ffn_down_projections(graph: onnx.GraphProto) -> list[str]:

@@ -79,6 +79,28 @@ def test_ffn_down_projections_stay_fp32_and_the_rest_is_int8(bert_tiny_built):
     assert report["num_quantized_matmuls"] == len(matmuls) - len(float_fed)
 
 
+def test_smoothing_is_an_exact_fp32_rewrite_of_the_layer_norm_fed_matmuls(bert_tiny_built, tmp_path):
+    from build.bert_smooth import smooth_layer_norm_matmuls
+    from trident.bert.tokenizer import TextTokenizer
+
+    tokenizer = TextTokenizer.from_file(bert_tiny_built.out / "tokenizer.json", 64)
+    feeds = [tokenizer.pad(tokenizer.encode(texts)).feeds(("input_ids", "attention_mask", "token_type_ids"))
+             for texts in SHAPES_TEXTS]
+    smoothed = tmp_path / "smoothed.onnx"
+    report = smooth_layer_norm_matmuls(bert_tiny_built.out / "model.fp32.onnx", smoothed, feeds, alpha=0.5)
+    assert (report.num_activations, report.num_matmuls) == (4, 8)  # per layer: Q/K/V input, FFN-up input
+    original = ort.InferenceSession(str(bert_tiny_built.out / "model.fp32.onnx"))
+    rewritten = ort.InferenceSession(str(smoothed))
+    for feed in feeds:
+        np.testing.assert_allclose(rewritten.run(None, feed)[0], original.run(None, feed)[0], atol=1e-4)
+    graph = onnx.load(str(smoothed)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    smoothed_inputs = [producers[n.input[0]] for n in graph.node
+                       if n.op_type == "MatMul" and n.input[0].endswith("_smoothed")]
+    assert len(smoothed_inputs) == 8
+    assert {producers[mul.input[0]].op_type for mul in smoothed_inputs} == {"LayerNormalization"}
+
+
 # -- gate ---------------------------------------------------------------------------------------
 def test_gate_passes_on_a_good_model_and_records_its_figures(bert_tiny_built):
     gate = _manifest(bert_tiny_built.out)["gate"]
