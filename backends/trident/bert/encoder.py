@@ -38,7 +38,13 @@ class BertEncoder:
         self.options = options
         self._labels = np.array([self.id2label[i] for i in range(len(self.id2label))], dtype=object)
         self._tokenizer = TextTokenizer.from_file(artifacts.tokenizer_path, self.max_length)
-        self._session = open_session(artifacts.model_path(options.precision), options)
+        # The torch runtime (CUDA) pools on the device and returns finished rows; ORT returns hidden states.
+        self._runtime = None
+        if options.runtime == "torch":
+            from trident.bert.torch_runtime import open_torch_runtime  # torch stays out of the ORT path
+            self._runtime = open_torch_runtime(artifacts, options, self.max_length)
+        else:
+            self._session = open_session(artifacts.model_path(options.precision), options)
 
     @classmethod
     def from_artifacts(cls, artifacts_dir: str | Path, precision: str = "int8", runtime: str = "onnxruntime",
@@ -55,6 +61,9 @@ class BertEncoder:
         lengths = [len(e.ids) for e in encodings]
         for indices in plan_micro_batches(lengths, self.options.max_num_seqs,
                                           self.options.max_num_batched_tokens):
+            if self._runtime is not None:
+                result[indices] = self._runtime.run([(encodings[i].ids, encodings[i].type_ids) for i in indices])
+                continue
             batch = self._tokenizer.pad([encodings[i] for i in indices])
             result[indices] = self._postprocess(batch, self._session.run(batch))
         if self.task == "embedding":

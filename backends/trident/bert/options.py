@@ -1,18 +1,21 @@
 """Encoder options: one frozen object, validated once.
 
-``runtime``, ``precision`` and ``device`` name the execution path. Only ONNX Runtime on CPU exists
-today; the other names are reserved so configs written for a GPU runtime or a TensorRT plan fail
-with a clear message instead of a KeyError deep inside a session factory.
+``runtime``, ``precision`` and ``device`` name the execution path: ONNX Runtime on CPU (int8 | fp32)
+or our PyTorch encoder on CUDA (``runtime="torch"``: fp16 | bf16 | int8 | fp32, see
+``trident.bert.torch_runtime``). Other combinations are reserved so configs written for a TensorRT
+plan fail with a clear message instead of a KeyError deep inside a session factory.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-RUNTIMES = ("onnxruntime",)
-PLANNED_RUNTIMES = ("torch", "tensorrt")
+RUNTIMES = ("onnxruntime", "torch")
+PLANNED_RUNTIMES = ("tensorrt",)
 PRECISIONS = ("int8", "fp32")
-DEVICES = ("cpu",)
-PLANNED_DEVICES = ("cuda",)
+TORCH_PRECISIONS = ("int8", "fp16", "bf16", "fp32")
+DEVICES = ("cpu", "cuda")
+PLANNED_DEVICES = ()
+DEVICE_OF_RUNTIME = {"onnxruntime": "cpu", "torch": "cuda"}
 
 
 @dataclass(frozen=True)
@@ -30,8 +33,11 @@ class EncoderOptions:
     def __post_init__(self) -> None:
         _check_choice("runtime", self.runtime, RUNTIMES, PLANNED_RUNTIMES)
         _check_choice("device", _device_kind(self.device), DEVICES, PLANNED_DEVICES)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        _check_pairing(self.runtime, _device_kind(self.device))
+        precisions = TORCH_PRECISIONS if self.runtime == "torch" else PRECISIONS
+        if self.precision not in precisions:
+            raise ValueError(f"precision must be one of {precisions} for runtime {self.runtime!r}, "
+                             f"got {self.precision!r}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be >= 2 (room for the special tokens), got {self.max_length}")
         if self.num_threads is not None and self.num_threads < 1:
@@ -42,6 +48,12 @@ class EncoderOptions:
 
 def _device_kind(device: str) -> str:
     return device.split(":", 1)[0]  # "cuda:1" -> "cuda"
+
+
+def _check_pairing(runtime: str, device: str) -> None:
+    if DEVICE_OF_RUNTIME[runtime] != device:
+        raise NotImplementedError(f"runtime {runtime!r} on device {device!r} is planned but not implemented "
+                                  f"yet; supported: onnxruntime on cpu, torch on cuda")
 
 
 def _check_choice(name: str, value: str, supported: tuple, planned: tuple) -> None:

@@ -14,18 +14,24 @@ launch, rescale in the GEMM's epilogue) or cuBLAS ``torch._int_mm`` with a colum
 """
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-from trident.bert.torch_model import PackedBatch, PackedBert
+from trident.bert.artifacts import MANIFEST, ArtifactsError, BertArtifacts
+from trident.bert.options import EncoderOptions
+from trident.bert.torch_model import PackedBatch, PackedBert, load_packed_bert
 from trident.models import int8_kernels
 from trident.models.quant import Int8Linear, int8_matmul, quantize_per_token
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float16}
 INT8_GEMMS = ("triton", "cublas")
 LINEARS = ("qkv", "attn_out", "up", "down")
+WEIGHTS = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -130,9 +136,14 @@ class TorchRuntime:
         self._graphs: dict[tuple[int, int], _BucketGraph] = {}
         self._pool = None
         self._is_graphed = options.use_cuda_graphs and self.device.type == "cuda"
+        self._lock = threading.Lock()  # graphs own static buffers: one batch at a time
+
+    def run(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> np.ndarray:
+        with self._lock:
+            return self._run(sequences)
 
     @torch.inference_mode()
-    def run(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> np.ndarray:
+    def _run(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> np.ndarray:
         num_tokens = sum(len(ids) for ids, _ in sequences)
         if self._is_graphed and num_tokens <= self.options.max_graph_tokens:
             out = self._replay(sequences, num_tokens)
@@ -176,6 +187,26 @@ class TorchRuntime:
     @property
     def num_graphs(self) -> int:
         return len(self._graphs)
+
+
+def checkpoint_dir(artifacts: BertArtifacts) -> Path:
+    """Where the safetensors are: copied into the artifacts, else the source the build recorded."""
+    if (artifacts.directory / WEIGHTS).is_file():
+        return artifacts.directory
+    source = Path(json.loads((artifacts.directory / MANIFEST).read_text())["source"]["path"])
+    if not (source / WEIGHTS).is_file():
+        raise ArtifactsError(f"runtime 'torch' needs {WEIGHTS}: neither {artifacts.directory} nor the "
+                             f"build's source {source} has it")
+    return source
+
+
+def open_torch_runtime(artifacts: BertArtifacts, options: EncoderOptions, max_seqlen: int) -> TorchRuntime:
+    """The runtime for the encoder: HF weights from the checkpoint, config.json from the artifacts."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("runtime 'torch' needs CUDA, and torch.cuda.is_available() is False")
+    model = load_packed_bert(checkpoint_dir(artifacts), is_classifier=artifacts.task == "classification")
+    runtime_options = TorchRuntimeOptions(precision=options.precision, device=options.device)
+    return TorchRuntime(prepare(model, runtime_options), runtime_options, max_seqlen)
 
 
 @dataclass
