@@ -28,11 +28,15 @@ def supports(x: torch.Tensor) -> bool:
     return IS_AVAILABLE and x.is_cuda
 
 
-def tiles(m: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K) for M rows: small N tiles keep enough CTAs busy on these
-    narrow projections (N of a few hundred to a few thousand)."""
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    return block_m, 64, 128 if m <= 32 else 64
+def tiles(m: int, k: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for W8A16 at M rows and K inputs.
+
+    The winners of the tile sweep in ``loadtest/bench_int8_gpu.py`` (H200; SmolLM2, GPT-2 and
+    7B shapes): up to 64 rows, 16 x 32 tiles (many CTAs on narrow N) with a deeper K step once
+    K >= 768; past that, 64-row tiles that read each weight tile for more rows."""
+    if m <= 64:
+        return (16, 32, 256, 4, 3) if k >= 768 else (16, 32, 128, 4, 4)
+    return 64, 32, 128, 4, 3
 
 
 def w8a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
@@ -43,7 +47,7 @@ def w8a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     n = qweight.shape[0]
     x = x.contiguous()
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_m, block_n, block_k, num_warps, num_stages = config or (*tiles(m), 4, 4)
+    block_m, block_n, block_k, num_warps, num_stages = config or tiles(m, k)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _w8a16_kernel[grid](
         x, qweight, scale, out, m, n, k,
@@ -72,8 +76,9 @@ def w8a8_matmul(qx: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, 
     m, k = qx.shape
     n = qweight.shape[0]
     out = torch.empty(m, n, dtype=dtype, device=qx.device)
-    block_m, block_n, block_k = tiles(m)
-    block_k = max(block_k, 64)
+    # Not swept: int8 MMA wants K steps of at least 32; 64-wide N tiles past decode sizes.
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    block_n, block_k = 64, 128 if m <= 32 else 64
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _w8a8_kernel[grid](qx, x_scale, qweight, w_scale, out, m, n, k, qx.stride(0), qweight.stride(0), out.stride(0),
                        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4)
