@@ -442,9 +442,13 @@ def triton_python() -> str:
     return shutil.which("python3") or sys.executable
 
 
-def _client_worker(url: str, texts: list[str], max_tokens: int, stream: bool, start_at: float, queue) -> None:
+def _client_worker(url: str, texts: list[str], max_tokens: int, stream: bool, start_at: float, queue,
+                   extra_site: str) -> None:
     """One client process: every request of its share on one gRPC stream, sent at ``start_at``."""
     import threading
+
+    # spawn gives the child the parent's sys.path; tritonclient lives in the Triton interpreter's site dir
+    sys.path.append(extra_site)
 
     import numpy as np
     import tritonclient.grpc as grpcclient
@@ -504,21 +508,31 @@ def _client_worker(url: str, texts: list[str], max_tokens: int, stream: bool, st
 
 def run_triton(server: TritonServer, case: Case, texts: list[str], stream: bool, num_clients: int) -> Result:
     ctx = mp.get_context("spawn")
-    ctx.set_executable(triton_python())   # the one with tritonclient
+    python = triton_python()
+    ctx.set_executable(python)   # the one with tritonclient
+    extra_site = subprocess.check_output([python, "-c", "import site; print(site.getsitepackages()[0])"],
+                                         text=True).strip()
     queue = ctx.Queue()
     start_at = time.time() + 10.0   # every client sends at once, after its process is up (imports torch)
     shares = [texts[i::num_clients] for i in range(num_clients)]
     procs = [ctx.Process(target=_client_worker, args=(f"127.0.0.1:{server.grpc}", share, case.output_len,
-                                                      stream, start_at, queue)) for share in shares]
+                                                      stream, start_at, queue, extra_site)) for share in shares]
     for p in procs:
         p.start()
     records, errors = [], []
-    for _ in procs:
-        message = queue.get(timeout=900)
-        while "error" in message:
+    num_reports = 0
+    while num_reports < len(procs):
+        try:
+            message = queue.get(timeout=5)
+        except Exception:   # queue.Empty: a client that died never reports
+            if any(p.exitcode not in (None, 0) for p in procs):
+                raise RuntimeError("a client process failed (see its traceback above)")
+            continue
+        if "error" in message:
             errors.append(message["error"])
-            message = queue.get(timeout=900)
-        records += message["records"]
+        else:
+            records += message["records"]
+            num_reports += 1
     for p in procs:
         p.join(timeout=30)
     complete = [r for r in records if "end" in r]
@@ -576,8 +590,10 @@ def run_case(case: Case, args, work: Path, tokenizers: Path | None) -> list[Resu
           f"{roofline['step_ms']:.3f} ms/step = {roofline['roofline_tok_s']:,.0f} tok/s", flush=True)
     results = []
 
+    systems = args.case_systems[case]
+
     def attempt(system: str, fn):
-        if system not in args.systems:
+        if system not in systems:
             return
         try:
             result = fn()
@@ -593,16 +609,16 @@ def run_case(case: Case, args, work: Path, tokenizers: Path | None) -> list[Resu
     profile_dir = Path(args.profile_dir) if args.profile_dir and case == args.cases[0] else None
     attempt("engine", lambda: run_engine(econfig, case, prompts, profile_dir))
     attempt("hf_static", lambda: run_hf_static(model_dir, case, prompts, args.device, dtype, args.hf_batch))
-    if {"triton", "triton_stream"} & set(args.systems) and case.shape in args.triton_shapes:
+    if {"triton", "triton_stream"} & set(systems) and case.shape in args.triton_shapes:
         values = {k: v for k, v in asdict(econfig).items() if v is not None and k not in ("model", "tokenizer")}
         server = None
         try:
             tokenizer = _load_tokenizer(model_dir)
             texts = [tokenizer.decode(p) for p in prompts]
             server = TritonServer(model_dir, values, work / f"triton-{case.shape}-{case.input_len}")
-            if "triton" in args.systems:
+            if "triton" in systems:
                 attempt("triton", lambda: run_triton(server, case, texts, False, args.clients))
-            if "triton_stream" in args.systems:
+            if "triton_stream" in systems:
                 attempt("triton_stream", lambda: run_triton(server, case, texts, True, args.clients))
         except Exception as e:
             logging.exception("Triton run failed")
@@ -638,7 +654,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", nargs="+", default=["smollm2-135m:128:128", "gpt2-124m:128:128",
                                                   "smollm2-135m:1024:128"],
-                   help="shape:input_len:output_len")
+                   help="shape:input_len:output_len[:system,system...] (default systems: --systems)")
     p.add_argument("--num-requests", type=int, default=1000)
     p.add_argument("--systems", nargs="+", default=["engine", "hf_static", "hf_cb", "triton", "triton_stream"])
     p.add_argument("--triton-shapes", nargs="+", default=["smollm2-135m"])
@@ -664,7 +680,13 @@ def parse_args(argv=None):
         args.triton_shapes = ["tiny-llama"]
         args.device, args.dtype = "cpu", "float32"
         args.max_num_seqs, args.hf_batch, args.clients = 8, 8, 2
-    args.cases = [Case(s, int(i), int(o), args.num_requests) for s, i, o in (c.split(":") for c in args.cases)]
+    cases, args.case_systems = [], {}
+    for spec in args.cases:
+        shape, i, o, *systems = spec.split(":")
+        case = Case(shape, int(i), int(o), args.num_requests)
+        cases.append(case)
+        args.case_systems[case] = systems[0].split(",") if systems else args.systems
+    args.cases = cases
     return args
 
 
