@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trident.engine.config import KV_CACHE_DTYPES, QUANTIZATIONS  # noqa: F401  (one list of names)
+from trident.engine.config import QUANTIZATIONS
 from trident.models import int8_kernels
+
 MANIFEST = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
 INT8_MAX = 127
