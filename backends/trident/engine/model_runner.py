@@ -104,6 +104,8 @@ class ModelRunner:
         """Like ``execute`` but returns the argmax token of each sampled row: only these ids cross
         to the host (one sync), the logits stay on the device."""
         token_ids = self.forward(seqs, num_new_tokens).token_ids  # [num_sampled]
+        if token_ids.shape[0] == 0:   # only partial prefill chunks this step: nothing to wait for
+            return []
         if self._token_ids_host is None or token_ids.shape[0] > self._token_ids_host.shape[0]:
             return token_ids.tolist()
         return fetch_token_ids(token_ids, self._token_ids_host)
