@@ -11,7 +11,8 @@ mean pooling + L2 included on both sides) and batch-1 latency p50/p99.
 
 HF runs ``BertModel`` in fp16 with its default attention (sdpa) on batches padded to their longest
 member; ours packs the tokens (no padding), runs varlen FlashAttention, and replays CUDA graphs.
-INT8 is W8A8 through two GEMMs: the INT8 engine's fused Triton kernel and cuBLAS ``_int_mm``.
+INT8 is W8A8: ``ours int8`` uses bert/int8_linear.py (bias, GELU, residual in the GEMM epilogue);
+``--int8-gemms triton cublas`` adds the INT8 engine's Triton GEMM and cuBLAS ``_int_mm`` for comparison.
 """
 from __future__ import annotations
 
@@ -138,8 +139,9 @@ def bench_model(name: str, args) -> tuple[list[Result], dict]:
     if args.device == "cuda":
         runners["ours fp16 eager"] = ours(hf, "fp16", "cuda", use_cuda_graphs=False)
         runners["ours fp16"] = ours(hf, "fp16", "cuda", use_cuda_graphs=True)
-        runners["ours int8 (triton gemm)"] = ours(hf, "int8", "cuda", use_cuda_graphs=True, int8_gemm="triton")
-        runners["ours int8 (cublas _int_mm)"] = ours(hf, "int8", "cuda", use_cuda_graphs=True, int8_gemm="cublas")
+        runners["ours int8"] = ours(hf, "int8", "cuda", use_cuda_graphs=True, int8_gemm="fused")
+        for gemm in args.int8_gemms:  # the alternatives that bert/int8_linear.py was measured against
+            runners[f"ours int8 ({gemm} gemm)"] = ours(hf, "int8", "cuda", use_cuda_graphs=True, int8_gemm=gemm)
         runners["HF eager fp16"] = HfRunner(hf, "cuda", torch.float16)
     else:
         runners["ours fp32"] = ours(hf, "fp32", "cpu", use_cuda_graphs=False)
@@ -150,15 +152,19 @@ def bench_model(name: str, args) -> tuple[list[Result], dict]:
         batches = [sequences(workload, args.batch, vocab, seed) for seed in range(args.num_batches)]
         singles = [[s] for s in sequences(workload, args.num_singles, vocab, seed=99)]
         for label, runner in runners.items():
-            seq_s = throughput(runner, batches, warmup=2)
-            p50, p99 = latency_ms(runner, singles, warmup=min(20, len(singles)))
+            try:
+                seq_s = throughput(runner, batches, warmup=2)
+                p50, p99 = latency_ms(runner, singles, warmup=min(20, len(singles)))
+            except Exception as e:  # one broken runtime must not hide the others' figures
+                print(f"{name} {workload} {label}: FAILED {e!r}", flush=True)
+                continue
             results.append(Result(name, workload, label, seq_s, args.batch, p50, p99))
             print(f"{name:7s} {workload:8s} {label:28s} {seq_s:9.0f} seq/s @ batch {args.batch}   "
                   f"batch-1 p50 {p50:6.2f} ms  p99 {p99:6.2f} ms", flush=True)
     info = {"model": name, "weights": source, "parity": parity(runners, vocab)}
     if args.device == "cuda" and name == "bert-base":
-        for gemm in ("triton", "cublas"):
-            profile(hf.float().cpu(), gemm, sequences("s128", args.batch, vocab, seed=0))
+        for precision, gemm in (("int8", "fused"), ("fp16", "fused")):
+            profile(hf.float().cpu(), precision, gemm, sequences("s128", args.batch, vocab, seed=0))
     return results, info
 
 
@@ -169,13 +175,13 @@ def parity(runners: dict, vocab: int) -> dict:
     return {k: float((r.run(batch) * hf).sum(-1).min()) for k, r in runners.items() if not k.startswith("HF")}
 
 
-def profile(hf: BertModel, int8_gemm: str, batch: list) -> None:
-    """Where an INT8 batch's GPU time goes, kernel by kernel (eager: graph replays hide the kernels)."""
-    runner = ours(hf, "int8", "cuda", use_cuda_graphs=False, int8_gemm=int8_gemm)
+def profile(hf: BertModel, precision: str, int8_gemm: str, batch: list) -> None:
+    """Where a batch's GPU time goes, kernel by kernel (eager: graph replays hide the kernels)."""
+    runner = ours(hf, precision, "cuda", use_cuda_graphs=False, int8_gemm=int8_gemm)
     runner.run(batch)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         runner.run(batch)
-    print(f"profile: int8 ({int8_gemm} gemm), one batch of {len(batch)}", flush=True)
+    print(f"profile: {precision} ({int8_gemm} gemm), one batch of {len(batch)}", flush=True)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70), flush=True)
 
 
@@ -214,6 +220,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--num-batches", type=int, default=12)
     p.add_argument("--num-singles", type=int, default=200)
+    p.add_argument("--int8-gemms", nargs="*", default=["triton"], choices=["triton", "cublas"],
+                   help="INT8 GEMMs to measure besides the default fused one")
     p.add_argument("--smoke", action="store_true", help="tiny random model on the CPU, few iterations")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "loadtest" / "results")))
     args = p.parse_args(argv)

@@ -156,3 +156,19 @@ def test_classifier_logits_match_hf_fp32_under_graphs(tmp_path):
     for precision in ("fp16", "int8"):
         logits = _runtime(checkpoint, precision, use_cuda_graphs=True, is_classifier=True).run(sequences)
         np.testing.assert_allclose(logits, reference, atol=3e-2 if precision == "int8" else 5e-3)
+
+
+@pytest.mark.parametrize("num_rows", [5, 40, 1500])  # the small-M tiles and the 128x128 ones
+@pytest.mark.parametrize("gelu,with_residual", [(False, False), (True, False), (False, True)])
+def test_fused_int8_linear_matches_the_engine_int8_linear_plus_torch_epilogue(num_rows, gelu, with_residual):
+    from trident.bert.int8_linear import FusedInt8Linear
+    from trident.models.quant import Int8Linear
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(384, 1536).cuda().half()
+    x = torch.randn(num_rows, 384, device="cuda", dtype=torch.float16)            # [rows, in]
+    residual = torch.randn(num_rows, 1536, device="cuda", dtype=torch.float16) if with_residual else None
+    reference = Int8Linear.from_linear(linear)(x).float()                          # [rows, out]
+    reference = torch.nn.functional.gelu(reference) if gelu else reference
+    reference = reference if residual is None else reference + residual.float()
+    fused = FusedInt8Linear.from_linear(linear)(x, residual=residual, gelu=gelu).float()
+    torch.testing.assert_close(fused, reference, atol=2e-2, rtol=1e-2)

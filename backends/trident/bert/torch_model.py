@@ -107,8 +107,18 @@ class EncoderLayer(nn.Module):
         num_tokens = x.shape[0]
         qkv = self.qkv(x).view(num_tokens, 3, self.shape.num_heads, self.shape.head_dim)  # [num_tokens, 3, num_heads, head_dim]
         attn = varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], batch.cu_seqlens, batch.max_seqlen)
-        x = self.attn_norm(x + self.attn_out(attn.reshape(num_tokens, -1)))  # [num_tokens, hidden]
-        return self.ffn_norm(x + self.down(F.gelu(self.up(x))))              # [num_tokens, hidden]
+        x = self.attn_norm(project(self.attn_out, attn.reshape(num_tokens, -1), residual=x))  # [num_tokens, hidden]
+        return self.ffn_norm(project(self.down, project(self.up, x, gelu=True), residual=x))
+
+
+def project(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None,
+            gelu: bool = False) -> torch.Tensor:
+    """``gelu?(linear(x)) + residual``; a linear with ``fuses_epilogue`` does it in its GEMM's epilogue."""
+    if getattr(linear, "fuses_epilogue", False):
+        return linear(x, residual=residual, gelu=gelu)
+    out = linear(x)
+    out = F.gelu(out) if gelu else out
+    return out if residual is None else out + residual
 
 
 class PackedBert(nn.Module):

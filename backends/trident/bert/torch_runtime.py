@@ -9,8 +9,9 @@ eagerly (at that size the GPU, not the launch overhead, sets the pace).
 
 INT8 is W8A8: dynamic per-token int8 activations, per-channel int8 weights, int32 accumulation, on
 the four linears of every layer (embeddings, LayerNorms, attention and the heads stay fp16). The
-GEMM is either the INT8 engine's fused Triton kernel (``trident.models.int8_kernels``: quantize in one
-launch, rescale in the GEMM's epilogue) or cuBLAS ``torch._int_mm`` with a column-major weight.
+GEMM is ``trident.bert.int8_linear`` (default: bias, GELU and residual in the epilogue), the INT8
+engine's Triton kernel (``trident.models.int8_kernels``: rescale in the epilogue, bias added after),
+or cuBLAS ``torch._int_mm`` with a column-major weight; bench_bert measures all three.
 """
 from __future__ import annotations
 
@@ -23,13 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from trident.bert.artifacts import MANIFEST, ArtifactsError, BertArtifacts
+from trident.bert.int8_linear import FusedInt8Linear
 from trident.bert.options import EncoderOptions
 from trident.bert.torch_model import PackedBatch, PackedBert, load_packed_bert
 from trident.models import int8_kernels
 from trident.models.quant import Int8Linear, int8_matmul, quantize_per_token
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float16}
-INT8_GEMMS = ("triton", "cublas")
+INT8_GEMMS = ("fused", "triton", "cublas")
 LINEARS = ("qkv", "attn_out", "up", "down")
 WEIGHTS = "model.safetensors"
 
@@ -40,7 +42,7 @@ class TorchRuntimeOptions:
     device: str = "cuda"
     use_cuda_graphs: bool = True
     max_graph_tokens: int = 16384      # larger batches run eagerly
-    int8_gemm: str = "triton"          # triton | cublas
+    int8_gemm: str = "fused"           # fused (bias/GELU/residual epilogue) | triton (engine's) | cublas
 
     def __post_init__(self) -> None:
         if self.precision not in DTYPES:
@@ -66,10 +68,10 @@ class CublasInt8Linear(Int8Linear):
         return out.view(*x.shape[:-1], self.out_features)
 
 
-def quantize_int8(model: PackedBert, int8_gemm: str = "triton") -> PackedBert:
+def quantize_int8(model: PackedBert, int8_gemm: str = "fused") -> PackedBert:
     """Swaps every layer's linears for W8A8 ones in place (no SmoothQuant: per-token activation
     scales already absorb BERT's per-token outliers; measured in tests/gpu/test_bert_cuda.py)."""
-    cls = Int8Linear if int8_gemm == "triton" else CublasInt8Linear
+    cls = {"fused": FusedInt8Linear, "triton": Int8Linear, "cublas": CublasInt8Linear}[int8_gemm]
     for layer in model.layers:
         for name in LINEARS:
             setattr(layer, name, cls.from_linear(getattr(layer, name)))
