@@ -6,8 +6,10 @@ time (the number of KV blocks after sizing from memory) live in ``CacheCapacity`
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
+
+from .validation import reject_unknown_keys, require
 
 POLICIES = ("max_utilization", "guaranteed_no_evict")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -40,37 +42,33 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"             # "auto" (the model dtype) | "int8" (per-head scales)
 
     def __post_init__(self) -> None:
-        _check(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
+        require(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
                f"block_size must be a power of two, got {self.block_size}")
-        _check(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        _check(self.max_num_batched_tokens >= 1,
+        require(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        require(self.max_num_batched_tokens >= 1,
                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
-        _check(self.max_model_len is None or self.max_model_len >= 1,
+        require(self.max_model_len is None or self.max_model_len >= 1,
                f"max_model_len must be >= 1, got {self.max_model_len}")
-        _check(self.batch_scheduler_policy in POLICIES,
+        require(self.batch_scheduler_policy in POLICIES,
                f"batch_scheduler_policy must be one of {POLICIES}, got {self.batch_scheduler_policy!r}")
-        _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        _check(self.quantization in QUANTIZATIONS,
+        require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        require(self.quantization in QUANTIZATIONS,
                f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
-        _check(self.kv_cache_dtype in KV_CACHE_DTYPES,
+        require(self.kv_cache_dtype in KV_CACHE_DTYPES,
                f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
-        _check(self.max_queue_size >= 0, f"max_queue_size must be >= 0, got {self.max_queue_size}")
-        _check(0 < self.kv_cache_free_gpu_mem_fraction <= 1,
+        require(self.max_queue_size >= 0, f"max_queue_size must be >= 0, got {self.max_queue_size}")
+        require(0 < self.kv_cache_free_gpu_mem_fraction <= 1,
                f"kv_cache_free_gpu_mem_fraction must be in (0, 1], got {self.kv_cache_free_gpu_mem_fraction}")
-        _check(self.max_tokens_in_paged_kv_cache is None or self.max_tokens_in_paged_kv_cache >= self.block_size,
+        require(self.max_tokens_in_paged_kv_cache is None or self.max_tokens_in_paged_kv_cache >= self.block_size,
                "max_tokens_in_paged_kv_cache must hold at least one block")
         if not self.enable_chunked_prefill and self.max_model_len is not None:
-            _check(self.max_num_batched_tokens >= self.max_model_len,
+            require(self.max_num_batched_tokens >= self.max_model_len,
                    "without chunked prefill, max_num_batched_tokens must be >= max_model_len "
                    f"({self.max_num_batched_tokens} < {self.max_model_len})")
 
     @classmethod
     def from_dict(cls, values: dict) -> "EngineConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown engine config key(s): {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(known))}")
+        reject_unknown_keys(cls, values, "engine config key(s)")
         return cls(**values)
 
     @classmethod
@@ -102,8 +100,3 @@ class CacheCapacity:
         return (f"KV cache: {self.num_blocks} blocks x {self.block_size} tokens = {self.num_tokens} tokens "
                 f"({self.num_tokens * self.bytes_per_token / 2**20:.1f} MiB, {self.bytes_per_token} B/token); "
                 f"max concurrency at max_model_len={self.max_model_len}: {self.max_concurrency:.2f}x")
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
+
+from .validation import reject_unknown_keys, require
 
 
 @dataclass
@@ -34,28 +36,28 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in self.stop if s]
-        _require(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+        require(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
                  f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        _require(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+        require(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
                  f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
-        _require(_finite(self.temperature) and self.temperature >= 0,
+        require(_finite(self.temperature) and self.temperature >= 0,
                  f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        _require(isinstance(self.top_k, int) and self.top_k >= -1,
+        require(isinstance(self.top_k, int) and self.top_k >= -1,
                  f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k!r}")
-        _require(_finite(self.top_p) and 0 < self.top_p <= 1,
+        require(_finite(self.top_p) and 0 < self.top_p <= 1,
                  f"top_p must be in (0, 1], got {self.top_p!r}")
-        _require(_finite(self.min_p) and 0 <= self.min_p <= 1,
+        require(_finite(self.min_p) and 0 <= self.min_p <= 1,
                  f"min_p must be in [0, 1], got {self.min_p!r}")
-        _require(_finite(self.repetition_penalty) and self.repetition_penalty > 0,
+        require(_finite(self.repetition_penalty) and self.repetition_penalty > 0,
                  f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        _require(_finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+        require(_finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
                  f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}")
-        _require(_finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+        require(_finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
                  f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}")
-        _require(self.seed is None or isinstance(self.seed, int),
+        require(self.seed is None or isinstance(self.seed, int),
                  f"seed must be an integer, got {self.seed!r}")
-        _require(all(isinstance(s, str) for s in self.stop), "stop must be a list of strings")
-        _require(all(isinstance(t, int) for t in self.stop_token_ids),
+        require(all(isinstance(s, str) for s in self.stop), "stop must be a list of strings")
+        require(all(isinstance(t, int) for t in self.stop_token_ids),
                  "stop_token_ids must be a list of integers")
 
     @property
@@ -65,18 +67,9 @@ class SamplingParams:
     @classmethod
     def from_dict(cls, values: dict) -> "SamplingParams":
         """Build from a JSON-like dict, rejecting unknown keys by name."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown sampling parameter(s): {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(known))}")
+        reject_unknown_keys(cls, values, "sampling parameter(s)")
         return cls(**values)
 
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from trident.engine.sampling_params import SamplingParams
+from trident.engine.validation import reject_unknown_keys
 from trident.triton.io import RequestError, decode_texts
 
 DEFAULT_MAX_TOKENS = 128
@@ -83,10 +84,10 @@ def _sampling_json(array: np.ndarray | None) -> dict:
         raise RequestError(f"sampling_parameters is not valid JSON: {e}") from None
     if not isinstance(values, dict):
         raise RequestError("sampling_parameters must be a JSON object")
-    unknown = sorted(set(values) - set(_PARAM_TYPES))
-    if unknown:
-        raise RequestError(f"unknown key(s) in sampling_parameters: {', '.join(unknown)}; "
-                           f"known: {', '.join(sorted(_PARAM_TYPES))}")
+    try:
+        reject_unknown_keys(SamplingParams, values, "key(s) in sampling_parameters")
+    except ValueError as e:
+        raise RequestError(str(e)) from None
     return {key: _coerce_json(key, value) for key, value in values.items()}
 
 
