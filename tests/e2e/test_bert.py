@@ -1,6 +1,7 @@
 """BERT through the live Triton server, over gRPC and HTTP, against Hugging Face FP32 in-process."""
 from __future__ import annotations
 
+import functools
 import json
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -64,22 +65,18 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # -- clients ------------------------------------------------------------------------------------
 # Clients are closed after use: Triton waits for open connections when it shuts down.
-def infer_grpc(server, texts, model="bert", outputs=("embedding",)):
+def infer(server, texts, protocol="grpc", model="bert", outputs=("embedding",)):
+    lib, url = (grpcclient, server.grpc_url) if protocol == "grpc" else (httpclient, server.http_url)
     data = text_tensor(texts)
-    inp = grpcclient.InferInput("text_input", list(data.shape), "BYTES")
+    inp = lib.InferInput("text_input", list(data.shape), "BYTES")
     inp.set_data_from_numpy(data)
-    with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        result = client.infer(model, [inp], outputs=[grpcclient.InferRequestedOutput(o) for o in outputs])
+    with lib.InferenceServerClient(url) as client:
+        result = client.infer(model, [inp], outputs=[lib.InferRequestedOutput(o) for o in outputs])
     return {o: result.as_numpy(o) for o in outputs}
 
 
-def infer_http(server, texts, model="bert", outputs=("embedding",)):
-    data = text_tensor(texts)
-    inp = httpclient.InferInput("text_input", list(data.shape), "BYTES")
-    inp.set_data_from_numpy(data)
-    with httpclient.InferenceServerClient(server.http_url) as client:
-        result = client.infer(model, [inp], outputs=[httpclient.InferRequestedOutput(o) for o in outputs])
-    return {o: result.as_numpy(o) for o in outputs}
+infer_grpc = functools.partial(infer, protocol="grpc")
+infer_http = functools.partial(infer, protocol="http")
 
 
 # -- tests --------------------------------------------------------------------------------------
