@@ -332,3 +332,27 @@ def test_unary_infer_is_refused_for_the_decoupled_model(gpt_server):
     with grpcclient.InferenceServerClient(gpt_server.grpc_url) as client:
         with pytest.raises(InferenceServerException, match="(?i)decoupled"):
             client.infer("gpt", grpc_inputs("Hello", {"max_tokens": 2}))
+
+
+def test_closed_http_stream_frees_its_blocks(gpt_server):
+    import http.client
+
+    host, port = gpt_server.http_url.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection.request("POST", "/v2/models/gpt/generate_stream", json.dumps(
+        {"text_input": "Count to a thousand:", "max_tokens": 1500, "ignore_eos": True, "stream": True}))
+    response = connection.getresponse()
+    for _ in range(3):  # a few tokens arrive, then the client goes away
+        while not response.readline().startswith(b"data:"):
+            pass
+    assert metrics(gpt_server)["trident:num_requests_running"] >= 1
+    connection.sock.close()
+    connection.close()
+    closed_at = time.monotonic()
+    while time.monotonic() - closed_at < 5:
+        if metrics(gpt_server)["trident:num_requests_running"] == 0:
+            break
+        time.sleep(0.01)
+    freed_after = time.monotonic() - closed_at
+    print(f"closed HTTP stream: request aborted and blocks freed after {freed_after * 1000:.0f} ms")
+    assert freed_after < 0.5
