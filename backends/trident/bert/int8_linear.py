@@ -6,7 +6,9 @@ every ``[tokens, out]`` output took another 3.4 ms and GELU 0.8 ms, so INT8 ran 
 This kernel reuses the engine's fused smooth+quantize launch (``int8_kernels.quantize_rows``) and
 replaces its GEMM with one that adds the bias, applies GELU (up projection) or adds the residual
 (output projections) before the single fp16 store, with 128x128 tiles for large token counts (the
-engine's 64x64 tiles are sized for decode's few rows).
+engine's 64x64 tiles are sized for decode's few rows). ``CublasInt8Linear`` is the third variant
+bench_bert compares: cuBLAS ``_int_mm`` (which picked an sm80 CUTLASS kernel on the H200) plus
+separate rescale and bias passes.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from trident.models import int8_kernels
-from trident.models.quant import Int8Linear
+from trident.models.quant import Int8Linear, int8_matmul, quantize_per_token
 
 if int8_kernels.IS_AVAILABLE:
     import triton
@@ -71,6 +73,23 @@ class FusedInt8Linear(Int8Linear):
         qx, x_scale = int8_kernels.quantize_rows(rows, self.inv_smooth)  # [tokens, in] int8, [tokens, 1]
         res = None if residual is None else residual.reshape(-1, self.out_features).contiguous()
         return w8a8_linear(qx, x_scale, self.weight, self.weight_scale, self.bias, res, gelu, x.dtype)
+
+
+class CublasInt8Linear(Int8Linear):
+    """``Int8Linear`` with the GEMM on cuBLAS ``_int_mm`` (``weight.t()`` is column-major) and the
+    rescale as a separate elementwise pass; measured against the fused Triton GEMM in bench_bert."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)  # [tokens, in]
+        if int8_kernels.supports(rows):
+            qx, x_scale = int8_kernels.quantize_rows(rows, self.inv_smooth)  # [tokens, in] int8, [tokens, 1]
+        else:
+            qx, x_scale = quantize_per_token(rows * self.inv_smooth)
+        acc = int8_matmul(qx, self.weight)  # [tokens, out] int32
+        out = (acc.float() * (x_scale * self.weight_scale)).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features)
 
 
 if int8_kernels.IS_AVAILABLE:

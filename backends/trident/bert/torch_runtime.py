@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from trident.bert.artifacts import MANIFEST, ArtifactsError, BertArtifacts
-from trident.bert.int8_linear import FusedInt8Linear
+from trident.bert.int8_linear import CublasInt8Linear, FusedInt8Linear
 from trident.bert.options import EncoderOptions
 from trident.bert.torch_model import PackedBatch, PackedBert, load_packed_bert
-from trident.models import int8_kernels
-from trident.models.quant import Int8Linear, int8_matmul, quantize_per_token
+from trident.models.quant import Int8Linear
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float16}
 INT8_GEMMS = ("fused", "triton", "cublas")
@@ -49,23 +49,6 @@ class TorchRuntimeOptions:
             raise ValueError(f"precision must be one of {tuple(DTYPES)}, got {self.precision!r}")
         if self.int8_gemm not in INT8_GEMMS:
             raise ValueError(f"int8_gemm must be one of {INT8_GEMMS}, got {self.int8_gemm!r}")
-
-
-class CublasInt8Linear(Int8Linear):
-    """``Int8Linear`` with the GEMM on cuBLAS ``_int_mm`` (``weight.t()`` is column-major) and the
-    rescale as a separate elementwise pass; measured against the fused Triton GEMM in bench_bert."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)  # [tokens, in]
-        if int8_kernels.supports(rows):
-            qx, x_scale = int8_kernels.quantize_rows(rows, self.inv_smooth)  # [tokens, in] int8, [tokens, 1]
-        else:
-            qx, x_scale = quantize_per_token(rows * self.inv_smooth)
-        acc = int8_matmul(qx, self.weight)  # [tokens, out] int32
-        out = (acc.float() * (x_scale * self.weight_scale)).to(x.dtype)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.view(*x.shape[:-1], self.out_features)
 
 
 def quantize_int8(model: PackedBert, int8_gemm: str = "fused") -> PackedBert:
