@@ -90,11 +90,20 @@ def test_tokenizer_rejects_non_strings():
 
 
 # -- options ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("field,value", [("runtime", "torch"), ("runtime", "tensorrt"), ("device", "cuda"),
-                                         ("device", "cuda:1")])
-def test_planned_runtimes_and_devices_are_not_implemented_yet(field, value):
+def test_tensorrt_is_planned_but_not_implemented_yet():
     with pytest.raises(NotImplementedError, match="planned but not implemented"):
-        EncoderOptions(**{field: value})
+        EncoderOptions(runtime="tensorrt")
+
+
+@pytest.mark.parametrize("runtime,device", [("torch", "cpu"), ("onnxruntime", "cuda"), ("onnxruntime", "cuda:1")])
+def test_runtimes_run_on_their_own_device_only(runtime, device):
+    with pytest.raises(NotImplementedError, match="supported: onnxruntime on cpu, torch on cuda"):
+        EncoderOptions(runtime=runtime, device=device)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8", "fp32"])
+def test_torch_on_cuda_takes_gpu_precisions(precision):
+    assert EncoderOptions(runtime="torch", device="cuda:0", precision=precision).precision == precision
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -6,8 +6,9 @@ its slice of the outputs, or its own error (a bad request never fails the others
 
 Model config parameters (string values):
     artifacts   directory of the build's artifacts, relative to the version directory (default "artifacts")
-    runtime     "onnxruntime" (default)          precision  "int8" (default) | "fp32"
-    device      "cpu" (default)                  num_threads  intra-op threads ("" = runtime default)
+    runtime     "onnxruntime" (default, CPU) | "torch" (CUDA: packed tokens, CUDA graphs)
+    precision   "int8" (default) | "fp32"; with runtime "torch" also "fp16" | "bf16"
+    device      "cpu" (default) | "cuda[:N]"     num_threads  intra-op threads ("" = runtime default)
     max_length  truncate texts to this many tokens ("" = the model's maximum)
 """
 from __future__ import annotations
