@@ -1,6 +1,14 @@
 """Prometheus metrics of the `gpt` model, exported on Triton's :8002/metrics through the Python
-backend's custom-metrics API. Names follow vLLM's, under the `trident:` prefix."""
+backend's custom-metrics API. Names follow vLLM's, under the `trident:` prefix.
+
+Each metric update is an IPC round trip to the server process, and a busy engine makes hundreds per
+step (one inter-token latency per running request), so the record_* methods only queue the update
+and one thread applies them; engine-wide stats are coalesced to the latest snapshot.
+"""
 from __future__ import annotations
+
+import queue
+import threading
 
 import triton_python_backend_utils as pb_utils
 
@@ -31,6 +39,38 @@ class GptMetrics:
         self.finished = {reason: family.Metric(labels={**self.labels, "finished_reason": reason})
                          for reason in FINISH_REASONS}
         self._last_totals: dict[str, float] = {}
+        self._updates: queue.Queue = queue.Queue()
+        self._latest_stats = None
+        self._stats_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._apply_loop, name="gpt-metrics", daemon=True)
+        self._thread.start()
+
+    # -- what the engine thread calls: queue only ---------------------------------------------------
+    def record_stats(self, stats) -> None:
+        with self._stats_lock:
+            self._latest_stats = stats
+        self._updates.put(self._apply_latest_stats)
+
+    def record_finished(self, finish_reason: str, queue_s: float | None, ttft_s: float | None,
+                        e2e_s: float | None) -> None:
+        self._updates.put(lambda: self._apply_finished(finish_reason, queue_s, ttft_s, e2e_s))
+
+    def record_inter_token(self, seconds: float, num_tokens: int) -> None:
+        self._updates.put(lambda: self._apply_inter_token(seconds, num_tokens))
+
+    def close(self) -> None:
+        self._updates.put(None)
+        self._thread.join(timeout=10)
+
+    def _apply_loop(self) -> None:
+        while (update := self._updates.get()) is not None:
+            update()
+
+    def _apply_latest_stats(self) -> None:
+        with self._stats_lock:
+            stats, self._latest_stats = self._latest_stats, None
+        if stats is not None:  # later snapshots already applied this one's successor
+            self._apply_stats(stats)
 
     def _family(self, name, description, kind):
         family = pb_utils.MetricFamily(name=f"trident:{name}", description=description, kind=kind)
@@ -47,7 +87,8 @@ class GptMetrics:
     def _counter(self, name, description):
         return self._family(name, description, pb_utils.MetricFamily.COUNTER).Metric(labels=self.labels)
 
-    def record_stats(self, stats) -> None:
+    # -- the metrics thread ------------------------------------------------------------------------
+    def _apply_stats(self, stats) -> None:
         """Engine-wide figures after a step: gauges set, monotonically growing totals added as deltas."""
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
@@ -64,7 +105,7 @@ class GptMetrics:
                 counter.increment(delta)
             self._last_totals[name] = total
 
-    def record_finished(self, finish_reason: str, queue_s: float | None, ttft_s: float | None,
+    def _apply_finished(self, finish_reason: str, queue_s: float | None, ttft_s: float | None,
                         e2e_s: float | None) -> None:
         if finish_reason in self.finished:
             self.finished[finish_reason].increment(1)
@@ -72,6 +113,6 @@ class GptMetrics:
             if value is not None:
                 histogram.observe(value)
 
-    def record_inter_token(self, seconds: float, num_tokens: int) -> None:
+    def _apply_inter_token(self, seconds: float, num_tokens: int) -> None:
         for _ in range(num_tokens):
             self.itl.observe(seconds / num_tokens)

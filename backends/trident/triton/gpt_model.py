@@ -1,10 +1,12 @@
 """Triton Python model `gpt` (decoupled): a thin adapter over trident.engine.LLMEngine.
 
 vllm_backend's architecture: execute() only validates and enqueues; one engine thread admits
-requests, checks cancellations and runs engine steps; one response thread sends what the engine
-produced. When a stream falls behind, the response thread coalesces the pending chunks of a request
-into one response, so streaming keeps up under load. Every request gets exactly one FINAL response,
-errors and shutdown included.
+requests and runs engine steps; one response thread sends what the engine produced. When a stream
+falls behind, the response thread coalesces the pending chunks of a request into one response, so
+streaming keeps up under load. Every request gets exactly one FINAL response, errors and shutdown
+included. Every call that crosses to the Triton server process (is_cancelled, metrics, sends) is an
+IPC round trip, so none of them runs on the engine thread: a watcher thread polls cancellation and
+the metrics have their own thread (trident.triton.gpt_metrics).
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ class Active:
     num_ids_sent: int = 0
     last_token_time: float | None = None
     prompt_sent: bool = False
+    cancel_reported: bool = False
     pending: list = field(default_factory=list)
 
 
@@ -61,6 +64,7 @@ class TritonPythonModel:
         self.metrics = GptMetrics(args["model_name"], args["model_version"])
         self.inbox: queue.Queue = queue.Queue()
         self.outbox: queue.Queue = queue.Queue()
+        self.cancelled: queue.Queue = queue.Queue()
         self.active: dict[str, Active] = {}
         self.ids = itertools.count()
         self.stopping = threading.Event()
@@ -68,8 +72,9 @@ class TritonPythonModel:
         on_sigterm(self.shutting_down.set)
         self.engine_thread = threading.Thread(target=self._engine_loop, name="gpt-engine", daemon=True)
         self.response_thread = threading.Thread(target=self._response_loop, name="gpt-responses", daemon=True)
-        self.engine_thread.start()
-        self.response_thread.start()
+        self.cancel_thread = threading.Thread(target=self._cancel_watch_loop, name="gpt-cancel", daemon=True)
+        for thread in (self.engine_thread, self.response_thread, self.cancel_thread):
+            thread.start()
 
     @staticmethod
     def _engine_config(path: Path, version_dir: Path) -> EngineConfig:
@@ -106,21 +111,19 @@ class TritonPythonModel:
         self.engine_thread.join(timeout=30)
         self.outbox.put(None)
         self.response_thread.join(timeout=30)
+        self.cancel_thread.join(timeout=5)
+        self.metrics.close()
         self.logger.log_info("gpt: finalize: done")
 
     # -- engine thread ------------------------------------------------------------------------------
     def _engine_loop(self) -> None:
-        last_cancel_check = 0.0
         while not self.stopping.is_set():
             self._admit(block=not self.engine.has_unfinished())
             if self.shutting_down.is_set():
                 self._fail_all(SHUTDOWN_MESSAGE)
                 self.metrics.record_stats(self.engine.stats())
                 continue
-            now = time.monotonic()
-            if now - last_cancel_check >= CANCEL_CHECK_INTERVAL_S:
-                self._abort_cancelled()
-                last_cancel_check = now
+            self._abort_cancelled()
             if not self.engine.has_unfinished():
                 continue
             try:
@@ -150,10 +153,33 @@ class TritonPythonModel:
                 item = None
 
     def _abort_cancelled(self) -> None:
-        for request_id, item in list(self.active.items()):
-            if item.sender.is_cancelled():
-                self._route(self.engine.abort(request_id))
-                self.metrics.record_stats(self.engine.stats())
+        aborted = False
+        while True:
+            try:
+                request_id = self.cancelled.get_nowait()
+            except queue.Empty:
+                break
+            self._route(self.engine.abort(request_id))  # [] when it finished meanwhile
+            aborted = True
+        if aborted:
+            self.metrics.record_stats(self.engine.stats())
+
+    # -- cancellation watcher -----------------------------------------------------------------------
+    def _cancel_watch_loop(self) -> None:
+        """Poll is_cancelled() off the engine thread: with hundreds of requests in flight the round
+        trips would otherwise stall every step. A cancelled request is aborted within ~20 ms plus
+        one engine step."""
+        while not self.stopping.wait(CANCEL_CHECK_INTERVAL_S):
+            for item in list(self.active.values()):  # a snapshot: the engine thread owns the dict
+                if item.cancel_reported:
+                    continue
+                try:
+                    is_cancelled = item.sender.is_cancelled()
+                except Exception:  # the request completed meanwhile
+                    continue
+                if is_cancelled:
+                    item.cancel_reported = True
+                    self.cancelled.put(item.request_id)
 
     def _route(self, outputs) -> None:
         now = time.monotonic()
