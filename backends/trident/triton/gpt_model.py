@@ -44,7 +44,8 @@ class Active:
     request_id: str
     request: GenerateRequest
     sender: object
-    num_ids_sent: int = 0
+    num_ids_sent: int = 0        # output ids already in a response (streaming)
+    num_ids_seen: int = 0        # output ids already counted for inter-token latency
     last_token_time: float | None = None
     prompt_sent: bool = False
     cancel_reported: bool = False
@@ -187,11 +188,12 @@ class TritonPythonModel:
             item = self.active.get(output.request_id)
             if item is None:
                 continue
-            new_ids = len(output.output_token_ids) - item.num_ids_sent
-            if new_ids > 0 and item.last_token_time is not None:
-                self.metrics.record_inter_token(now - item.last_token_time, new_ids)
+            new_ids = len(output.output_token_ids) - item.num_ids_seen
             if new_ids > 0:
+                if item.last_token_time is not None:
+                    self.metrics.record_inter_token(now - item.last_token_time, new_ids)
                 item.last_token_time = now
+                item.num_ids_seen = len(output.output_token_ids)
             if output.finished:
                 self.active.pop(output.request_id, None)
                 self._record_finished(output)
