@@ -305,15 +305,28 @@ def test_full_queue_rejects_at_once(gpt_server):
 
 def test_metrics_are_exported_and_move(gpt_server):
     before = metrics(gpt_server)
-    generate_http(gpt_server.http_url, "The capital of France is", {"max_tokens": 8, "temperature": 0})
-    after = metrics(gpt_server)
+    answer = generate_http(gpt_server.http_url, "The capital of France is", {"max_tokens": 8, "temperature": 0})
+    num_tokens = answer["num_output_tokens"]
+
+    def delta(after, name):
+        return after.get(name, 0) - before.get(name, 0)
+
+    # Metrics are applied by their own thread: wait until this request's figures have landed.
+    deadline = time.monotonic() + 5
+    while True:
+        after = metrics(gpt_server)
+        landed = (delta(after, "trident:generation_tokens_total") == num_tokens
+                  and delta(after, "trident:e2e_request_latency_seconds_count") == 1)
+        if landed or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     for name in ("trident:time_to_first_token_seconds_count", "trident:e2e_request_latency_seconds_count",
                  "trident:request_queue_time_seconds_count"):
-        assert after[name] == before.get(name, 0) + 1, name
-    generated = after["trident:generation_tokens_total"] - before.get("trident:generation_tokens_total", 0)
-    gaps = after["trident:inter_token_latency_seconds_count"] - before.get("trident:inter_token_latency_seconds_count", 0)
-    assert generated >= 1 and gaps == generated - 1   # one inter-token latency per token after the first
-    assert after["trident:prompt_tokens_total"] > before.get("trident:prompt_tokens_total", 0)
+        assert delta(after, name) == 1, name
+    assert delta(after, "trident:generation_tokens_total") == num_tokens
+    # one inter-token latency per token after the first
+    assert delta(after, "trident:inter_token_latency_seconds_count") == num_tokens - 1
+    assert delta(after, "trident:prompt_tokens_total") == answer["num_input_tokens"]
     for name in ("trident:num_requests_running", "trident:num_requests_waiting", "trident:kv_cache_usage_perc",
                  "trident:prefix_cache_hit_rate", "trident:num_preemptions_total"):
         assert name in after, name
@@ -322,10 +335,13 @@ def test_metrics_are_exported_and_move(gpt_server):
 def test_repeated_prompt_hits_the_prefix_cache(gpt_server):
     prompt = "You are a helpful assistant. Answer briefly and precisely. " * 6 + "Question: what is 2+2?"
     generate_http(gpt_server.http_url, prompt, {"max_tokens": 2, "temperature": 0})
+    time.sleep(0.5)  # metrics are applied by their own thread: let the first request's land
     before = metrics(gpt_server)
     generate_http(gpt_server.http_url, prompt, {"max_tokens": 2, "temperature": 0})
-    after = metrics(gpt_server)
-    assert after["trident:prefix_cache_hits"] > before.get("trident:prefix_cache_hits", 0)
+    deadline = time.monotonic() + 5
+    while (after := metrics(gpt_server))["trident:prefix_cache_hits"] <= before.get("trident:prefix_cache_hits", 0):
+        assert time.monotonic() < deadline, "the repeated prompt did not hit the prefix cache"
+        time.sleep(0.02)
 
 
 def test_unary_infer_is_refused_for_the_decoupled_model(gpt_server):
