@@ -1,4 +1,4 @@
-"""Fixtures for the BERT build and runtime tests (all prefixed ``bert_``).
+"""Fixtures for the unit tests: `one_torch_thread`, and the BERT build/runtime fixtures (``bert_``).
 
 Tiny random BERT checkpoints with the REAL MiniLM tokenizer/vocabulary are built once per session
 and pushed through the real build entry point, so every runtime test reads genuine artifacts.
@@ -12,6 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: fanning matmuls out over threads costs more than it saves, and CI cores are
+    shared. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(num_threads)
+
 
 BERT_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 BERT_TINY_LABELS = {0: "negative", 1: "neutral", 2: "positive"}

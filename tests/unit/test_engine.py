@@ -19,6 +19,8 @@ from trident.engine.engine import LLMEngine
 from trident.engine.sampling_params import SamplingParams
 from trident.engine.tokenizer import gpt2_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 MAX_POSITIONS = 256
 EOS = 50256
 # 18 prompts of mixed lengths, each with its own output length.
@@ -46,14 +48,6 @@ def _hf_model(arch: str) -> torch.nn.Module:
     config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=MAX_POSITIONS, **common)
     return GPT2LMHeadModel(config).eval()
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: fanning out over threads costs more than it saves (and CI cores are shared)."""
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
 
 
 @pytest.fixture(scope="session", params=["llama", "gpt2"])

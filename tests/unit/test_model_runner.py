@@ -20,6 +20,8 @@ from trident.engine.sampling_params import SamplingParams
 from trident.engine.sequence import Sequence
 from trident.models.testing import save_tiny_gpt2, save_tiny_llama
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 BLOCK_SIZE = 4
 NUM_BLOCKS = 160
 VOCAB = 50257
@@ -32,14 +34,6 @@ class Tiny:
     hf: torch.nn.Module
     runner: ModelRunner
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: threads cost more than they save, and CI cores are shared."""
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])

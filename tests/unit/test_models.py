@@ -24,16 +24,11 @@ from trident.engine.tokenizer import gpt2_tokenizer
 from trident.models.loader import load_model
 from trident.models.testing import save_tiny_gpt2, save_tiny_llama
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SMALL_VOCAB = 512
 ATOL = 1e-4
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
 
 
 @pytest.fixture(scope="module")

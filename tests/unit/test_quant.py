@@ -23,15 +23,10 @@ from trident.models.quant import (INT8_MAX, Int8Linear, Int8WeightOnlyLinear, de
                                   quantize_per_token, set_kv_cache_scales, smoothing_factors)
 from trident.models.testing import save_tiny_gpt2, save_tiny_llama
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 BLOCK_SIZE = 8
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
 
 
 @dataclass
