@@ -45,6 +45,9 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "backends"))
+
+from trident.server import launch  # noqa: E402
 HBM_BYTES_PER_S = 3.35e12   # H100 SXM datasheet (reference.md); 3.03e12 measured copy
 
 # Real shapes (random weights: values do not change speed). SmolLM2-135M and GPT-2 124M.
@@ -409,22 +412,13 @@ class TritonServer:
         (Path(site_dir) / "trident-backends.pth").unlink(missing_ok=True)
 
     def _wait_ready(self, timeout_s: float = 600) -> None:
-        url = f"http://127.0.0.1:{self.http}/v2/models/gpt/ready"
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.log.flush()
-                lines = Path(self.log.name).read_text().splitlines()
-                tail = "\n".join(line[:400] for line in lines if line[:1] == "E" or "rror" in line or "  File" in line)[-6000:]
-                raise RuntimeError(f"tritonserver exited ({self.process.returncode}); log tail:\n{tail}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(1)
-        raise TimeoutError("the gpt model did not become ready")
+        try:
+            launch.wait_ready(self.http, self.process, timeout_s)
+        except RuntimeError as e:  # the server died: show why
+            self.log.flush()
+            lines = Path(self.log.name).read_text().splitlines()
+            tail = "\n".join(line[:400] for line in lines if line[:1] == "E" or "rror" in line or "  File" in line)[-6000:]
+            raise RuntimeError(f"{e}; log tail:\n{tail}") from None
 
     def stop(self) -> None:
         self.remove_stub_path(self.python)
