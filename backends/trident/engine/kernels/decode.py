@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from trident.engine.kernels.device import check_cache, dot_precision, num_sms, pad
+from trident.engine.kernels.paged_kv import load_kv_tile
 
 # A split shorter than this spends more on its partial write and merge than it saves.
 MIN_TOKENS_PER_SPLIT = 256
@@ -52,15 +53,9 @@ def _decode_kernel(
     for n0 in range(start, end, BLOCK_N):
         tokens = n0 + tl.arange(0, BLOCK_N)  # [block_n]
         token_mask = tokens < end
-        blocks = tl.load(block_row + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
-        offsets = tokens % BLOCK_SIZE
-        kv_mask = token_mask[:, None] & dim_mask[None, :]
-        k_ptrs = k_cache + blocks[:, None] * stride_kc_b + offsets[:, None] * stride_kc_t \
-            + kv_head * stride_kc_h + dims[None, :]
-        v_ptrs = v_cache + blocks[:, None] * stride_vc_b + offsets[:, None] * stride_vc_t \
-            + kv_head * stride_vc_h + dims[None, :]
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # [block_n, head_dim]
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)  # [block_n, head_dim]
+        k, v = load_kv_tile(k_cache, v_cache, block_row, tokens, token_mask, kv_head, dims, dim_mask,
+                            stride_kc_b, stride_kc_t, stride_kc_h, stride_vc_b, stride_vc_t, stride_vc_h,
+                            BLOCK_SIZE)  # [block_n, head_dim] each
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [group, block_n]
         s = tl.where(token_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from trident.engine.kernels.device import check_cache, dot_precision, pad
+from trident.engine.kernels.paged_kv import load_kv_tile
 
 
 @triton.jit
@@ -27,15 +28,9 @@ def _attend_tile(q, acc, m_i, l_i, k_cache, v_cache, block_row, n0, kv_end, q_po
                  IS_CAUSAL_TILE: tl.constexpr):
     tokens = n0 + tl.arange(0, BLOCK_N)  # [block_n]
     token_mask = tokens < kv_end
-    blocks = tl.load(block_row + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
-    offsets = tokens % BLOCK_SIZE
-    kv_mask = token_mask[:, None] & dim_mask[None, :]
-    k_ptrs = k_cache + blocks[:, None] * stride_kc_b + offsets[:, None] * stride_kc_t \
-        + kv_head * stride_kc_h + dims[None, :]
-    v_ptrs = v_cache + blocks[:, None] * stride_vc_b + offsets[:, None] * stride_vc_t \
-        + kv_head * stride_vc_h + dims[None, :]
-    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # [block_n, head_dim]
-    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)  # [block_n, head_dim]
+    k, v = load_kv_tile(k_cache, v_cache, block_row, tokens, token_mask, kv_head, dims, dim_mask,
+                        stride_kc_b, stride_kc_t, stride_kc_h, stride_vc_b, stride_vc_t, stride_vc_h,
+                        BLOCK_SIZE)  # [block_n, head_dim] each
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [block_m, block_n]
     if IS_CAUSAL_TILE:
         visible = (tokens[None, :] <= q_pos[:, None]) & token_mask[None, :]
