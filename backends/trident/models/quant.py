@@ -106,6 +106,14 @@ def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> t
 
 # ---- the modules ------------------------------------------------------------------------------
 
+def _shaped_like(cls, linear: nn.Linear):
+    """A new quantized `cls` with `linear`'s sizes and dtype, its bias copied; the weight is the caller's."""
+    module = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype)
+    if linear.bias is not None:
+        module.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    return module
+
+
 class Int8WeightOnlyLinear(nn.Module):
     """W8A16: ``y = x @ (qweight * scale).T + bias`` with the weight kept in int8."""
 
@@ -119,13 +127,10 @@ class Int8WeightOnlyLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8WeightOnlyLinear":
-        dtype = linear.weight.dtype
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype)
+        module = _shaped_like(cls, linear)
         qweight, scale = quantize_per_channel(linear.weight.data)
         module.weight = qweight
-        module.weight_scale = scale.to(dtype)
-        if linear.bias is not None:
-            module.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        module.weight_scale = scale.to(linear.weight.dtype)
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,15 +168,12 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, smooth: torch.Tensor | None = None) -> "Int8Linear":
-        dtype = linear.weight.dtype
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype)
+        module = _shaped_like(cls, linear)
         device = linear.weight.device
         smooth = torch.ones(linear.in_features, device=device) if smooth is None else smooth.float().to(device)
         qweight, scale = quantize_per_channel(linear.weight.data.float() * smooth[None, :])
         module.weight, module.weight_scale = qweight, scale
-        module.inv_smooth = (1.0 / smooth).to(dtype)
-        if linear.bias is not None:
-            module.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        module.inv_smooth = (1.0 / smooth).to(linear.weight.dtype)
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
