@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from trident.bert.tokenizer import TextTokenizer
 from trident.bert.torch_model import load_packed_bert
 from trident.bert.torch_runtime import TorchRuntime, TorchRuntimeOptions, prepare
 from trident.models import int8_kernels
+from trident.models.int8_kernels import W8A8Tiles
+from trident.models.quant import quantize_per_token
 
 needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and int8_kernels.IS_AVAILABLE),
                                 reason="needs CUDA and triton")
@@ -179,6 +182,104 @@ def test_fused_int8_linear_matches_the_engine_int8_linear_plus_torch_epilogue(nu
     reference = reference if residual is None else reference + residual.float()
     fused = FusedInt8Linear.from_linear(linear)(x, residual=residual, gelu=gelu).float()
     torch.testing.assert_close(fused, reference, atol=2e-2, rtol=1e-2)
+
+
+# -- the INT8 kernels BERT adds: GEMM epilogue flags, fused LayerNorm + quantize ----------------------
+# On CUDA, or on the CPU under the Triton interpreter (TRITON_INTERPRET=1; fp32/fp16 only there).
+
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None
+needs_kernels = pytest.mark.skipif(KERNEL_DEVICE is None or not int8_kernels.IS_AVAILABLE,
+                                   reason="needs CUDA (or TRITON_INTERPRET=1) and triton")
+TILE_VARIANTS = {  # the decode rule's small tiles, plain pointer loads, TMA loads, TMA + persistent grid
+    "rule": None,
+    "pointers": W8A8Tiles(64, 64, 64, 4, 3, 4),
+    "tma": W8A8Tiles(64, 128, 64, 4, 3, 4, is_tma=True),
+    "tma_persistent": W8A8Tiles(64, 64, 128, 4, 3, 2, is_tma=True, is_persistent=True),
+}
+
+
+def _int8_operands(m: int, n: int, k: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"qx": torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8),
+            "qw": torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8),
+            "x_scale": torch.rand(m, 1, generator=g) * 1e-3 + 1e-4,
+            "w_scale": torch.rand(n, generator=g) * 1e-3 + 1e-4,
+            "bias": torch.randn(n, generator=g),
+            "residual": torch.randn(m, n, generator=g)}
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", list(TILE_VARIANTS))
+def test_w8a8_gemm_accumulates_exactly(variant):
+    # Ragged M and N: partial tiles at both edges; unit scales and an fp32 output expose the int32 sums.
+    ops = _int8_operands(150, 200, 256)
+    exact = ops["qx"].long() @ ops["qw"].long().T  # [m, n]
+    out = int8_kernels.w8a8_matmul(ops["qx"].to(KERNEL_DEVICE), torch.ones(150, 1, device=KERNEL_DEVICE),
+                                   ops["qw"].to(KERNEL_DEVICE), torch.ones(200, device=KERNEL_DEVICE),
+                                   torch.float32, tiles=TILE_VARIANTS[variant])
+    assert torch.equal(out.cpu(), exact.float())
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", ["rule", "tma_persistent"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("has_bias,gelu,has_residual", [(True, False, False), (True, True, False),
+                                                        (True, False, True), (False, True, True)])
+def test_w8a8_epilogue_flags_match_torch(variant, dtype, has_bias, gelu, has_residual):
+    ops = _int8_operands(70, 96, 128, seed=1)
+    dev = {k: v.to(KERNEL_DEVICE) for k, v in ops.items()}
+    bias = dev["bias"].to(dtype) if has_bias else None
+    residual = dev["residual"].to(dtype) if has_residual else None
+    out = int8_kernels.w8a8_matmul(dev["qx"], dev["x_scale"], dev["qw"], dev["w_scale"], dtype, bias=bias,
+                                   residual=residual, gelu=gelu, tiles=TILE_VARIANTS[variant])  # [m, n]
+    reference = (ops["qx"].double() @ ops["qw"].double().T) * ops["x_scale"].double() * ops["w_scale"].double()
+    reference = reference + bias.cpu().double() if has_bias else reference
+    reference = torch.nn.functional.gelu(reference) if gelu else reference
+    reference = reference + residual.cpu().double() if has_residual else reference
+    tol = 1e-5 if dtype == torch.float32 else 4e-3
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.cpu().double(), reference, rtol=tol, atol=tol)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hidden,with_smooth", [(384, False), (768, True), (100, True)])
+def test_layer_norm_quantize_equals_layer_norm_then_per_token_quantize(dtype, hidden, with_smooth):
+    g = torch.Generator().manual_seed(hidden)
+    x = (torch.randn(37, hidden, generator=g) * 3 + 1).to(dtype)                 # [rows, hidden]
+    x[5, 7] = 80.0  # an outlier sets one row's scale
+    weight, bias = torch.rand(hidden, generator=g) + 0.5, torch.randn(hidden, generator=g) * 0.1
+    inv_smooth = torch.rand(hidden, generator=g) + 0.5 if with_smooth else None
+    norm = torch.nn.LayerNorm(hidden, eps=1e-12).to(dtype)
+    norm.weight.data, norm.bias.data = weight.to(dtype), bias.to(dtype)
+    y, q, scale = int8_kernels.layer_norm_quantize(
+        x.to(KERNEL_DEVICE), norm.weight.to(KERNEL_DEVICE), norm.bias.to(KERNEL_DEVICE), 1e-12,
+        None if inv_smooth is None else inv_smooth.to(dtype).to(KERNEL_DEVICE))
+    expected_y = torch.nn.functional.layer_norm(x.float(), (hidden,), weight.to(dtype).float(),
+                                                bias.to(dtype).float(), 1e-12)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(y.cpu().float(), expected_y, rtol=tol, atol=tol)
+    assert y.dtype == dtype and q.dtype == torch.int8 and scale.shape == (37, 1)
+    # The int8 rows are those of the stored y, exactly as quantize_rows(y) would write them.
+    smoothed = y.cpu().float() * (1 if inv_smooth is None else inv_smooth.to(dtype).float())
+    ref_q, ref_scale = quantize_per_token(smoothed)
+    torch.testing.assert_close(scale.cpu(), ref_scale, rtol=1e-6, atol=0)
+    assert (q.cpu().long() - ref_q.long()).abs().max() <= 1  # only exact .5 ties may round apart
+
+
+@needs_cuda
+def test_int8_runtime_quantizes_in_the_layer_norms_and_matches_the_unfused_linears(tmp_path):
+    """The fused runtime (LayerNorm + quantize, epilogue GEMM) against the engine's Int8Linear with
+    torch LayerNorm, GELU and adds: same quantization, so the embeddings agree closely."""
+    from trident.bert.int8_linear import QuantizingLayerNorm
+    checkpoint, _ = _tiny_checkpoint(tmp_path)
+    fused = _runtime(checkpoint, "int8", use_cuda_graphs=False)
+    options = TorchRuntimeOptions(precision="int8", use_cuda_graphs=False, int8_gemm="triton")
+    unfused = TorchRuntime(prepare(load_packed_bert(checkpoint), options), options, max_seqlen=128)
+    norms = [m for m in fused.model.modules() if isinstance(m, QuantizingLayerNorm)]
+    assert len(norms) == 2 * fused.model.shape.num_layers  # every norm but the last, which feeds pooling
+    sequences = _sequences(LENGTHS, seed=3)
+    np.testing.assert_allclose(fused.run(sequences), unfused.run(sequences), atol=5e-3)
 
 
 @pytest.mark.parametrize("num_labels", [0, 3])

@@ -1,78 +1,80 @@
-"""W8A8 linear for the BERT encoder with the layer's elementwise work in the GEMM's epilogue.
+"""W8A8 linears for the BERT encoder: the layer's elementwise work rides on the int8 kernels.
 
 Measured on the H200 (BERT-base, batch 128 x 128 tokens, eager, ``bench_bert --profile``): with the
 INT8 engine's ``Int8Linear`` the four GEMMs took 5.6 ms per batch, but the separate bias add over
 every ``[tokens, out]`` output took another 3.4 ms and GELU 0.8 ms, so INT8 ran *slower* than fp16.
-This kernel reuses the engine's fused smooth+quantize launch (``int8_kernels.quantize_rows``) and
-replaces its GEMM with one that adds the bias, applies GELU (up projection) or adds the residual
-(output projections) before the single fp16 store, with 128x128 tiles for large token counts (the
-engine's 64x64 tiles are sized for decode's few rows). ``CublasInt8Linear`` is the third variant
-bench_bert compares: cuBLAS ``_int_mm`` (which picked an sm80 CUTLASS kernel on the H200) plus
-separate rescale and bias passes.
+``FusedInt8Linear`` runs the engine's W8A8 GEMM (``int8_kernels.w8a8_matmul``) with its bias, GELU
+and residual epilogue flags, and ``QuantizingLayerNorm`` writes the next linear's int8 rows in the
+same pass as the LayerNorm (``int8_kernels.layer_norm_quantize``), so a linear fed by a LayerNorm
+launches no quantize of its own. ``CublasInt8Linear`` is the variant bench_bert compares: cuBLAS
+``_int_mm`` (which picked an sm80 CUTLASS kernel on the H200) plus separate rescale and bias passes.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from trident.models import int8_kernels
 from trident.models.quant import Int8Linear, int8_matmul, quantize_per_token
 
-if int8_kernels.IS_AVAILABLE:
-    import triton
-    import triton.language as tl
+
+@dataclass(frozen=True)
+class QuantizedRows:
+    """A LayerNorm's output twice: ``hidden`` in the model dtype (the next residual) and its rows
+    quantized for the one linear that reads it (``q`` int8 [tokens, hidden], ``scale`` fp32 [tokens, 1])."""
+    hidden: torch.Tensor
+    q: torch.Tensor
+    scale: torch.Tensor
 
 
-def tiles(m: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for M rows: big tiles once there are rows to fill them.
-
-    Our own rule, not the engine's: its tile rule is tuned for decode's W8A16 and changes with it.
-    Below 1024 rows these are the tiles the engine's W8A8 GEMM ran with when it was written."""
-    if m >= 1024:
-        return 128, 128, 64, 8
-    if m <= 16:
-        return 16, 64, 128, 4
-    if m <= 32:
-        return 32, 64, 128, 4
-    return 64, 64, 64, 4
+def hidden_of(x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+    return x.hidden if isinstance(x, QuantizedRows) else x
 
 
-def w8a8_linear(qx: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
-                bias: torch.Tensor | None, residual: torch.Tensor | None, gelu: bool,
-                dtype: torch.dtype) -> torch.Tensor:
-    """``act(qx @ qweight.T * x_scale * w_scale + bias) + residual`` in one launch.
+class QuantizingLayerNorm(nn.Module):
+    """``nn.LayerNorm`` whose forward also quantizes its output for the linear it feeds, with that
+    linear's ``inv_smooth``: returns ``QuantizedRows`` (one kernel on CUDA)."""
 
-    qx [M, K] int8, x_scale [M, 1] fp32, qweight [N, K] int8, w_scale [N] fp32, bias [N],
-    residual [M, N] (contiguous) -> [M, N] in ``dtype``.
-    """
-    m, k = qx.shape
-    n = qweight.shape[0]
-    out = torch.empty(m, n, dtype=dtype, device=qx.device)  # [M, N]
-    block_m, block_n, block_k, num_warps = tiles(m)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _w8a8_epilogue_kernel[grid](
-        qx, x_scale, qweight, w_scale, out if bias is None else bias, out if residual is None else residual,
-        out, m, n, k, qx.stride(0), qweight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, GELU=gelu,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=4)
-    return out
+    def __init__(self, norm: nn.LayerNorm, inv_smooth: torch.Tensor) -> None:
+        super().__init__()
+        self.norm = norm
+        self.register_buffer("inv_smooth", inv_smooth)  # [hidden]
+
+    def forward(self, x: torch.Tensor) -> QuantizedRows:
+        rows = x.reshape(-1, x.shape[-1])  # [tokens, hidden]
+        if int8_kernels.supports(rows):
+            y, q, scale = int8_kernels.layer_norm_quantize(rows, self.norm.weight, self.norm.bias, self.norm.eps,
+                                                           self.inv_smooth)
+        else:
+            y = self.norm(rows)
+            q, scale = quantize_per_token(y * self.inv_smooth)
+        return QuantizedRows(y, q, scale)
 
 
 class FusedInt8Linear(Int8Linear):
     """``Int8Linear`` (same buffers, same quantization) whose forward also takes the epilogue:
-    ``forward(x, residual=None, gelu=False) = gelu?(x @ W.T + b) + residual``."""
+    ``forward(x, residual=None, gelu=False) = gelu?(x @ W.T + b) + residual``; ``x`` may arrive
+    already quantized (``QuantizedRows`` from a ``QuantizingLayerNorm``)."""
 
     fuses_epilogue = True
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)  # [tokens, in]
+    def forward(self, x: torch.Tensor | QuantizedRows, residual: torch.Tensor | None = None,
+                gelu: bool = False) -> torch.Tensor:
+        rows = hidden_of(x).reshape(-1, self.in_features)  # [tokens, in]
         if not int8_kernels.supports(rows):
             out = super().forward(rows)  # [tokens, out]
             out = F.gelu(out) if gelu else out
             return out if residual is None else out + residual
-        qx, x_scale = int8_kernels.quantize_rows(rows, self.inv_smooth)  # [tokens, in] int8, [tokens, 1]
+        if isinstance(x, QuantizedRows):
+            qx, x_scale = x.q, x.scale
+        else:
+            qx, x_scale = int8_kernels.quantize_rows(rows, self.inv_smooth)  # [tokens, in] int8, [tokens, 1]
         res = None if residual is None else residual.reshape(-1, self.out_features).contiguous()
-        return w8a8_linear(qx, x_scale, self.weight, self.weight_scale, self.bias, res, gelu, x.dtype)
+        return int8_kernels.w8a8_matmul(qx, x_scale, self.weight, self.weight_scale, rows.dtype,
+                                        bias=self.bias, residual=res, gelu=gelu)
 
 
 class CublasInt8Linear(Int8Linear):
@@ -90,33 +92,3 @@ class CublasInt8Linear(Int8Linear):
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
-
-
-if int8_kernels.IS_AVAILABLE:
-    @triton.jit
-    def _w8a8_epilogue_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, r_ptr, out_ptr, M, N, K,
-                              stride_xm, stride_wn, stride_om,
-                              HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + rk
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
-                        mask=(rm[:, None] < M) & (kk[None, :] < K), other=0)  # [BLOCK_M, BLOCK_K] int8
-            w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None],
-                        mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)  # [BLOCK_K, BLOCK_N] int8
-            acc = tl.dot(x, w, acc, out_dtype=tl.int32)
-        xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)  # [BLOCK_M]
-        ws = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)  # [BLOCK_N]
-        out = acc.to(tl.float32) * xs[:, None] * ws[None, :]
-        if HAS_BIAS:
-            out += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        if GELU:  # exact (erf) GELU, as BERT's hidden_act "gelu"
-            out = 0.5 * out * (1.0 + tl.math.erf(out * 0.7071067811865476))
-        mask = (rm[:, None] < M) & (rn[None, :] < N)
-        if HAS_RESIDUAL:
-            out += tl.load(r_ptr + rm[:, None] * stride_om + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from trident.bert.int8_linear import QuantizedRows, hidden_of
+
 MIN_TOKEN_COUNT = 1e-9  # the floors of trident.bert.pooling (sentence-transformers')
 MIN_NORM = 1e-12
 
@@ -103,17 +105,19 @@ class EncoderLayer(nn.Module):
         self.down = nn.Linear(i, h)
         self.ffn_norm = nn.LayerNorm(h, eps=shape.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        qkv = self.qkv(x).view(num_tokens, 3, self.shape.num_heads, self.shape.head_dim)  # [num_tokens, 3, num_heads, head_dim]
+    def forward(self, x: torch.Tensor | QuantizedRows, batch: PackedBatch) -> torch.Tensor | QuantizedRows:
+        # INT8: the norms may hand over QuantizedRows (hidden + the next linear's int8 rows).
+        num_tokens = hidden_of(x).shape[0]
+        qkv = project(self.qkv, x).view(num_tokens, 3, self.shape.num_heads, self.shape.head_dim)  # [num_tokens, 3, num_heads, head_dim]
         attn = varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], batch.cu_seqlens, batch.max_seqlen)
-        x = self.attn_norm(project(self.attn_out, attn.reshape(num_tokens, -1), residual=x))  # [num_tokens, hidden]
-        return self.ffn_norm(project(self.down, project(self.up, x, gelu=True), residual=x))
+        x = self.attn_norm(project(self.attn_out, attn.reshape(num_tokens, -1), residual=hidden_of(x)))  # [num_tokens, hidden]
+        return self.ffn_norm(project(self.down, project(self.up, x, gelu=True), residual=hidden_of(x)))
 
 
-def project(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None,
+def project(linear: nn.Module, x: torch.Tensor | QuantizedRows, residual: torch.Tensor | None = None,
             gelu: bool = False) -> torch.Tensor:
-    """``gelu?(linear(x)) + residual``; a linear with ``fuses_epilogue`` does it in its GEMM's epilogue."""
+    """``gelu?(linear(x)) + residual``; a linear with ``fuses_epilogue`` does it in its GEMM's epilogue
+    (and is the only kind that takes pre-quantized rows)."""
     if getattr(linear, "fuses_epilogue", False):
         return linear(x, residual=residual, gelu=gelu)
     out = linear(x)

@@ -9,7 +9,8 @@ eagerly (at that size the GPU, not the launch overhead, sets the pace).
 
 INT8 is W8A8: dynamic per-token int8 activations, per-channel int8 weights, int32 accumulation, on
 the four linears of every layer (embeddings, LayerNorms, attention and the heads stay fp16). The
-GEMM is ``trident.bert.int8_linear`` (default: bias, GELU and residual in the epilogue), the INT8
+GEMM is ``trident.bert.int8_linear`` (default: bias, GELU and residual in the epilogue, and the
+LayerNorms that feed a linear quantize its rows in the same kernel), the INT8
 engine's Triton kernel (``trident.models.int8_kernels``: rescale in the epilogue, bias added after),
 or cuBLAS ``torch._int_mm`` with a column-major weight; bench_bert measures all three.
 """
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from trident.bert.artifacts import MANIFEST, ArtifactsError, BertArtifacts
-from trident.bert.int8_linear import CublasInt8Linear, FusedInt8Linear
+from trident.bert.int8_linear import CublasInt8Linear, FusedInt8Linear, QuantizingLayerNorm
 from trident.bert.options import EncoderOptions
 from trident.bert.torch_model import PackedBatch, PackedBert, load_packed_bert
 from trident.models.quant import Int8Linear
@@ -58,7 +59,21 @@ def quantize_int8(model: PackedBert, int8_gemm: str = "fused") -> PackedBert:
     for layer in model.layers:
         for name in LINEARS:
             setattr(layer, name, cls.from_linear(getattr(layer, name)))
+    if int8_gemm == "fused":
+        quantize_norm_outputs(model)
     return model
+
+
+def quantize_norm_outputs(model: PackedBert) -> None:
+    """Every LayerNorm whose output feeds an int8 linear quantizes for it in the same kernel: the
+    embeddings' norm for layer 0's QKV, each attention norm for its up projection, each FFN norm for
+    the next layer's QKV (the last one feeds pooling and stays a plain LayerNorm)."""
+    layers = model.layers
+    model.embed_norm = QuantizingLayerNorm(model.embed_norm, layers[0].qkv.inv_smooth)
+    for layer, next_layer in zip(layers, list(layers[1:]) + [None]):
+        layer.attn_norm = QuantizingLayerNorm(layer.attn_norm, layer.up.inv_smooth)
+        if next_layer is not None:
+            layer.ffn_norm = QuantizingLayerNorm(layer.ffn_norm, next_layer.qkv.inv_smooth)
 
 
 def prepare(model: PackedBert, options: TorchRuntimeOptions) -> PackedBert:

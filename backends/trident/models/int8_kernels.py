@@ -6,18 +6,25 @@
   out of the K sum and is applied once to the fp32 accumulator.
 * ``quantize_rows`` + ``w8a8_matmul``: SmoothQuant's activation side in one launch (smooth, row
   absmax, round to int8), then an int8 x int8 -> int32 tensor-core GEMM whose epilogue applies
-  both scales and casts: two launches per linear instead of a dozen small elementwise ones.
+  both scales and casts: two launches per linear instead of a dozen small elementwise ones. The
+  same GEMM serves the BERT encoder, which also asks its epilogue for the bias, exact GELU and the
+  residual add (constexpr flags: the GPT engine's launch compiles none of them in).
+* ``layer_norm_quantize``: LayerNorm and the next GEMM's per-row int8 quantize in one pass (BERT:
+  the fp16 output is the next residual, the int8 rows feed the next linear).
 
 Tile sizes are picked by a fixed rule on the number of rows (no autotuning), so the first call of
 a shape compiles once and nothing is benchmarked while a CUDA graph is being captured.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 try:
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     IS_AVAILABLE = True
 except ImportError:  # CPU-only installs
@@ -70,19 +77,97 @@ def quantize_rows(x: torch.Tensor, inv_smooth: torch.Tensor) -> tuple[torch.Tens
     return qx, scale
 
 
+@dataclass(frozen=True)
+class W8A8Tiles:
+    """Launch shape of the W8A8 GEMM. ``is_tma``: operands read through TMA tensor descriptors
+    (Hopper; needs 16-byte aligned rows, i.e. K % 16 == 0); ``is_persistent``: one program per SM
+    looping over output tiles in grouped order (``group_m`` row tiles share each weight tile in L2)."""
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 4
+    group_m: int = 8
+    is_tma: bool = False
+    is_persistent: bool = False
+
+
+def w8a8_tiles(m: int, n: int, k: int) -> W8A8Tiles:
+    """The W8A8 tile rule.
+
+    Below 1024 rows: the tiles the engine's decode GEMM was written with (int8 MMA wants K steps of at
+    least 32; 64-wide N tiles). From 1024 rows (prefill, BERT batches): the winner of
+    ``loadtest/bench_int8_gemm_gpu.py`` at BERT-base's four shapes (M = 16384) on the H200."""
+    if m >= 1024:
+        return LARGE_M_TILES if k % 16 == 0 else W8A8Tiles(128, 128, 64, 8, 4)
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    return W8A8Tiles(block_m, 64, 128 if m <= 32 else 64)
+
+
+# Replaced by the sweep's winner (see w8a8_tiles).
+LARGE_M_TILES = W8A8Tiles(128, 128, 128, 8, 4, 8, is_tma=True, is_persistent=False)
+
+
 def w8a8_matmul(qx: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
-                dtype: torch.dtype) -> torch.Tensor:
-    """qx [M, K] int8 @ qweight [N, K] int8 .T (int32 accumulate) * x_scale [M, 1] * w_scale [N] -> dtype."""
+                dtype: torch.dtype, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                gelu: bool = False, tiles: W8A8Tiles | None = None) -> torch.Tensor:
+    """``gelu?(qx @ qweight.T * x_scale * w_scale + bias) + residual`` -> [M, N] in ``dtype``.
+
+    qx [M, K] int8 (row stride free), x_scale [M, 1] fp32, qweight [N, K] int8, w_scale [N] fp32,
+    bias [N], residual [M, N] with the output's strides (contiguous). The int32 accumulator is exact;
+    the epilogue works in fp32 and rounds once at the store. ``tiles`` overrides the rule (benchmarks).
+    """
     m, k = qx.shape
     n = qweight.shape[0]
-    out = torch.empty(m, n, dtype=dtype, device=qx.device)
-    # Not swept: int8 MMA wants K steps of at least 32; 64-wide N tiles past decode sizes.
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    block_n, block_k = 64, 128 if m <= 32 else 64
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _w8a8_kernel[grid](qx, x_scale, qweight, w_scale, out, m, n, k, qx.stride(0), qweight.stride(0), out.stride(0),
-                       BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4)
+    out = torch.empty(m, n, dtype=dtype, device=qx.device)  # [M, N]
+    t = tiles or w8a8_tiles(m, n, k)
+    num_tiles = triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n)
+    num_programs = min(num_tiles, _num_sms(qx.device)) if t.is_persistent else num_tiles
+    x_arg, w_arg = qx, qweight
+    if t.is_tma:
+        x_arg = TensorDescriptor(qx, [m, k], [qx.stride(0), 1], [t.block_m, t.block_k])
+        w_arg = TensorDescriptor(qweight, [n, k], [qweight.stride(0), 1], [t.block_n, t.block_k])
+    if residual is not None:
+        assert residual.shape == (m, n) and residual.stride() == out.stride(), "residual must be [M, N] contiguous"
+    _w8a8_kernel[(num_programs,)](
+        x_arg, x_scale, w_arg, w_scale, out if bias is None else bias, out if residual is None else residual, out,
+        m, n, k, qx.stride(0), qweight.stride(0), out.stride(0), num_programs,
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, GELU=gelu, IS_TMA=t.is_tma,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
+        FLATTEN=t.is_persistent, num_warps=t.num_warps, num_stages=t.num_stages)
     return out
+
+
+def layer_norm_quantize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                        inv_smooth: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``y = LayerNorm(x)`` and ``y * inv_smooth`` quantized per row, in one pass over x.
+
+    x [M, H] -> (y [M, H] in x's dtype, int8 [M, H], fp32 scale [M, 1]). The int8 rows are quantized
+    from y as stored (rounded to x's dtype), so they equal ``quantize_rows(y, inv_smooth)``.
+    """
+    m, h = x.shape
+    x = x.contiguous()
+    y = torch.empty_like(x)                                               # [M, H]
+    qy = torch.empty(m, h, dtype=torch.int8, device=x.device)             # [M, H]
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)       # [M, 1]
+    block_h = triton.next_power_of_2(h)
+    _layer_norm_quantize_kernel[(m,)](
+        x, weight, bias, weight if inv_smooth is None else inv_smooth, y, qy, scale, h, eps,
+        HAS_SMOOTH=inv_smooth is not None, BLOCK_H=block_h, num_warps=4 if block_h <= 2048 else 8)
+    return y, qy, scale
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":  # the Triton interpreter on CPU tensors (tests)
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
 
 
 if IS_AVAILABLE:
@@ -122,21 +207,74 @@ if IS_AVAILABLE:
         tl.store(scale_ptr + row, scale)
 
     @triton.jit
-    def _w8a8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + rk
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
-                        mask=(rm[:, None] < M) & (kk[None, :] < K), other=0)  # [BLOCK_M, BLOCK_K] int8
-            w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None],
-                        mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)  # [BLOCK_K, BLOCK_N] int8
-            acc = tl.dot(x, w, acc, out_dtype=tl.int32)  # int8 x int8 accumulates in int32
-        xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)  # [BLOCK_M]
-        ws = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)  # [BLOCK_N]
-        out = acc.to(tl.float32) * xs[:, None] * ws[None, :]
-        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+    def _tile_position(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+        # Grouped order: GROUP_M consecutive row tiles walk the N tiles together, so each weight
+        # tile is read from HBM once per group and from L2 by the rest.
+        group_size = GROUP_M * num_pid_n
+        first_m = (tile // group_size) * GROUP_M
+        rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % group_size) % rows_in_group
+        pid_n = (tile % group_size) // rows_in_group
+        return pid_m, pid_n
+
+    @triton.jit
+    def _w8a8_kernel(x, xs_ptr, w, ws_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                     NUM_PROGRAMS, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
+                     IS_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr, FLATTEN: tl.constexpr):
+        # x, w: int8 pointers, or TMA descriptors of [M, K] / [N, K] when IS_TMA.
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        # Persistent launches flatten the tile and K loops into one software pipeline, so the next
+        # tile's loads are in flight while this one's epilogue runs.
+        for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=FLATTEN):
+            pid_m, pid_n = _tile_position(tile, num_pid_m, num_pid_n, GROUP_M)
+            rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            for k0 in range(0, K, BLOCK_K):
+                if IS_TMA:  # out-of-bounds rows and columns arrive as zeros
+                    a = x.load([pid_m * BLOCK_M, k0])  # [BLOCK_M, BLOCK_K] int8
+                    b = w.load([pid_n * BLOCK_N, k0])  # [BLOCK_N, BLOCK_K] int8
+                else:
+                    kk = k0 + tl.arange(0, BLOCK_K)
+                    a = tl.load(x + rm[:, None] * stride_xm + kk[None, :],
+                                mask=(rm[:, None] < M) & (kk[None, :] < K), other=0)  # [BLOCK_M, BLOCK_K] int8
+                    b = tl.load(w + rn[:, None] * stride_wn + kk[None, :],
+                                mask=(rn[:, None] < N) & (kk[None, :] < K), other=0)  # [BLOCK_N, BLOCK_K] int8
+                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)  # int8 x int8 accumulates in int32, exactly
+            xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)  # [BLOCK_M]
+            ws = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)  # [BLOCK_N]
+            out = acc.to(tl.float32) * xs[:, None] * ws[None, :]  # [BLOCK_M, BLOCK_N]
+            if HAS_BIAS:
+                out += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            if GELU:  # exact (erf) GELU, as BERT's hidden_act "gelu"
+                out = 0.5 * out * (1.0 + tl.math.erf(out * 0.7071067811865476))
+            mask = (rm[:, None] < M) & (rn[None, :] < N)
+            if HAS_RESIDUAL:
+                out += tl.load(r_ptr + rm[:, None] * stride_om + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _layer_norm_quantize_kernel(x_ptr, g_ptr, b_ptr, s_ptr, y_ptr, q_ptr, scale_ptr, H, eps,
+                                    HAS_SMOOTH: tl.constexpr, BLOCK_H: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        rh = tl.arange(0, BLOCK_H)
+        inside = rh < H
+        x = tl.load(x_ptr + row * H + rh, mask=inside, other=0.0).to(tl.float32)  # [BLOCK_H]
+        mean = tl.sum(x, axis=0) / H
+        centred = tl.where(inside, x - mean, 0.0)
+        rstd = tl.rsqrt(tl.sum(centred * centred, axis=0) / H + eps)
+        g = tl.load(g_ptr + rh, mask=inside, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + rh, mask=inside, other=0.0).to(tl.float32)
+        y = (centred * rstd * g + b).to(y_ptr.dtype.element_ty)  # [BLOCK_H], as the residual stream stores it
+        tl.store(y_ptr + row * H + rh, y, mask=inside)
+        v = y.to(tl.float32)
+        if HAS_SMOOTH:
+            v = v * tl.load(s_ptr + rh, mask=inside, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(v), axis=0), 1e-8) / 127.0
+        q = v / scale
+        q = tl.where(q >= 0, tl.floor(q + 0.5), tl.ceil(q - 0.5))  # round half away from zero
+        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+        tl.store(q_ptr + row * H + rh, q.to(tl.int8), mask=inside)
+        tl.store(scale_ptr + row, scale)
