@@ -98,3 +98,34 @@ def test_random_token_streams_round_trip_with_flush(tokenizer, seed):
     detokenizer, deltas = stream(tokenizer, [rng.randrange(len(tokenizer)) for _ in range(7)], output_ids)
     tail = detokenizer.flush()
     assert "".join(deltas) + tail == detokenizer.text == full_decode(tokenizer, output_ids)
+
+
+def test_all_tokens_at_once_equal_token_by_token(tokenizer):
+    """A FINAL_ONLY request is detokenized once at the end: same text as the streamed path."""
+    prompt_ids = tokenizer.encode("User said:")
+    for text in TEXTS:
+        output_ids = tokenizer.encode(text)
+        streamed, deltas = stream(tokenizer, prompt_ids, output_ids)
+        at_once = IncrementalDetokenizer(tokenizer, prompt_ids)
+        assert at_once.add_tokens_at_once(output_ids) == streamed.text == text
+        # The engine adds the last token alone (a stop token's text is cut): same delta as streamed.
+        body_then_last = IncrementalDetokenizer(tokenizer, prompt_ids)
+        body_then_last.add_tokens_at_once(output_ids[:-1])
+        assert body_then_last.add_tokens(output_ids[-1:]) == deltas[-1]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_all_tokens_at_once_hold_back_what_streaming_holds_back(tokenizer, seed):
+    """Random tokens end mid-character now and then: the text held back (and flushed) matches."""
+    rng = random.Random(seed)
+    special = set(tokenizer.all_special_ids)
+    prompt_ids = [rng.randrange(len(tokenizer)) for _ in range(7)]
+    output_ids = [t for t in (rng.randrange(len(tokenizer)) for _ in range(300)) if t not in special]
+    emoji = tokenizer.encode(" 😀")
+    for cut in [len(output_ids), *range(1, len(emoji))]:   # whole stream, and ending inside an emoji
+        ids = output_ids + emoji[:cut] if cut < len(emoji) else output_ids
+        streamed, _ = stream(tokenizer, prompt_ids, ids)
+        at_once = IncrementalDetokenizer(tokenizer, prompt_ids)
+        at_once.add_tokens_at_once(ids)
+        assert at_once.text == streamed.text
+        assert at_once.flush() == streamed.flush() and at_once.text == full_decode(tokenizer, ids)

@@ -16,7 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from trident.engine.config import EngineConfig
 from trident.engine.engine import LLMEngine
-from trident.engine.sampling_params import SamplingParams
+from trident.engine.sampling_params import RequestOutputKind, SamplingParams
 from trident.engine.tokenizer import gpt2_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -320,3 +320,87 @@ def test_invalid_requests_are_rejected_with_clear_errors(tiny):
     with pytest.raises(ValueError, match="already in flight"):
         engine.add_request("ok", [1, 2, 3], greedy(2))
     assert not any(r in ("long", "much", "pool") for r in drain(engine))
+
+
+# -- output kinds and the step pipeline -------------------------------------------------------------
+def test_output_kinds_final_only_delta_and_cumulative_agree(tiny, corpus):
+    prompts = make_prompts(corpus)[4:10]
+    free = make_engine(tiny).generate(prompts, greedy(20, ignore_eos=True))
+    stop, _ = _boundary_stop_string(tiny.tokenizer, free[0].output_token_ids)
+    stop_id = free[1].output_token_ids[6]
+    # A stop string (decoded token by token), a stop token id, plain (FINAL_ONLY: decoded once at the end).
+    variants = [dict(stop=[stop]), dict(stop_token_ids=[stop_id]), dict()]
+    finals = {}
+    for kind in RequestOutputKind:
+        engine = make_engine(tiny)
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), prompt, greedy(20, ignore_eos=True, output_kind=kind, **variants[i % 3]))
+        finals[kind] = outputs = drain(engine)
+        if kind is RequestOutputKind.FINAL_ONLY:
+            assert all(len(outs) == 1 and outs[0].finished for outs in outputs.values())
+    for i in map(str, range(len(prompts))):
+        cumulative = finals[RequestOutputKind.CUMULATIVE][i][-1]
+        (final_only,) = finals[RequestOutputKind.FINAL_ONLY][i]
+        delta = finals[RequestOutputKind.DELTA][i]
+        assert cumulative.output_token_ids == free[int(i)].output_token_ids[:len(cumulative.output_token_ids)]
+        for out in (final_only, delta[-1]):
+            assert (out.finish_reason, out.stop_reason) == (cumulative.finish_reason, cumulative.stop_reason)
+        assert (final_only.output_token_ids, final_only.text) == (cumulative.output_token_ids, cumulative.text)
+        assert [t for out in delta for t in out.output_token_ids] == cumulative.output_token_ids
+        assert "".join(out.text for out in delta) == cumulative.text
+    assert finals[RequestOutputKind.CUMULATIVE]["0"][-1].stop_reason == stop
+    assert finals[RequestOutputKind.CUMULATIVE]["1"][-1].stop_reason == stop_id
+
+
+def test_stop_string_found_while_the_next_step_runs_drops_its_token(tiny, corpus):
+    prompt = corpus[40:60]
+    engine = make_engine(tiny)
+    (free,) = engine.generate([prompt], greedy(24, ignore_eos=True))
+    assert free.output_token_ids == hf_greedy(tiny, prompt, 24)
+    stop, text = _boundary_stop_string(tiny.tokenizer, free.output_token_ids)
+    engine.add_request("s", prompt, greedy(24, ignore_eos=True, stop=[stop]))
+    engine.add_request("other", corpus[:9], greedy(24, ignore_eos=True))
+    bm = engine.scheduler.block_manager
+    while True:
+        final = next((o for o in engine.step() if o.request_id == "s" and o.finished), None)
+        if final is not None:
+            break
+    # The stop string was matched after the next step had been launched with "s" in it.
+    assert any(seq.request_id == "s" for seq in engine._in_flight.sampled)
+    num_tokens = len(final.output_token_ids)
+    assert final.output_token_ids == free.output_token_ids[:num_tokens]
+    assert (final.finish_reason, final.stop_reason, final.text) == ("stop", stop, text[:text.index(stop)])
+    outputs = drain(engine)
+    assert "s" not in outputs and outputs["other"][-1].output_token_ids == hf_greedy(tiny, corpus[:9], 24)
+    assert len(final.output_token_ids) == num_tokens     # the dropped token never joined the output
+    assert bm.num_free_blocks == engine.capacity.num_blocks
+
+
+def test_abort_while_a_step_is_in_flight(tiny, corpus):
+    prompts = make_prompts(corpus)[8:11]
+    engine = make_engine(tiny)
+    bm = engine.scheduler.block_manager
+    submit(engine, prompts, [16] * 3)
+    for _ in range(3):
+        engine.step()
+    assert engine._in_flight is not None
+    (victim,) = [seq for seq in engine.scheduler.running if seq.request_id == "1"]
+    free_before, held = bm.num_free_blocks, len(victim.block_table)
+    (final,) = engine.abort("1")
+    assert (final.request_id, final.finished, final.finish_reason) == ("1", True, "abort")
+    assert bm.num_free_blocks == free_before + held
+    assert final.output_token_ids == hf_greedy(tiny, prompts[1], 16)[:len(final.output_token_ids)]
+    outputs = drain(engine)
+    assert "1" not in outputs
+    for i in (0, 2):
+        assert outputs[str(i)][-1].output_token_ids == hf_greedy(tiny, prompts[i], 16)
+    assert bm.num_free_blocks == engine.capacity.num_blocks
+
+
+def test_inter_token_latencies_one_per_token_after_the_first(tiny, corpus):
+    engine = make_engine(tiny)
+    prompts = make_prompts(corpus)[:6]
+    outs = engine.generate(prompts, [greedy(n) for n in MAX_TOKENS[:6]])
+    latencies = engine.drain_inter_token_latencies()
+    assert len(latencies) == sum(len(o.output_token_ids) - 1 for o in outs)
+    assert all(x >= 0 for x in latencies) and engine.drain_inter_token_latencies() == []

@@ -173,10 +173,3 @@ class DecodeGraphs:
         b.positions.zero_()
         b.block_tables.zero_()
 
-
-def fetch_token_ids(token_ids: torch.Tensor, host: torch.Tensor) -> list[int]:
-    """Copy device token ids into a pinned host buffer and wait for them: the step's one host sync."""
-    n = token_ids.shape[0]
-    host[:n].copy_(token_ids, non_blocking=True)
-    torch.cuda.current_stream(token_ids.device).synchronize()
-    return host[:n].tolist()

@@ -36,6 +36,22 @@ class IncrementalDetokenizer:
         self.token_ids.extend(token_ids)
         return self._advance(hold_incomplete=True)
 
+    def add_tokens_at_once(self, token_ids: list[int]) -> str:
+        """Same text and offsets as ``add_tokens`` once per token, with one decode pair when the
+        text ends on a complete character (the detokenization of a FINAL_ONLY request at its end)."""
+        if not token_ids:
+            return ""
+        num_before, prefix_offset, read_offset, text = (len(self.token_ids), self.prefix_offset,
+                                                        self.read_offset, self.text)
+        delta = self.add_tokens(token_ids)
+        if self.read_offset == len(self.token_ids):
+            return delta
+        # Something is held back (an incomplete character at the end): one token at a time would
+        # have emitted the complete text before it, so replay that way.
+        del self.token_ids[num_before:]
+        self.prefix_offset, self.read_offset, self.text = prefix_offset, read_offset, text
+        return "".join(self.add_tokens([token_id]) for token_id in token_ids)
+
     def flush(self) -> str:
         """Text still held back at the end (a character that never completed, shown as U+FFFD)."""
         return self._advance(hold_incomplete=False)

@@ -1,11 +1,15 @@
 """The generation engine: ``LLMEngine`` (online: add_request / step / abort) and ``LLM`` (offline).
 
-One step is schedule -> forward -> sample -> append, detokenize, check stops -> outputs. The
-engine is driven by one thread; ``add_request``, ``abort`` and ``step`` hold one lock, so another
-thread may call ``abort`` or ``add_request`` safely (it waits for the current step to end).
+One step is pipelined so that the host's per-token work hides behind the GPU (docs/engine.md,
+"The step pipeline"): resolve the tokens of the step in flight -> append them and apply the stop
+rules scheduling needs -> scheduler.update -> schedule and launch the next step -> detokenize,
+match stop strings and build outputs for the resolved tokens while the GPU runs. The engine is
+driven by one thread; ``add_request``, ``abort`` and ``step`` hold one lock, so another thread may
+call ``abort`` or ``add_request`` safely (it waits for the current step to end).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
@@ -17,13 +21,13 @@ from dataclasses import dataclass
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .metrics import EngineStats
-from .model_runner import ModelRunner
-from .outputs import RequestOutput, RequestTimings
-from .sampler import SampleResult, Sampler
-from .sampling_params import SamplingParams
-from .scheduler import QueueFullError, Scheduler
-from .sequence import Sequence
-from .stop_checker import check_stop
+from .model_runner import ModelRunner, PendingTokens
+from .outputs import RequestOutput
+from .sampler import Sampler
+from .sampling_params import RequestOutputKind, SamplingParams
+from .scheduler import QueueFullError, Scheduler, SchedulerOutput
+from .sequence import Sequence, SequenceStatus
+from .stop_checker import StopDecision, check_stop, check_token_stop
 
 __all__ = ["LLM", "LLMEngine", "QueueFullError"]
 
@@ -37,25 +41,39 @@ class _Request:
     """Engine-side bookkeeping of one request around its sequence."""
     seq: Sequence
     detokenizer: IncrementalDetokenizer
-    num_text_emitted: int = 0
+    kind: RequestOutputKind
+    # Detokenized token by token: its outputs stream, or stop strings must be matched as it goes.
+    # Otherwise (FINAL_ONLY, no stop strings) the text is decoded once when it finishes.
+    is_incremental: bool
+    text_len: int = 0            # how much of detokenizer.text is safe to show
+    num_text_emitted: int = 0    # text length at the previous output
+    num_tokens_emitted: int = 0  # token count at the previous output (DELTA outputs start there)
 
-    def output(self, text_len: int) -> RequestOutput:
+    def output(self) -> RequestOutput:
         seq = self.seq
-        text = self.detokenizer.text[:max(text_len, self.num_text_emitted)]
-        delta = text[self.num_text_emitted:]
-        self.num_text_emitted = len(text)
         params = seq.sampling_params
         t = seq.timings
-        return RequestOutput(
-            request_id=seq.request_id,
-            prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
-            output_token_ids=seq.token_ids[seq.num_prompt_tokens:],
-            text=text, delta_text=delta,
+        num_tokens = len(seq.token_ids)
+        out = RequestOutput(
+            seq.request_id, token_ids=seq.token_ids, num_prompt_tokens=seq.num_prompt_tokens,
+            num_tokens=num_tokens, text_source=self.detokenizer, text_len=self.text_len,
+            prev_text_len=self.num_text_emitted,
+            first_id=self.num_tokens_emitted if self.kind is RequestOutputKind.DELTA else None,
             finished=seq.is_finished, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-            cumulative_logprob=seq.cumulative_logprob if params.logprobs else None,
-            logprobs=list(seq.output_logprobs) if params.logprobs else None,
-            num_cached_tokens=seq.num_cached_tokens,
-            timings=RequestTimings(t.arrival, t.first_scheduled, t.first_token, t.finished))
+            num_cached_tokens=seq.num_cached_tokens, times=(t.arrival, t.first_scheduled, t.first_token, t.finished),
+            logprobs=seq.output_logprobs if params.logprobs else None,
+            cumulative_logprob=seq.cumulative_logprob if params.logprobs else None)
+        self.num_text_emitted, self.num_tokens_emitted = self.text_len, num_tokens
+        return out
+
+
+@dataclass
+class _Flight:
+    """A launched step whose sampled tokens the host has not taken yet."""
+    scheduled: SchedulerOutput
+    sampled: list[Sequence]
+    tokens: PendingTokens
+    logprobs: list[float | None] | None = None
 
 
 class LLMEngine:
@@ -66,8 +84,12 @@ class LLMEngine:
         engine = LLMEngine(EngineConfig(model="path/to/hf_dir"))
         engine.add_request("r1", "Hello", SamplingParams(max_tokens=32))
         while engine.has_unfinished():
-            for out in engine.step():       # one RequestOutput per request that got a token
+            for out in engine.step():       # per request that got a token (FINAL_ONLY: once, at the end)
                 print(out.request_id, out.delta_text, out.finished)
+
+    A step returns the outputs of the tokens of the step launched by the previous call (the first
+    call launches and returns []); ``has_unfinished()`` stays true until every request's final
+    output has been returned.
 
     ``runner`` is injectable so that tests can share one loaded model between engines.
     """
@@ -87,6 +109,8 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self._lock = threading.RLock()
+        self._in_flight: _Flight | None = None
+        self._inter_token_latencies: list[float] = []
         logger.info(self.capacity.describe())
 
     @classmethod
@@ -106,7 +130,10 @@ class LLMEngine:
             seq = Sequence(next(self._seq_ids), token_ids, params, request_id, arrival_time)
             self.scheduler.add(seq)
             detokenizer = IncrementalDetokenizer(self._decoder, token_ids, params.skip_special_tokens)
-            self._requests[request_id] = _Request(seq, detokenizer)
+            kind = params.output_kind
+            self._requests[request_id] = _Request(
+                seq, detokenizer, kind, is_incremental=kind is not RequestOutputKind.FINAL_ONLY or bool(params.stop),
+                num_tokens_emitted=len(token_ids))
 
     def abort(self, request_id: str) -> list[RequestOutput]:
         """Stop a request now and free its KV blocks. Returns its final output ("abort"), if it was live."""
@@ -114,31 +141,27 @@ class LLMEngine:
             request = self._requests.pop(request_id, None)
             if request is None:
                 return []
-            self.scheduler.abort(request.seq.seq_id)
+            self.scheduler.abort(request.seq.seq_id)  # a token still in flight for it is dropped
             self.sampler.free(request.seq.seq_id)
-            return [request.output(request.num_text_emitted)]
+            if not request.is_incremental:
+                request.detokenizer.add_tokens_at_once(request.seq.output_token_ids)
+                request.text_len = len(request.detokenizer.text)
+            return [request.output()]
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step and return an output for every request that got a token."""
+        """Take the tokens of the step in flight, launch the next one, then return the outputs of
+        the taken tokens (built while the GPU runs the new step)."""
         with self._lock:
-            out = self.scheduler.schedule()
-            if out.is_empty:
-                return []
-            sampled = [seq for seq, is_sampled in zip(out.seqs, out.is_sampled) if is_sampled]
-            if self.sampler.is_plain_greedy(sampled):
-                # On-device argmax: only the token ids cross to the host (one sync per step).
-                token_ids = self.runner.execute_greedy(out.seqs, out.num_new_tokens)
-                results = [SampleResult(token_id, None) for token_id in token_ids]
-            else:
-                logits = self.runner.execute(out.seqs, out.num_new_tokens)   # [num_sampled, vocab]
-                results = self.sampler(logits, sampled) if sampled else []
-            now = time.monotonic()
-            outputs = [self._append(seq, result, now) for seq, result in zip(sampled, results)]
-            self.scheduler.update(out)
-            for seq in sampled:
-                if seq.is_finished:
-                    self._retire(seq)
-            return outputs
+            produced = self._resolve()
+            self._launch()
+            return self._postprocess(produced)
+
+    def drain_inter_token_latencies(self) -> list[float]:
+        """Seconds between consecutive tokens of each request, one per token after a request's
+        first, recorded as tokens arrive since the previous call (``inter_token_latency_seconds``)."""
+        with self._lock:
+            latencies, self._inter_token_latencies = self._inter_token_latencies, []
+            return latencies
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -157,7 +180,8 @@ class LLMEngine:
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
         """Run a batch to completion; final outputs in prompt order. Not for use beside online requests."""
         prompts = [prompts] if isinstance(prompts, str) or _is_token_list(prompts) else list(prompts)
-        params = _per_prompt(sampling_params, len(prompts))
+        # One output per request, as vLLM's LLM does: no per-token outputs, no per-token decoding.
+        params = _final_only(_per_prompt(sampling_params, len(prompts)))
         request_ids = [f"generate-{next(self._seq_ids)}" for _ in prompts]
         pending = deque(zip(request_ids, prompts, params))
         finals: dict[str, RequestOutput] = {}
@@ -204,24 +228,100 @@ class LLMEngine:
             raise ValueError(f"prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) exceeds "
                              f"the whole KV cache ({pool} tokens); lower max_tokens or grow the cache")
 
-    def _append(self, seq: Sequence, result: SampleResult, now: float) -> RequestOutput:
-        request = self._requests[seq.request_id]
-        seq.append_token(result.token_id, result.logprob)
-        if seq.timings.first_token is None:
-            seq.timings.first_token = now
-            self.prompt_tokens_total += seq.num_prompt_tokens
-        seq.timings.last_token = now
-        self.generation_tokens_total += 1
-        detokenizer = request.detokenizer
-        new_text = detokenizer.add_tokens([result.token_id])
-        decision = check_stop(seq, detokenizer.text, len(new_text), self._eos_token_ids, self.max_model_len)
+    # -- the step pipeline -------------------------------------------------------------------------
+    def _launch(self) -> None:
+        """Schedule and start the next step; greedy steps return before the GPU finishes."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return
+        sampled = [seq for seq, is_sampled in zip(out.seqs, out.is_sampled) if is_sampled]
+        if self.sampler.is_plain_greedy(sampled):
+            # On-device argmax: only the token ids cross to the host, when the step is resolved.
+            self._in_flight = _Flight(out, sampled, self.runner.launch_greedy(out.seqs, out.num_new_tokens))
+            return
+        # Logits to the host sampler: synchronous, resolved on the next call like any step.
+        logits = self.runner.execute(out.seqs, out.num_new_tokens)   # [num_sampled, vocab]
+        results = self.sampler(logits, sampled) if sampled else []
+        self._in_flight = _Flight(out, sampled, PendingTokens([r.token_id for r in results]),
+                                  [r.logprob for r in results])
+
+    def _resolve(self) -> list[_Request]:
+        """Append the in-flight step's tokens and apply the stop rules that need no text."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is None:
+            return []
+        token_ids = flight.tokens.result()
+        logprobs = flight.logprobs or itertools.repeat(None)
+        now = time.monotonic()
+        requests, latencies = self._requests, self._inter_token_latencies
+        eos, max_model_len = self._eos_token_ids, self.max_model_len
+        finished = SequenceStatus.FINISHED
+        produced = []
+        for seq, token_id, logprob in zip(flight.sampled, token_ids, logprobs):
+            if seq.status is finished:
+                continue    # aborted, or a stop string ended it after this step was launched
+            seq.append_token(token_id, logprob)
+            timings = seq.timings
+            if timings.first_token is None:
+                timings.first_token = now
+                self.prompt_tokens_total += seq.num_prompt_tokens
+            else:
+                latencies.append(now - timings.last_token)
+            timings.last_token = now
+            stop = check_token_stop(seq, eos, max_model_len)
+            if stop is not None:
+                seq.finish(*stop)
+            produced.append(requests[seq.request_id])
+        self.generation_tokens_total += len(produced)
+        self.scheduler.update(flight.scheduled)
+        return produced
+
+    def _postprocess(self, produced: list[_Request]) -> list[RequestOutput]:
+        """Detokenize, match stop strings and build the outputs of the resolved tokens."""
+        outputs = []
+        final_only = RequestOutputKind.FINAL_ONLY
+        for request in produced:
+            seq = request.seq
+            if request.is_incremental:
+                self._detokenize_token(request)
+            elif seq.status is SequenceStatus.FINISHED:
+                self._detokenize_at_end(request)
+            if seq.status is SequenceStatus.FINISHED:
+                self._retire(seq)
+                outputs.append(request.output())
+            elif request.kind is not final_only:
+                outputs.append(request.output())
+        return outputs
+
+    def _detokenize_token(self, request: _Request) -> None:
+        seq, detokenizer = request.seq, request.detokenizer
+        new_text = detokenizer.add_tokens([seq.token_ids[-1]])
+        self._apply_stop(request, check_stop(seq, detokenizer.text, len(new_text), self._eos_token_ids,
+                                             self.max_model_len))
+
+    def _detokenize_at_end(self, request: _Request) -> None:
+        """The whole output at once: the same text as token by token (``add_tokens_at_once``), and
+        the last token alone so that a stop token's text is cut as ``check_stop`` does."""
+        seq, detokenizer = request.seq, request.detokenizer
+        output_ids = seq.token_ids[seq.num_prompt_tokens:]
+        detokenizer.add_tokens_at_once(output_ids[:-1])
+        new_text = detokenizer.add_tokens(output_ids[-1:])
+        self._apply_stop(request, check_stop(seq, detokenizer.text, len(new_text), self._eos_token_ids,
+                                             self.max_model_len))
+
+    def _apply_stop(self, request: _Request, decision: StopDecision) -> None:
+        seq = request.seq
         text_len = decision.text_len
         if decision.finish_reason is not None:
-            seq.finish(decision.finish_reason, decision.stop_reason)
+            if seq.status is not SequenceStatus.FINISHED:
+                # A stop string: the next step may be in flight for it; its token will be dropped.
+                self.scheduler.finish(seq.seq_id, decision.finish_reason, decision.stop_reason)
+            else:   # a stop string ending at the last token of max_tokens wins over "length"
+                seq.finish_reason, seq.stop_reason = decision.finish_reason, decision.stop_reason
             if decision.finish_reason == "length":   # nothing more will come: release what is held
-                detokenizer.flush()
-                text_len = len(detokenizer.text)
-        return request.output(text_len)
+                request.detokenizer.flush()
+                text_len = len(request.detokenizer.text)
+        request.text_len = max(text_len, request.text_len)
 
     def _retire(self, seq: Sequence) -> None:
         self._requests.pop(seq.request_id, None)
@@ -279,3 +379,11 @@ def _per_prompt(sampling_params, num_prompts: int) -> list[SamplingParams]:
     if len(params) != num_prompts:
         raise ValueError(f"got {len(params)} sampling params for {num_prompts} prompts")
     return params
+
+
+def _final_only(params: list[SamplingParams]) -> list[SamplingParams]:
+    copies: dict[int, SamplingParams] = {}   # one copy per distinct object: callers often share one
+    for p in params:
+        if id(p) not in copies:
+            copies[id(p)] = dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
+    return [copies[id(p)] for p in params]

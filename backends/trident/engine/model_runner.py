@@ -18,7 +18,7 @@ import torch
 from trident.engine import kernels
 from trident.engine.attention import AttentionMetadata
 from trident.engine.config import CacheCapacity, EngineConfig
-from trident.engine.cuda_graph import DecodeGraphs, fetch_token_ids
+from trident.engine.cuda_graph import DecodeGraphs
 from trident.engine.sequence import Sequence
 from trident.engine.tokenizer import load_tokenizer
 from trident.models.layers import ModelShape
@@ -48,6 +48,24 @@ class StepLogits:
     """The forward's result for the sampled rows, still on the device."""
     logits: torch.Tensor          # [num_sampled, vocab] model dtype
     token_ids: torch.Tensor       # [num_sampled] greedy argmax
+
+
+class PendingTokens:
+    """The greedy tokens of a launched step. On CUDA they are on their way to pinned host memory
+    behind a recorded event and ``result()`` waits for it (the step's one host sync); on the CPU
+    they are there at once."""
+
+    def __init__(self, token_ids: list[int] | None = None, host: torch.Tensor | None = None,
+                 event: "torch.cuda.Event | None" = None):
+        self._token_ids = token_ids
+        self._host = host          # [num_sampled] pinned
+        self._event = event
+
+    def result(self) -> list[int]:
+        if self._token_ids is None:
+            self._event.synchronize()
+            self._token_ids = self._host.tolist()
+        return self._token_ids
 
 
 class ModelRunner:
@@ -89,8 +107,10 @@ class ModelRunner:
                                        self.max_model_len, self.device)
             self.graphs.capture()
         self.use_cuda_graphs = self.graphs is not None
-        self._token_ids_host = (torch.zeros(config.max_num_seqs, dtype=torch.long, pin_memory=True)
-                                if self.device.type == "cuda" else None)
+        is_cuda = self.device.type == "cuda"
+        self._token_ids_host = torch.zeros(config.max_num_seqs, dtype=torch.long, pin_memory=True) if is_cuda else None
+        # One event serves every step: the engine keeps at most one step in flight.
+        self._copy_done = torch.cuda.Event() if is_cuda else None
 
     @torch.inference_mode()
     def execute(self, seqs: list[Sequence], num_new_tokens: list[int]) -> torch.Tensor:
@@ -103,12 +123,20 @@ class ModelRunner:
     def execute_greedy(self, seqs: list[Sequence], num_new_tokens: list[int]) -> list[int]:
         """Like ``execute`` but returns the argmax token of each sampled row: only these ids cross
         to the host (one sync), the logits stay on the device."""
+        return self.launch_greedy(seqs, num_new_tokens).result()
+
+    @torch.inference_mode()
+    def launch_greedy(self, seqs: list[Sequence], num_new_tokens: list[int]) -> "PendingTokens":
+        """Launch the forward and the copy of its argmax tokens to pinned host memory; returns at
+        once on CUDA, so the host can do other work while the GPU runs (the engine's pipeline)."""
         token_ids = self.forward(seqs, num_new_tokens).token_ids  # [num_sampled]
-        if token_ids.shape[0] == 0:   # only partial prefill chunks this step: nothing to wait for
-            return []
-        if self._token_ids_host is None or token_ids.shape[0] > self._token_ids_host.shape[0]:
-            return token_ids.tolist()
-        return fetch_token_ids(token_ids, self._token_ids_host)
+        num_sampled = token_ids.shape[0]
+        host = self._token_ids_host
+        if num_sampled == 0 or host is None or num_sampled > host.shape[0]:
+            return PendingTokens(token_ids.tolist())   # CPU (or nothing sampled): already resolved
+        host[:num_sampled].copy_(token_ids, non_blocking=True)
+        self._copy_done.record()
+        return PendingTokens(host=host[:num_sampled], event=self._copy_done)
 
     def forward(self, seqs: list[Sequence], num_new_tokens: list[int]) -> StepLogits:
         """Logits and greedy tokens of the sampled rows; a decode-only step replays a CUDA graph."""

@@ -1,10 +1,24 @@
 """Per-request sampling parameters, validated once at the edge (vLLM's conventions)."""
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 
 from .validation import reject_unknown_keys, require
+
+
+class RequestOutputKind(enum.Enum):
+    """Which outputs a request gets (vLLM's ``RequestOutputKind``).
+
+    ``CUMULATIVE``: after every step with a new token, all tokens and text so far.
+    ``DELTA``: after every step with a new token, only what is new (``text == delta_text``).
+    ``FINAL_ONLY``: one output when the request finishes; without stop strings the engine then
+    skips per-token detokenization and decodes once at the end (same text).
+    """
+    CUMULATIVE = "cumulative"
+    DELTA = "delta"
+    FINAL_ONLY = "final_only"
 
 
 @dataclass
@@ -31,8 +45,13 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: bool = False
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
+        if isinstance(self.output_kind, str):   # JSON: "cumulative" | "delta" | "final_only"
+            kinds = [k.value for k in RequestOutputKind]
+            require(self.output_kind in kinds, f"output_kind must be one of {kinds}, got {self.output_kind!r}")
+            self.output_kind = RequestOutputKind(self.output_kind)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in self.stop if s]

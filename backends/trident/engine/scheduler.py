@@ -88,6 +88,13 @@ class Scheduler:
 
     def abort(self, seq_id: int) -> Sequence | None:
         """Finish a sequence with reason "abort" and return its blocks to the pool at once."""
+        return self.finish(seq_id, "abort")
+
+    def finish(self, seq_id: int, reason: str, stop_reason: str | int | None = None) -> Sequence | None:
+        """Finish a sequence outside ``update`` (an abort, or a stop string found after the next
+        step was launched) and return its blocks at once. A step still in flight may write its
+        last KV slot: that write is ordered before any later step that reuses the block, and
+        ``update`` skips the sequence."""
         seq = self._seqs.pop(seq_id, None)
         if seq is None:
             return None
@@ -96,7 +103,7 @@ class Scheduler:
         else:
             self.running.remove(seq)
         self.block_manager.free(seq)
-        seq.finish("abort")
+        seq.finish(reason, stop_reason)
         return seq
 
     @property

@@ -42,6 +42,30 @@ def check_stop(seq: Sequence, output_text: str, num_new_chars: int, eos_token_id
     return StopDecision(None, None, len(output_text) - held_back(output_text, params.stop))
 
 
+def check_token_stop(seq: Sequence, eos_token_ids: list[int], max_model_len: int) -> tuple[str, int | None] | None:
+    """The stop rules that need no text, in ``check_stop``'s order: EOS, ``stop_token_ids``,
+    ``max_tokens``, ``max_model_len``. Returns ``(finish_reason, stop_reason)`` or None.
+
+    This is what scheduling must know as soon as a token is appended; a stop string can still end
+    the sequence at the same token once its text is decoded (``check_stop``, which also turns a
+    "length" here into "stop" when a stop string ends at the last token).
+    """
+    params = seq.sampling_params
+    token_ids = seq.token_ids
+    num_output_tokens = len(token_ids) - seq.num_prompt_tokens
+    if num_output_tokens >= params.min_tokens:
+        token = token_ids[-1]
+        if not params.ignore_eos and token in eos_token_ids:
+            return "stop", None
+        if token in params.stop_token_ids:
+            return "stop", token
+        if num_output_tokens >= params.max_tokens:
+            return "length", None
+    if len(token_ids) >= max_model_len:
+        return "length", None
+    return None
+
+
 def held_back(text: str, stops: list[str]) -> int:
     """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
     longest = 0

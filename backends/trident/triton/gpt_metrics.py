@@ -55,8 +55,10 @@ class GptMetrics:
                         e2e_s: float | None) -> None:
         self._updates.put(lambda: self._apply_finished(finish_reason, queue_s, ttft_s, e2e_s))
 
-    def record_inter_token(self, seconds: float, num_tokens: int) -> None:
-        self._updates.put(lambda: self._apply_inter_token(seconds, num_tokens))
+    def record_inter_tokens(self, latencies: list[float]) -> None:
+        """One observation per token (after each request's first), queued as one update per step."""
+        if latencies:
+            self._updates.put(lambda: self._apply_inter_tokens(latencies))
 
     def close(self) -> None:
         self._updates.put(None)
@@ -113,6 +115,6 @@ class GptMetrics:
             if value is not None:
                 histogram.observe(value)
 
-    def _apply_inter_token(self, seconds: float, num_tokens: int) -> None:
-        for _ in range(num_tokens):
-            self.itl.observe(seconds / num_tokens)
+    def _apply_inter_tokens(self, latencies: list[float]) -> None:
+        for seconds in latencies:
+            self.itl.observe(seconds)

@@ -14,7 +14,6 @@ import itertools
 import json
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,8 +44,6 @@ class Active:
     request: GenerateRequest
     sender: object
     num_ids_sent: int = 0        # output ids already in a response (streaming)
-    num_ids_seen: int = 0        # output ids already counted for inter-token latency
-    last_token_time: float | None = None
     prompt_sent: bool = False
     cancel_reported: bool = False
     pending: list = field(default_factory=list)
@@ -134,6 +131,8 @@ class TritonPythonModel:
                 self._fail_all(f"engine error: {type(e).__name__}: {e}")
                 continue
             self._route(outputs)
+            # Non-streaming requests get no per-step outputs: the engine times every token itself.
+            self.metrics.record_inter_tokens(self.engine.drain_inter_token_latencies())
             self.metrics.record_stats(self.engine.stats())
         self._fail_all(SHUTDOWN_MESSAGE)
 
@@ -183,23 +182,16 @@ class TritonPythonModel:
                     self.cancelled.put(item.request_id)
 
     def _route(self, outputs) -> None:
-        now = time.monotonic()
         for output in outputs:
             item = self.active.get(output.request_id)
             if item is None:
                 continue
-            new_ids = len(output.output_token_ids) - item.num_ids_seen
-            if new_ids > 0:
-                if item.last_token_time is not None:
-                    self.metrics.record_inter_token(now - item.last_token_time, new_ids)
-                item.last_token_time = now
-                item.num_ids_seen = len(output.output_token_ids)
             if output.finished:
                 self.active.pop(output.request_id, None)
                 self._record_finished(output)
             if output.finished or item.request.stream:
                 self.outbox.put((item, output, item.num_ids_sent))
-                item.num_ids_sent = len(output.output_token_ids)
+                item.num_ids_sent = output.num_output_tokens
 
     def _record_finished(self, output) -> None:
         t = output.timings

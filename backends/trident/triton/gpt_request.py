@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from trident.engine.sampling_params import SamplingParams
+from trident.engine.sampling_params import RequestOutputKind, SamplingParams
 from trident.engine.validation import reject_unknown_keys
 from trident.triton.io import RequestError, decode_texts
 
@@ -65,12 +65,16 @@ def parse_request(inputs: dict[str, np.ndarray | None], max_tokens_limit: int | 
         values["top_k"] = -1
     if max_tokens_limit is not None and values["max_tokens"] > max_tokens_limit:
         raise RequestError(f"max_tokens={values['max_tokens']} exceeds this model's limit of {max_tokens_limit}")
+    if "output_kind" in values:
+        raise RequestError("sampling_parameters.output_kind is not accepted: `stream` decides it")
+    flags = {name: _scalar(inputs[name], name, bool) if inputs.get(name) is not None else default
+             for name, default in FLAG_INPUTS.items()}
+    # A non-streaming request is answered once: the engine then skips its per-token outputs.
+    values["output_kind"] = RequestOutputKind.CUMULATIVE if flags["stream"] else RequestOutputKind.FINAL_ONLY
     try:
         params = SamplingParams(**values)
     except (TypeError, ValueError) as e:
         raise RequestError(str(e)) from None
-    flags = {name: _scalar(inputs[name], name, bool) if inputs.get(name) is not None else default
-             for name, default in FLAG_INPUTS.items()}
     return GenerateRequest(prompt, params, flags["stream"], flags["exclude_input_in_output"])
 
 
