@@ -1,15 +1,49 @@
-"""Building blocks shared by the decoder models: norms, rotary embeddings, activations, paged attention."""
+"""Building blocks shared by the decoder models: norms, rotary embeddings, activations, paged attention.
+
+On CUDA the norm (fused with the residual add), RoPE and the activations each run as one Triton
+kernel (``trident.engine.kernels``) instead of several PyTorch ops; on the CPU the plain PyTorch
+form below runs, and it is the kernels' numerical reference.
+"""
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trident.engine import kernels
 from trident.engine.attention import AttentionMetadata, paged_attention, store_kv
 from trident.models.quant import dequantize_kv, quantize_kv
+
+# "0" keeps the plain PyTorch norms, RoPE and activations on CUDA too (to measure or bisect the kernels).
+FUSED_KERNELS_ENV = "TRIDENT_FUSED_KERNELS"
+# None: the fused Triton kernels wherever they run (CUDA, triton importable); True/False forces.
+_use_fused: bool | None = None if os.environ.get(FUSED_KERNELS_ENV, "1") != "0" else False
+
+
+@contextlib.contextmanager
+def use_fused_kernels(enabled: bool | None) -> Iterator[None]:
+    """Within the block, the norms, RoPE and activations use the fused kernels (True), the plain
+    PyTorch form (False) or whichever fits the tensor (None, the default). True on CPU tensors
+    needs the Triton interpreter (``TRITON_INTERPRET=1``). A CUDA graph keeps the path it was
+    captured with."""
+    global _use_fused
+    saved, _use_fused = _use_fused, enabled
+    try:
+        yield
+    finally:
+        _use_fused = saved
+
+
+def _is_fused(x: torch.Tensor) -> bool:
+    if _use_fused is None:
+        return kernels.supports(x)
+    return _use_fused and kernels.IS_AVAILABLE
 
 
 @dataclass(frozen=True)
@@ -23,14 +57,28 @@ class ModelShape:
 
 
 class RMSNorm(nn.Module):
-    """Llama's RMSNorm, computed in fp32 like the reference so bf16 runs round the same way."""
+    """Llama's RMSNorm, computed in fp32 like the reference so bf16 runs round the same way.
+
+    ``norm(x)`` returns the normalised ``x``; ``norm(x, residual)`` first adds the residual (in the
+    model dtype, as the plain residual stream does) and returns ``(norm(x + residual), x + residual)``
+    (vLLM's fused add + RMSNorm: one kernel on CUDA).
+    """
 
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if _is_fused(x):
+            return kernels.rms_norm(x, self.weight, self.eps, residual)
+        if residual is None:
+            return self._norm(x)
+        residual = x + residual
+        return self._norm(residual), residual
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -54,6 +102,11 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor,
                 key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """query [num_tokens, num_heads, head_dim], key [num_tokens, num_kv_heads, head_dim]; on CUDA
+        they are rotated in place (views of the fused QKV output stay views) and returned."""
+        if _is_fused(query):
+            kernels.apply_rotary(positions, query, key, self._table(positions.device))
+            return query, key
         cos, sin = self._table(positions.device)[positions].unbind(1)  # [num_tokens, head_dim / 2] each
         cos, sin = cos[:, None, :].to(query.dtype), sin[:, None, :].to(query.dtype)
         return _rotate(query, cos, sin), _rotate(key, cos, sin)
@@ -111,7 +164,25 @@ def activation(name: str):
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    if _is_fused(x):
+        return kernels.gelu_tanh(x)
     return F.gelu(x, approximate="tanh")
+
+
+class GatedActivation(nn.Module):
+    """``act(gate) * up`` over the fused gate/up projection's output [num_tokens, 2 * intermediate]
+    (gate first); SiLU runs as one kernel on CUDA (vLLM's ``SiluAndMul``)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.act = activation(name)
+        self.is_silu = self.act is F.silu
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.is_silu and _is_fused(gate_up):
+            return kernels.silu_and_mul(gate_up)  # [num_tokens, intermediate]
+        gate, up = gate_up.chunk(2, dim=-1)  # [num_tokens, intermediate] each
+        return self.act(gate) * up
 
 
 class PagedAttention(nn.Module):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trident.engine.attention import AttentionMetadata
-from trident.models.layers import ModelShape, PagedAttention, RMSNorm, activation, rope_from_hf_config
+from trident.models.layers import GatedActivation, ModelShape, PagedAttention, RMSNorm, rope_from_hf_config
 from trident.models.weights import WeightLoader
 
 
@@ -74,14 +74,12 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, args: LlamaArgs):
         super().__init__()
-        self.intermediate_size = args.intermediate_size
         self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
-        self.act = activation(args.hidden_act)
+        self.act_and_mul = GatedActivation(args.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)  # [num_tokens, intermediate] each
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))  # [num_tokens, hidden]
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -92,10 +90,17 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = LlamaMLP(args)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                metadata: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, metadata)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's MLP output, the residual stream before it); the next norm adds them,
+        so each residual add rides in a norm kernel. ``residual`` is None for the first layer."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, kv_cache, metadata)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -129,10 +134,10 @@ class LlamaForCausalLM(nn.Module):
                 metadata: AttentionMetadata) -> torch.Tensor:
         """input_ids/positions [num_tokens]; kv_cache [2, num_layers, num_blocks, block_size, kv_heads, head_dim].
         Returns the final hidden states [num_tokens, hidden_size]."""
-        x = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+        x, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden_size]
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, kv_cache[:, i], metadata)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, kv_cache[:, i], metadata)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
