@@ -287,37 +287,47 @@ class _Timer:
 
 
 def run_engine(config, case: Case, prompts, profile_dir: Path | None = None) -> Result:
+    """What an offline user runs (vLLM's ``LLM``): FINAL_ONLY requests, one output each, all at once."""
     from trident.engine.engine import LLMEngine
-    from trident.engine.sampling_params import SamplingParams
+    from trident.engine.model_runner import PendingTokens
+    from trident.engine.sampling_params import RequestOutputKind, SamplingParams
 
     engine = LLMEngine(config)
-    params = SamplingParams(temperature=0.0, max_tokens=case.output_len, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=case.output_len, ignore_eos=True,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
     for i, prompt in enumerate(prompts[:8]):     # warm-up: prefill + a few decode buckets
         engine.add_request(f"warm-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     while engine.has_unfinished():
         engine.step()
-    forward = _Timer(engine.runner, "execute_greedy")
+    # Host/device split: launch = staging + graph launch; wait = blocked on the GPU's tokens.
+    launch = _Timer(engine.runner, "launch_greedy")
     schedule = _Timer(engine.scheduler, "schedule")
+    unpatched_result = PendingTokens.result
+    wait = _Timer(PendingTokens, "result")
     replays_before = engine.runner.graphs.num_replays if engine.runner.graphs else 0
     t0 = time.monotonic()
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), prompt, params, arrival_time=t0)
     finals, steps = [], 0
     profiler = None
-    while engine.has_unfinished():
-        if profile_dir is not None and steps == 40:
-            profiler = _start_profiler()
-        finals += [out for out in engine.step() if out.finished]
-        steps += 1
-        if profiler is not None and steps == 60:
-            _stop_profiler(profiler, profile_dir)
-            profiler = None
+    try:
+        while engine.has_unfinished():
+            if profile_dir is not None and steps == 40:
+                profiler = _start_profiler()
+            finals += [out for out in engine.step() if out.finished]
+            steps += 1
+            if profiler is not None and steps == 60:
+                _stop_profiler(profiler, profile_dir)
+                profiler = None
+    finally:
+        PendingTokens.result = unpatched_result
     elapsed = time.monotonic() - t0
     ttft = [o.timings.time_to_first_token for o in finals]
     tpot = [(o.timings.finished - o.timings.first_token) / max(len(o.output_token_ids) - 1, 1) for o in finals]
     total = sum(len(o.output_token_ids) for o in finals)
-    notes = {"steps": steps, "forward_s": round(forward.total, 3), "schedule_s": round(schedule.total, 3),
-             "other_host_s": round(elapsed - forward.total - schedule.total, 3),
+    notes = {"steps": steps, "output_kind": "final_only", "launch_s": round(launch.total, 3),
+             "wait_s": round(wait.total, 3), "schedule_s": round(schedule.total, 3),
+             "other_host_s": round(elapsed - launch.total - wait.total - schedule.total, 3),
              "max_num_seqs": config.max_num_seqs, "max_num_batched_tokens": config.max_num_batched_tokens,
              "kv_cache": engine.capacity.describe(),
              "graph_replays": (engine.runner.graphs.num_replays - replays_before) if engine.runner.graphs else 0}
