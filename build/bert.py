@@ -1,11 +1,16 @@
-"""Build a BERT-family checkpoint into served artifacts: tokenizer -> export -> INT8 -> gate.
+"""Build a BERT-family checkpoint into served artifacts: tokenizer -> weights -> export -> INT8 -> gate.
 
-    python -m build.bert [--checkpoint DIR] [--out DIR] [--force]
+    python -m build.bert [--checkpoint DIR] [--out DIR] [--force] [--torch-only]
 
 Defaults: the packaged all-MiniLM-L6-v2 (sha256-checked) into model_repository/bert/1/artifacts/.
 Each step skips itself when the manifest shows its inputs unchanged and its outputs intact
 (``--force`` rebuilds). Exits non-zero when the INT8 model fails the accuracy gate; the manifest then
 records the failed figures and the runtime refuses to serve that INT8 model.
+
+The weights step copies the checkpoint's ``model.safetensors`` (and config.json, with the tokenizer)
+into the artifacts: runtime "torch" (CUDA) builds its model from them, so a machine without the
+source checkpoint can serve it. ``--torch-only`` stops there (no ONNX export, INT8 or gate: those
+serve runtime "onnxruntime" only), and needs neither onnx nor onnxruntime installed.
 """
 from __future__ import annotations
 
@@ -15,19 +20,18 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import onnxruntime
+from importlib import metadata
+
 import torch
 import transformers
 
 from build import text
-from build.bert_checkpoint import COPIED_FILES, BertCheckpoint, copy_tokenizer_files, inspect_checkpoint, load_model, \
-    load_reference_tokenizer
-from build.bert_export import check_parity, export_onnx
+from build.bert_checkpoint import COPIED_FILES, BertCheckpoint, copy_tokenizer_files, copy_weights, \
+    inspect_checkpoint, load_model, load_reference_tokenizer
 from build.bert_gate import GateFailed, GateResult, candidate_outputs, enforce, evaluate_gate, reference_outputs
 from build.bert_manifest import Manifest
-from build.bert_quantize import TextCalibrationReader, quantize_int8
 from build.weights import MINILM_NAME, WeightsError, minilm_dir, sha256_file
-from trident.bert.artifacts import MODEL_FILES, TOKENIZER
+from trident.bert.artifacts import MODEL_FILES, TOKENIZER, WEIGHTS
 from trident.bert.tokenizer import TextTokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +52,7 @@ class BuildOptions:
     calibration_batch_size: int = 16
     min_mean_cosine: float = 0.99
     min_min_cosine: float = 0.97
+    torch_only: bool = False            # tokenizer + weights only: what runtime "torch" reads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     except (WeightsError, FileNotFoundError, ValueError) as e:
         print(f"[bert] error: {e}", file=sys.stderr)
         return 2
-    print(f"[bert] done in {time.perf_counter() - started:.1f} s: {result.summary()}")
+    summary = "tokenizer and weights for runtime 'torch'" if result is None else result.summary()
+    print(f"[bert] done in {time.perf_counter() - started:.1f} s: {summary}")
     return 0
 
 
@@ -82,8 +88,11 @@ class BertBuild:
         log("build", f"{self.checkpoint.name} ({self.checkpoint.task}, hidden {self.checkpoint.hidden_size}, "
                      f"max_length {self.checkpoint.max_length}) -> {self.out}")
 
-    def run(self) -> GateResult:
+    def run(self) -> GateResult | None:
         self.copy_tokenizer()
+        self.copy_weights()
+        if self.options.torch_only:
+            return None
         self.export()
         self.quantize()
         return self.gate()
@@ -105,7 +114,18 @@ class BertBuild:
         self._save()
         log("tokenizer", f"copied {', '.join(p.name for p in written)}")
 
+    def copy_weights(self) -> None:
+        inputs = dict(self.source)
+        if self._skip("weights", inputs):
+            return
+        path = copy_weights(self.checkpoint, self.out)
+        self.manifest.record("weights", inputs, [path])
+        self._save()
+        log("weights", f"wrote {path.name} ({_mib(path)}) for runtime 'torch'")
+
     def export(self) -> None:
+        from build.bert_export import check_parity, export_onnx
+
         inputs = self.source | {"torch": torch.__version__, "transformers": transformers.__version__}
         if self._skip("export", inputs):
             return
@@ -121,6 +141,10 @@ class BertBuild:
                       f"max |ONNX - PyTorch| = {worst:.1e} on 3 batches of different shapes")
 
     def quantize(self) -> None:
+        import onnxruntime
+
+        from build.bert_quantize import TextCalibrationReader, quantize_int8
+
         texts = self.calibration_texts()
         inputs = {"fp32_sha256": sha256_file(self.out / MODEL_FILES["fp32"]),
                   "tokenizer_sha256": sha256_file(self.out / TOKENIZER), "max_length": self.checkpoint.max_length,
@@ -201,8 +225,9 @@ def manifest_fields(checkpoint: BertCheckpoint, source: dict, manifest: Manifest
         "pooling": "mean, L2-normalised" if checkpoint.task == "embedding" else None,
         "quantization": manifest.step("quantize").get("result"),
         "gate": manifest.step("gate").get("result", {"passed": False}),
+        "weights": WEIGHTS if manifest.step("weights") else None,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "onnxruntime": onnxruntime.__version__, "python": sys.version.split()[0]},
+                     "onnxruntime": _version("onnxruntime"), "python": sys.version.split()[0]},
     }
 
 
@@ -222,6 +247,8 @@ def parse_args(argv: list[str] | None) -> BuildOptions:
     parser.add_argument("--calibration-batch-size", type=int, default=defaults.calibration_batch_size)
     parser.add_argument("--min-mean-cosine", type=float, default=defaults.min_mean_cosine)
     parser.add_argument("--min-min-cosine", type=float, default=defaults.min_min_cosine)
+    parser.add_argument("--torch-only", action="store_true",
+                        help="only what runtime 'torch' reads (tokenizer, config, weights): no ONNX, INT8, gate")
     args = parser.parse_args(argv)
     return BuildOptions(**{k.replace("-", "_"): v for k, v in vars(args).items()})
 
@@ -247,6 +274,13 @@ def _smoothed(report) -> str:
         return "no smoothing"
     return (f"{smoothing['num_matmuls']} LayerNorm-fed MatMuls smoothed (alpha {smoothing['alpha']}, "
             f"max scale {smoothing['max_scale']:.1f})")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:  # --torch-only builds run without onnxruntime
+        return None
 
 
 def _mib(path: Path) -> str:

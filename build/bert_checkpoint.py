@@ -11,7 +11,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trident.bert.artifacts import TOKENIZER
+from trident.bert.artifacts import TOKENIZER, WEIGHTS
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 # Files the runtime or a user of the artifacts may want beside the ONNX models; copied when present.
@@ -93,6 +93,27 @@ def copy_tokenizer_files(checkpoint: BertCheckpoint, out: Path) -> list[Path]:
         load_reference_tokenizer(checkpoint).backend_tokenizer.save(str(out / TOKENIZER))
         written.append(out / TOKENIZER)
     return written
+
+
+def copy_weights(checkpoint: BertCheckpoint, out: Path) -> Path:
+    """The checkpoint's weights as ``out/model.safetensors``, what runtime "torch" loads.
+
+    A ``model.safetensors`` is copied byte for byte; a single ``pytorch_model.bin`` is converted
+    (tensors made contiguous and unshared, as safetensors requires). Sharded checkpoints are refused:
+    BERT-family encoders are small enough for one file.
+    """
+    source = checkpoint.path / WEIGHTS
+    if source.is_file():
+        return Path(shutil.copyfile(source, out / WEIGHTS))
+    if [f.name for f in checkpoint.weight_files] != ["pytorch_model.bin"]:
+        raise ValueError(f"{checkpoint.path}: runtime 'torch' needs one {WEIGHTS} or pytorch_model.bin, "
+                         f"found {[f.name for f in checkpoint.weight_files]}")
+    import torch
+    from safetensors.torch import save_file
+
+    state = torch.load(checkpoint.path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    save_file({k: v.contiguous().clone() for k, v in state.items()}, out / WEIGHTS, metadata={"format": "pt"})
+    return out / WEIGHTS
 
 
 def _is_classifier(config) -> bool:

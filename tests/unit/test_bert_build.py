@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -147,7 +149,7 @@ def test_second_run_skips_every_step_and_changes_nothing(bert_tiny_built_copy):
     before = {p.name: p.read_bytes() for p in bert_tiny_built_copy.out.iterdir()}
     again = bert_run_build(bert_tiny_built_copy.checkpoint, bert_tiny_built_copy.out)
     assert again.exit_code == 0
-    for step in ("tokenizer", "export", "quantize", "gate"):
+    for step in ("tokenizer", "weights", "export", "quantize", "gate"):
         assert f"[bert] {step}: up to date" in again.log
     assert {p.name: p.read_bytes() for p in again.out.iterdir()} == before
 
@@ -181,6 +183,59 @@ def test_manifest_records_source_hashes_artifacts_and_versions(bert_tiny_built):
     assert manifest["versions"]["transformers"] == transformers.__version__
     assert datetime.fromisoformat(manifest["created_at"]).tzinfo is not None
     assert manifest["quantization"]["num_calibration_texts"] > 48
+
+
+# -- weights for runtime "torch" --------------------------------------------------------------------
+def test_weights_are_copied_and_recorded_with_their_sha256(bert_tiny_built):
+    from safetensors.torch import load_file
+
+    out, checkpoint = bert_tiny_built.out, bert_tiny_built.checkpoint
+    manifest = _manifest(out)
+    sha = _sha256(checkpoint / "model.safetensors")
+    assert _sha256(out / "model.safetensors") == sha
+    assert manifest["weights"] == "model.safetensors" and manifest["artifacts"]["model.safetensors"] == sha
+    assert manifest["steps"]["weights"]["outputs"] == {"model.safetensors": sha}
+    assert "[bert] weights: wrote model.safetensors" in bert_tiny_built.log
+    # What the torch runtime loads: the HF model's own tensors, under the HF names.
+    from transformers import BertModel
+
+    reference = BertModel.from_pretrained(checkpoint).state_dict()
+    copied = load_file(out / "model.safetensors")
+    assert {k.removeprefix("bert.") for k in copied} >= {k for k in reference if "position_ids" not in k}
+
+
+def test_torch_only_build_has_what_the_torch_runtime_reads_and_no_onnx(bert_tiny_checkpoint, tmp_path):
+    from trident.bert.artifacts import BertArtifacts
+    from trident.bert.torch_model import load_packed_bert
+
+    built = bert_run_build(bert_tiny_checkpoint, tmp_path / "out", "--torch-only")
+    assert built.exit_code == 0, built.log
+    assert sorted(p.name for p in built.out.glob("*.onnx")) == []
+    artifacts = BertArtifacts.load(built.out)
+    assert artifacts.hidden_size == 32 and not artifacts.gate_passed  # no INT8 ONNX to serve
+    with pytest.raises(ArtifactsError, match="accuracy gate"):
+        artifacts.model_path("int8")
+    model = load_packed_bert(built.out)  # config.json + model.safetensors from the artifacts alone
+    assert model.shape.hidden_size == 32
+    again = bert_run_build(bert_tiny_checkpoint, built.out, "--torch-only")
+    assert "[bert] weights: up to date" in again.log and "export" not in again.log
+
+
+def test_pytorch_bin_checkpoint_is_converted_to_the_same_tensors(bert_tiny_checkpoint, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import BertModel
+
+    from build.bert_checkpoint import copy_weights, inspect_checkpoint
+
+    checkpoint = Path(shutil.copytree(bert_tiny_checkpoint, tmp_path / "bin"))
+    (checkpoint / "model.safetensors").unlink()
+    model = BertModel.from_pretrained(bert_tiny_checkpoint)
+    torch.save(model.state_dict(), checkpoint / "pytorch_model.bin")
+    (tmp_path / "out").mkdir()
+    path = copy_weights(inspect_checkpoint(checkpoint), tmp_path / "out")
+    converted = load_file(path)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(converted[name], tensor, rtol=0, atol=0)
 
 
 def test_classifier_manifest_has_labels_and_gates_on_logits(bert_tiny_classifier_built):

@@ -12,6 +12,9 @@ from pathlib import Path
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 MODEL_FILES = {"fp32": "model.fp32.onnx", "int8": "model.int8.onnx"}
+# The checkpoint's weights and config.json, for runtime "torch" (it builds its model from them).
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
 TASKS = ("embedding", "classification")
 
 

@@ -17,7 +17,6 @@ from trident.bert.artifacts import BertArtifacts
 from trident.bert.batching import plan_micro_batches
 from trident.bert.options import EncoderOptions
 from trident.bert.pooling import l2_normalize, mean_pool
-from trident.bert.session import open_session
 from trident.bert.tokenizer import TextTokenizer, TokenBatch
 
 
@@ -44,23 +43,25 @@ class BertEncoder:
             from trident.bert.torch_runtime import open_torch_runtime  # torch stays out of the ORT path
             self._runtime = open_torch_runtime(artifacts, options, self.max_length)
         else:
+            from trident.bert.session import open_session  # onnxruntime stays out of the torch path
             self._session = open_session(artifacts.model_path(options.precision), options)
 
     @classmethod
     def from_artifacts(cls, artifacts_dir: str | Path, precision: str = "int8", runtime: str = "onnxruntime",
                        device: str = "cpu", max_length: int | None = None,
-                       num_threads: int | None = None) -> "BertEncoder":
+                       num_threads: int | None = None, max_num_seqs: int | None = None,
+                       max_num_batched_tokens: int | None = None) -> "BertEncoder":
         # Options first: a typo in runtime/precision/device is reported before any file is read.
         options = EncoderOptions(runtime=runtime, precision=precision, device=device,
-                                 max_length=max_length, num_threads=num_threads)
+                                 max_length=max_length, num_threads=num_threads, max_num_seqs=max_num_seqs,
+                                 max_num_batched_tokens=max_num_batched_tokens)
         return cls(BertArtifacts.load(artifacts_dir), options)
 
     def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         encodings = self._tokenizer.encode(list(texts))
         result = np.zeros((len(encodings), self._width()), dtype=np.float32)  # [N, hidden | num_labels]
         lengths = [len(e.ids) for e in encodings]
-        for indices in plan_micro_batches(lengths, self.options.max_num_seqs,
-                                          self.options.max_num_batched_tokens):
+        for indices in plan_micro_batches(lengths, *self.options.micro_batch_limits):
             if self._runtime is not None:
                 result[indices] = self._runtime.run([(encodings[i].ids, encodings[i].type_ids) for i in indices])
                 continue

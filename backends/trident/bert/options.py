@@ -16,6 +16,8 @@ TORCH_PRECISIONS = ("int8", "fp16", "bf16", "fp32")
 DEVICES = ("cpu", "cuda")
 PLANNED_DEVICES = ()
 DEVICE_OF_RUNTIME = {"onnxruntime": "cpu", "torch": "cuda"}
+# (max_num_seqs, max_num_batched_tokens) per runtime; torch's token cap is its largest CUDA graph.
+MICRO_BATCH_LIMITS = {"onnxruntime": (64, 8192), "torch": (256, 16384)}
 
 
 @dataclass(frozen=True)
@@ -25,10 +27,12 @@ class EncoderOptions:
     device: str = "cpu"
     max_length: int | None = None        # None: the length the model was built for (manifest)
     num_threads: int | None = None       # ORT intra-op threads; None: ORT's default (all cores)
-    # Micro-batch limits. Texts are sorted by length first, so a micro-batch pads to the longest of
-    # similar lengths; the token cap bounds the padded [batch, seq] tensor for long inputs.
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 8192
+    # Micro-batch limits (None: the runtime's default, MICRO_BATCH_LIMITS). Texts are sorted by
+    # length first, so an ONNX Runtime micro-batch pads to the longest of similar lengths; the token
+    # cap bounds the padded [batch, seq] tensor. The torch runtime packs tokens (no padding) and wants
+    # whole dynamic-batcher batches: splitting 128 texts in two halves its GPU efficiency.
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("runtime", self.runtime, RUNTIMES, PLANNED_RUNTIMES)
@@ -42,8 +46,15 @@ class EncoderOptions:
             raise ValueError(f"max_length must be >= 2 (room for the special tokens), got {self.max_length}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+        if min(self.micro_batch_limits) < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+
+    @property
+    def micro_batch_limits(self) -> tuple[int, int]:
+        """(max_num_seqs, max_num_batched_tokens), the runtime's defaults where unset."""
+        seqs, tokens = MICRO_BATCH_LIMITS[self.runtime]
+        return (seqs if self.max_num_seqs is None else self.max_num_seqs,
+                tokens if self.max_num_batched_tokens is None else self.max_num_batched_tokens)
 
 
 def _device_kind(device: str) -> str:

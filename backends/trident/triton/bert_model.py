@@ -10,6 +10,11 @@ Model config parameters (string values):
     precision   "int8" (default) | "fp32"; with runtime "torch" also "fp16" | "bf16"
     device      "cpu" (default) | "cuda[:N]"     num_threads  intra-op threads ("" = runtime default)
     max_length  truncate texts to this many tokens ("" = the model's maximum)
+    max_num_seqs, max_num_batched_tokens   micro-batch limits of one execute() ("" = the runtime's:
+                64 / 8192 for ONNX Runtime, 256 / 16384 for torch, which wants the batcher's whole batch)
+
+The GPU configuration (runtime torch, KIND_GPU, batcher sized for the GPU) is written by
+``python -m build.bert_gpu`` from the built artifacts (see that module).
 """
 from __future__ import annotations
 
@@ -30,6 +35,17 @@ def _parameters(model_config: dict) -> dict[str, str]:
     return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
 
 
+def _device(device: str, args: dict) -> str:
+    """"cuda" on a KIND_GPU instance means the GPU Triton placed that instance on."""
+    if device == "cuda" and args.get("model_instance_kind") == "GPU":
+        return f"cuda:{args['model_instance_device_id']}"
+    return device
+
+
+def _int_or_none(params: dict[str, str], key: str) -> int | None:
+    return int(params[key]) if params.get(key) else None
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         self.logger = pb_utils.Logger
@@ -47,9 +63,11 @@ class TritonPythonModel:
             artifacts,
             precision=params.get("precision") or "int8",
             runtime=params.get("runtime") or "onnxruntime",
-            device=params.get("device") or "cpu",
-            max_length=int(params["max_length"]) if params.get("max_length") else None,
-            num_threads=int(params["num_threads"]) if params.get("num_threads") else None,
+            device=_device(params.get("device") or "cpu", args),
+            max_length=_int_or_none(params, "max_length"),
+            num_threads=_int_or_none(params, "num_threads"),
+            max_num_seqs=_int_or_none(params, "max_num_seqs"),
+            max_num_batched_tokens=_int_or_none(params, "max_num_batched_tokens"),
         )
         declared = {o["name"] for o in model_config.get("output", [])}
         expected = OUTPUTS_BY_TASK[self.encoder.task]
@@ -57,7 +75,9 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"artifacts in {artifacts} are a {self.encoder.task} model with outputs {sorted(expected)}, "
                 f"but config.pbtxt declares {sorted(declared)}")
-        self.logger.log_info(f"bert: {self.encoder.task} model from {artifacts}, "
+        options = self.encoder.options
+        self.logger.log_info(f"bert: {self.encoder.task} model from {artifacts}, runtime={options.runtime} "
+                             f"device={options.device} precision={options.precision}, "
                              f"max_length={self.encoder.max_length}, hidden={self.encoder.hidden_size}")
 
     def execute(self, requests):
