@@ -5,11 +5,13 @@ One run times, per shape (M = 16384 tokens; (N, K) = QKV, attention out, up, dow
   int_mm   ``torch._int_mm`` with a column-major weight (int32 out, no epilogue)
   triton   ``int8_kernels.w8a8_matmul`` over a sweep of tile configs (BLOCK_M/N/K, warps, stages,
            GROUP_M swizzle, TMA descriptors, persistent grid), fp16 out with both scales applied
-Each config is first checked: with unit scales and an fp32 output the result must *equal* the int32
-product (int32 -> fp32 rounds the same way on both sides); the best config per shape is also checked
-with BERT's epilogue (bias, GELU, residual) against PyTorch on the int32 product. GPU time comes from
-CUDA events around CUDA-graph replays of 10 calls (no host launch cost), median of 25 replays after
-warm-up. Prints TOPS per config, the best per shape, and the whole-layer sums.
+Every config is timed as BERT calls it (bias always, GELU on the up projection, the residual on the
+two output projections) and checked twice: with unit scales, no epilogue and an fp32 output the
+result must *equal* the int32 product (int32 -> fp32 rounds the same way on both sides), and BERT's
+fp16 output must match PyTorch's fp32 epilogue on that product. GPU time comes from CUDA events
+around CUDA-graph replays of 10 calls (no host launch cost), median of 25 replays after warm-up.
+Prints TOPS per config, the best per shape, the whole-layer sums and the row kernels (LayerNorm +
+quantize, quantize alone).
 
     PYTHONPATH=backends:. python3 loadtest/bench_int8_gemm_gpu.py [--json out.json] [--quick]
 """
@@ -33,28 +35,28 @@ REPLAYS = 25
 
 
 def sweep() -> list[W8A8Tiles]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, GROUP_M, is_tma, is_persistent)."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, GROUP_M, is_tma, is_persistent, is_subtiled).
+
+    The first sweep (H200, same shapes; 20 configs without epilogue) put 128x128 tiles at 460-620
+    TOPS, 128x256 / 256x128 with BLOCK_K 128 and 3 stages at 650-1100, and a persistent 256x128 grid
+    first on three shapes; 4 warps on 128x256 collapsed (230 TOPS). This sweep keeps the contenders
+    and adds the split epilogue, timed with BERT's epilogue (bias, GELU / residual) in."""
     rows = [
-        (128, 128, 64, 8, 4, 8, False, False),   # the tiles BERT ran with before this sweep
-        (128, 128, 128, 8, 3, 8, False, False),
-        (128, 256, 128, 8, 3, 8, False, False),
-        (128, 128, 64, 8, 4, 8, True, False),
-        (128, 128, 128, 8, 3, 8, True, False),
-        (128, 128, 128, 8, 4, 8, True, False),
-        (128, 128, 128, 4, 4, 8, True, False),
-        (128, 256, 64, 8, 4, 8, True, False),
-        (128, 256, 128, 8, 3, 8, True, False),
-        (128, 256, 128, 8, 4, 8, True, False),
-        (256, 128, 128, 8, 3, 8, True, False),
-        (128, 128, 256, 8, 3, 8, True, False),
-        (64, 256, 128, 4, 4, 8, True, False),
-        (128, 256, 128, 8, 3, 1, True, False),   # no swizzle: what GROUP_M buys
-        (128, 128, 128, 8, 3, 8, True, True),
-        (128, 128, 128, 8, 4, 8, True, True),
-        (128, 256, 64, 8, 4, 8, True, True),
-        (128, 256, 128, 8, 3, 8, True, True),
-        (256, 128, 128, 8, 3, 8, True, True),
-        (128, 256, 128, 4, 3, 8, True, True),
+        (128, 128, 64, 8, 4, 8, False, False, False),   # the tiles BERT ran with before
+        (128, 256, 128, 8, 3, 8, False, False, True),
+        (128, 128, 128, 8, 4, 8, True, False, False),
+        (128, 256, 128, 8, 3, 8, True, False, False),
+        (128, 256, 128, 8, 3, 8, True, False, True),
+        (256, 128, 128, 8, 3, 8, True, False, False),
+        (256, 128, 128, 8, 3, 8, True, False, True),
+        (128, 256, 64, 8, 4, 8, True, False, True),
+        (256, 128, 128, 8, 3, 8, True, True, False),
+        (256, 128, 128, 8, 3, 8, True, True, True),
+        (256, 128, 128, 8, 3, 4, True, True, True),
+        (128, 256, 128, 8, 3, 8, True, True, True),
+        (128, 256, 64, 8, 4, 8, True, True, True),
+        (256, 128, 64, 8, 4, 8, True, True, True),
+        (128, 128, 128, 8, 4, 8, True, True, True),
     ]
     return [W8A8Tiles(*r) for r in rows]
 
@@ -104,78 +106,92 @@ def is_exact(ops: dict, exact: torch.Tensor, tiles: W8A8Tiles) -> bool:
     return torch.equal(out, exact.float())
 
 
-def epilogue_error(ops: dict, exact: torch.Tensor, tiles: W8A8Tiles) -> float:
-    """Max abs error of the fp16 output with bias, GELU and residual against PyTorch in fp32."""
-    reference = F.gelu(exact.float() * ops["x_scale"] * ops["w_scale"] + ops["bias"].float()) + ops["residual"].float()
-    out = int8_kernels.w8a8_matmul(ops["qx"], ops["x_scale"], ops["qw"], ops["w_scale"], torch.float16,
-                                   bias=ops["bias"], residual=ops["residual"], gelu=True, tiles=tiles)
-    error = (out.float() - reference).abs()
-    if not bool((error <= 2e-3 + 2e-3 * reference.abs()).all()):
-        print(f"  EPILOGUE MISMATCH: max abs error {error.max().item():.3e}", flush=True)
-    return error.max().item()
+def bert_call(name: str, ops: dict, tiles: W8A8Tiles | None):
+    """The shape's GEMM as BERT runs it: bias always, GELU on the up projection, residual on the outputs."""
+    residual = ops["residual"] if name in ("attn_out", "down") else None
+    return lambda: int8_kernels.w8a8_matmul(ops["qx"], ops["x_scale"], ops["qw"], ops["w_scale"], torch.float16,
+                                            bias=ops["bias"], residual=residual, gelu=name == "up", tiles=tiles)
+
+
+def epilogue_error(name: str, ops: dict, exact: torch.Tensor, tiles: W8A8Tiles | None) -> float:
+    """Max abs error of BERT's fp16 output against PyTorch in fp32 on the int32 product (|ref| <~ 10:
+    fp16 rounding alone is <= 4e-3 there)."""
+    reference = exact.float() * ops["x_scale"] * ops["w_scale"] + ops["bias"].float()
+    reference = F.gelu(reference) if name == "up" else reference
+    reference = reference + ops["residual"].float() if name in ("attn_out", "down") else reference
+    return (bert_call(name, ops, tiles)().float() - reference).abs().max().item()
 
 
 def bench_shape(name: str, n: int, k: int, configs: list[W8A8Tiles]) -> dict:
     ops = operands(n, k)
     exact = torch._int_mm(ops["qx"], ops["qw"].t())  # [M, N] int32, the reference
     row = {"shape": name, "M": M, "N": n, "K": k}
-    row["fp16_ms"] = gpu_ms(lambda: F.linear(ops["x16"], ops["w16"]))
+    row["fp16_ms"] = gpu_ms(lambda: F.linear(ops["x16"], ops["w16"], ops["bias"]))
     row["int_mm_ms"] = gpu_ms(lambda: torch._int_mm(ops["qx"], ops["qw"].t()))
-    print(f"\n{name}: M={M} N={n} K={k}   fp16 cuBLAS {row['fp16_ms'] * 1e3:7.1f} us {tops(n, k, row['fp16_ms']):6.0f} TFLOP/s"
-          f"   int_mm {row['int_mm_ms'] * 1e3:7.1f} us {tops(n, k, row['int_mm_ms']):6.0f} TOPS", flush=True)
+    print(f"\n{name}: M={M} N={n} K={k}   fp16 cuBLAS (+bias) {row['fp16_ms'] * 1e3:6.1f} us "
+          f"{tops(n, k, row['fp16_ms']):4.0f} TFLOP/s   int_mm {row['int_mm_ms'] * 1e3:6.1f} us "
+          f"{tops(n, k, row['int_mm_ms']):4.0f} TOPS   ours with BERT's epilogue:", flush=True)
     row["configs"] = []
     for tiles in configs:
         try:
-            ok = is_exact(ops, exact, tiles)
-            ms = gpu_ms(lambda: int8_kernels.w8a8_matmul(ops["qx"], ops["x_scale"], ops["qw"], ops["w_scale"],
-                                                         torch.float16, tiles=tiles))
+            exact_ok = is_exact(ops, exact, tiles)
+            error = epilogue_error(name, ops, exact, tiles)
+            ms = gpu_ms(bert_call(name, ops, tiles))
         except Exception as e:  # a config that does not compile or fit shared memory is a result too
-            print(f"  {_label(tiles):44s} FAILED {type(e).__name__}: {str(e).splitlines()[0][:80]}", flush=True)
+            print(f"  {_label(tiles):52s} FAILED {type(e).__name__}: {str(e).splitlines()[0][:70]}", flush=True)
             continue
-        row["configs"].append({**asdict(tiles), "ms": ms, "tops": tops(n, k, ms), "exact": ok})
-        print(f"  {_label(tiles):44s} {ms * 1e3:7.1f} us {tops(n, k, ms):6.0f} TOPS {'exact' if ok else 'WRONG'}", flush=True)
-    good = [c for c in row["configs"] if c["exact"]]
-    best = min(good, key=lambda c: c["ms"])
+        ok = exact_ok and error <= 8e-3
+        row["configs"].append({**asdict(tiles), "ms": ms, "tops": tops(n, k, ms), "max_err": error,
+                               "exact": exact_ok, "ok": ok})
+        print(f"  {_label(tiles):52s} {ms * 1e3:6.1f} us {tops(n, k, ms):5.0f} TOPS  "
+              f"{'exact' if exact_ok else 'NOT EXACT'}, epilogue err {error:.1e}{'' if ok else '  WRONG'}", flush=True)
+    best = min((c for c in row["configs"] if c["ok"]), key=lambda c: c["ms"])
     best_tiles = W8A8Tiles(**{f: best[f] for f in W8A8Tiles.__dataclass_fields__})
     row["best"] = best
-    row["best_epilogue_max_err"] = epilogue_error(ops, exact, best_tiles)
-    row["epilogue_ms"] = gpu_ms(lambda: int8_kernels.w8a8_matmul(
-        ops["qx"], ops["x_scale"], ops["qw"], ops["w_scale"], torch.float16, bias=ops["bias"],
-        residual=ops["residual"] if name in ("attn_out", "down") else None, gelu=name == "up", tiles=best_tiles))
-    row["rule_ms"] = gpu_ms(lambda: int8_kernels.w8a8_matmul(ops["qx"], ops["x_scale"], ops["qw"], ops["w_scale"],
-                                                             torch.float16))
-    print(f"  best: {_label(best_tiles)} {best['tops']:.0f} TOPS; with BERT's epilogue "
-          f"{row['epilogue_ms'] * 1e3:.1f} us (max err {row['best_epilogue_max_err']:.2e}); "
-          f"tile rule {row['rule_ms'] * 1e3:.1f} us {tops(n, k, row['rule_ms']):.0f} TOPS", flush=True)
+    row["best_plain_ms"] = gpu_ms(lambda: int8_kernels.w8a8_matmul(ops["qx"], ops["x_scale"], ops["qw"],
+                                                                   ops["w_scale"], torch.float16, tiles=best_tiles))
+    row["rule_ms"] = gpu_ms(bert_call(name, ops, None))
+    row["rule_err"] = epilogue_error(name, ops, exact, None)
+    print(f"  best: {_label(best_tiles)} {best['tops']:.0f} TOPS with the epilogue, "
+          f"{tops(n, k, row['best_plain_ms']):.0f} without; "
+          f"tile rule {row['rule_ms'] * 1e3:.1f} us {tops(n, k, row['rule_ms']):.0f} TOPS (err {row['rule_err']:.1e})",
+          flush=True)
     return row
 
 
 def norm_quantize_row(hidden: int = 768) -> dict:
-    """LayerNorm then quantize (two launches) vs the fused layer_norm_quantize, at [M, hidden] fp16."""
+    """LayerNorm then quantize (two launches) vs the fused layer_norm_quantize at [M, hidden] fp16,
+    over rows per program; and quantize_rows alone at the two widths BERT quantizes."""
     x = torch.randn(M, hidden, device="cuda").half()
     g, b = torch.randn(hidden, device="cuda").half(), torch.randn(hidden, device="cuda").half()
     ones = torch.ones(hidden, device="cuda").half()
-    two = gpu_ms(lambda: int8_kernels.quantize_rows(F.layer_norm(x, (hidden,), g, b, 1e-12), ones))
-    fused = gpu_ms(lambda: int8_kernels.layer_norm_quantize(x, g, b, 1e-12))
-    print(f"\nLayerNorm + quantize [{M}, {hidden}] fp16: separate {two * 1e3:.1f} us, fused {fused * 1e3:.1f} us", flush=True)
-    return {"separate_ms": two, "fused_ms": fused}
+    result = {"separate_ms": gpu_ms(lambda: int8_kernels.quantize_rows(F.layer_norm(x, (hidden,), g, b, 1e-12), ones))}
+    for rows in (1, 2, 4, 8, 16):
+        result[f"fused_rows{rows}_ms"] = gpu_ms(lambda: int8_kernels.layer_norm_quantize(x, g, b, 1e-12, rows=rows))
+    result["fused_rule_ms"] = gpu_ms(lambda: int8_kernels.layer_norm_quantize(x, g, b, 1e-12))
+    for width in (768, 3072):
+        xw, sw = torch.randn(M, width, device="cuda").half(), torch.ones(width, device="cuda").half()
+        result[f"quantize_rows_{width}_ms"] = gpu_ms(lambda: int8_kernels.quantize_rows(xw, sw))
+    print(f"\nrow kernels at M={M} (fp16): " + ", ".join(f"{k} {v * 1e3:.1f} us" for k, v in result.items()), flush=True)
+    return result
 
 
 def _label(t: W8A8Tiles) -> str:
     kind = ("tma+persistent" if t.is_persistent else "tma") if t.is_tma else "pointers"
-    return f"{t.block_m}x{t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages} g{t.group_m} {kind}"
+    return (f"{t.block_m}x{t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages} g{t.group_m} {kind}"
+            f"{' split-epilogue' if t.is_subtiled else ''}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--quick", action="store_true", help="only the tile rule's config and the baseline")
+    p.add_argument("--quick", action="store_true", help="only the old baseline config (and the tile rule)")
     args = p.parse_args()
     torch.manual_seed(0)
-    configs = sweep()[:1] + [int8_kernels.w8a8_tiles(M, 768, 768)] if args.quick else sweep()
+    configs = sweep()[:1] if args.quick else sweep()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     rows = [bench_shape(name, n, k, configs) for name, (n, k) in SHAPES.items()]
-    layer = {key: sum(r[key] for r in rows) for key in ("fp16_ms", "int_mm_ms", "epilogue_ms", "rule_ms")}
+    layer = {key: sum(r[key] for r in rows) for key in ("fp16_ms", "int_mm_ms", "best_plain_ms", "rule_ms")}
     layer["best_ms"] = sum(r["best"]["ms"] for r in rows)
     ops_per_layer = sum(2 * M * r["N"] * r["K"] for r in rows)
     print("\none layer (4 GEMMs), 12 layers = BERT-base:")

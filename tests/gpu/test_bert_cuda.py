@@ -190,11 +190,12 @@ def test_fused_int8_linear_matches_the_engine_int8_linear_plus_torch_epilogue(nu
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None
 needs_kernels = pytest.mark.skipif(KERNEL_DEVICE is None or not int8_kernels.IS_AVAILABLE,
                                    reason="needs CUDA (or TRITON_INTERPRET=1) and triton")
-TILE_VARIANTS = {  # the decode rule's small tiles, plain pointer loads, TMA loads, TMA + persistent grid
+TILE_VARIANTS = {  # the decode rule's small tiles, pointer loads, TMA, TMA + persistent grid + split epilogue
     "rule": None,
     "pointers": W8A8Tiles(64, 64, 64, 4, 3, 4),
+    "pointers_subtiled": W8A8Tiles(64, 64, 64, 4, 3, 4, is_subtiled=True),
     "tma": W8A8Tiles(64, 128, 64, 4, 3, 4, is_tma=True),
-    "tma_persistent": W8A8Tiles(64, 64, 128, 4, 3, 2, is_tma=True, is_persistent=True),
+    "tma_persistent": W8A8Tiles(64, 64, 128, 4, 3, 2, is_tma=True, is_persistent=True, is_subtiled=True),
 }
 
 
@@ -221,7 +222,7 @@ def test_w8a8_gemm_accumulates_exactly(variant):
 
 
 @needs_kernels
-@pytest.mark.parametrize("variant", ["rule", "tma_persistent"])
+@pytest.mark.parametrize("variant", ["rule", "pointers_subtiled", "tma_persistent"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("has_bias,gelu,has_residual", [(True, False, False), (True, True, False),
                                                         (True, False, True), (False, True, True)])
@@ -263,6 +264,18 @@ def test_layer_norm_quantize_equals_layer_norm_then_per_token_quantize(dtype, hi
     # The int8 rows are those of the stored y, exactly as quantize_rows(y) would write them.
     smoothed = y.cpu().float() * (1 if inv_smooth is None else inv_smooth.to(dtype).float())
     ref_q, ref_scale = quantize_per_token(smoothed)
+    torch.testing.assert_close(scale.cpu(), ref_scale, rtol=1e-6, atol=0)
+    assert (q.cpu().long() - ref_q.long()).abs().max() <= 1  # only exact .5 ties may round apart
+
+
+@needs_kernels
+@pytest.mark.parametrize("m,k", [(37, 576), (5, 3072), (1, 100)])  # several rows per program, one, a ragged row
+def test_quantize_rows_equals_per_token_quantize(m, k):
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-1, 1, k)
+    inv_smooth = torch.rand(k, generator=g) + 0.5
+    q, scale = int8_kernels.quantize_rows(x.to(KERNEL_DEVICE), inv_smooth.to(KERNEL_DEVICE))
+    ref_q, ref_scale = quantize_per_token(x * inv_smooth)
     torch.testing.assert_close(scale.cpu(), ref_scale, rtol=1e-6, atol=0)
     assert (q.cpu().long() - ref_q.long()).abs().max() <= 1  # only exact .5 ties may round apart
 
