@@ -5,7 +5,8 @@ intermediate 1536, vocab 49,152, tied head), a decode batch of ``--batch`` seque
 ``--context`` over a shuffled paged KV cache, the real attention kernels. Each case is captured
 as a CUDA graph (as the engine replays decode steps) and timed with CUDA events: GPU time per
 replay, median of ``--repeats`` runs of ``--iters`` replays. Both paths run in the same process
-(``use_fused_kernels``), and the kernels one layer launches are counted with the profiler.
+(``use_fused_kernels``), and the kernels each case launches are counted with the profiler. A
+GPT-2 124M-shaped step (12 layers, hidden 768) is timed the same way: there only the GELU changes.
 
     PYTHONPATH=backends:. python3 loadtest/bench_layer_gpu.py
 """
@@ -91,18 +92,40 @@ def time_replays(graph: torch.cuda.CUDAGraph, iters: int, repeats: int) -> float
     return statistics.median(samples)
 
 
-def count_kernels(fn: Callable[[], object], fused: bool) -> int:
-    """GPU kernels one eager call launches (the profiler's CUDA kernel events)."""
+def profile_kernels(fn: Callable[[], object], fused: bool) -> list[tuple[str, int, float]]:
+    """(kernel name, launches, total GPU µs) of one eager call, most time first (memcpy/memset left out)."""
     from torch.profiler import ProfilerActivity, profile
 
     with torch.inference_mode(), use_fused_kernels(fused):
         fn()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CUDA], acc_events=True) as prof:
             fn()
             torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type.name == "CUDA" and "memcpy" not in e.name.lower()
-               and "memset" not in e.name.lower())
+    totals: dict[str, list[float]] = {}
+    for e in prof.events():
+        name = e.name.lower()
+        if e.device_type.name == "CUDA" and "memcpy" not in name and "memset" not in name:
+            entry = totals.setdefault(e.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += e.time_range.elapsed_us()
+    return sorted(((k, int(n), us) for k, (n, us) in totals.items()), key=lambda row: -row[2])
+
+
+def gpt2_model() -> torch.nn.Module:
+    """GPT-2 124M's shape: the fused path changes only its GELU (its LayerNorms stay PyTorch)."""
+    from transformers import GPT2Config
+
+    from trident.models.gpt2 import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = GPT2LMHeadModel.from_hf_config(GPT2Config(n_embd=768, n_layer=12, n_head=12, n_positions=1024))
+    model = model.to_empty(device="cuda").to(torch.bfloat16)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.02)
+    return model.eval().requires_grad_(False)
 
 
 def main() -> None:
@@ -128,24 +151,39 @@ def main() -> None:
         return model.compute_logits(model(input_ids, positions, kv_cache, metadata)).argmax(dim=-1)
 
     results = {"device": torch.cuda.get_device_name(), "batch": args.batch, "context": args.context}
-    for fused in (False, True):
-        path = "fused" if fused else "plain"
-        results[f"layer_ms_{path}"] = round(time_replays(capture(one_layer, fused), args.iters, args.repeats), 4)
-        results[f"step_ms_{path}"] = round(time_replays(capture(whole_step, fused), args.iters, args.repeats), 4)
-    for fused in (False, True):
-        path = "fused" if fused else "plain"
-        results[f"layer_kernels_{path}"] = count_kernels(one_layer, fused)
-        results[f"step_kernels_{path}"] = count_kernels(whole_step, fused)
-    results["layer_speedup"] = round(results["layer_ms_plain"] / results["layer_ms_fused"], 2)
-    results["step_speedup"] = round(results["step_ms_plain"] / results["step_ms_fused"], 2)
+    gpt2 = gpt2_model()
+    gpt2_inputs = decode_inputs(gpt2, args.batch, args.context, args.max_context)
 
-    print(f"SmolLM2 shape, bf16, decode batch {args.batch} at context {args.context}, CUDA-graph replays "
-          f"({results['device']})")
-    print(f"{'':24}{'plain PyTorch':>16}{'fused kernels':>16}{'speedup':>10}")
-    for what, key in (("one decoder layer", "layer"), ("whole step (30 layers)", "step")):
-        print(f"{what:24}{results[f'{key}_ms_plain']:>13.3f} ms{results[f'{key}_ms_fused']:>13.3f} ms"
+    def gpt2_step():
+        return gpt2.compute_logits(gpt2(*gpt2_inputs)).argmax(dim=-1)
+
+    cases = (("one decoder layer", "layer", one_layer), ("whole step (30 layers)", "step", whole_step),
+             ("GPT-2 124M whole step", "gpt2_step", gpt2_step))
+    for _ in range(2):  # twice, interleaved: the two runs show the noise
+        for _, key, fn in cases:
+            for path in ("plain", "fused"):
+                ms = time_replays(capture(fn, path == "fused"), args.iters, args.repeats)
+                results.setdefault(f"{key}_ms_{path}", []).append(round(ms, 4))
+    tops = {}
+    for _, key, fn in cases:
+        for path in ("plain", "fused"):
+            kernels_run = profile_kernels(fn, path == "fused")
+            results[f"{key}_kernels_{path}"] = sum(n for _, n, _ in kernels_run)
+            tops[f"{key}_{path}"] = kernels_run[:8]
+        results[f"{key}_speedup"] = round(min(results[f"{key}_ms_plain"]) / min(results[f"{key}_ms_fused"]), 2)
+    results["top_kernels"] = tops
+
+    print(f"SmolLM2 shape (and GPT-2 124M), bf16, decode batch {args.batch} at context {args.context}, "
+          f"CUDA-graph replays, GPU ms per replay, two runs ({results['device']})")
+    print(f"{'':26}{'plain PyTorch':>20}{'fused kernels':>20}{'speedup':>10}")
+    for what, key, _ in cases:
+        plain, fused = results[f"{key}_ms_plain"], results[f"{key}_ms_fused"]
+        print(f"{what:26}{' / '.join(f'{v:.3f}' for v in plain):>20}{' / '.join(f'{v:.3f}' for v in fused):>20}"
               f"{results[f'{key}_speedup']:>9.2f}x")
-        print(f"{'  kernels launched':24}{results[f'{key}_kernels_plain']:>16}{results[f'{key}_kernels_fused']:>16}")
+        print(f"{'  kernels launched':26}{results[f'{key}_kernels_plain']:>20}{results[f'{key}_kernels_fused']:>20}")
+    print("\nfused whole step, GPU time by kernel (eager run under the profiler):")
+    for name, n, us in tops["step_fused"]:
+        print(f"  {us:9.1f} µs  {n:5d} x  {name[:90]}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
