@@ -2,11 +2,17 @@
 
     python loadtest/bench_engine_cpu.py [--model DIR] [--num-requests 32] [--input-len 64]
                                         [--output-len 64] [--threads 1] [--hf-requests K]
+    python loadtest/bench_engine_cpu.py --host [--num-requests 256] [--cprofile 25]
 
 N requests of random-token prompts (fixed lengths, EOS ignored, greedy) go to the engine all at
 once (twice: before and after the peer); the peer is ``generate`` run request by request on the same weights, in the same process,
 with the same torch threads. Prints output tok/s for each, the ratio, and the engine's TTFT and
 TPOT percentiles; writes the figures as JSON under loadtest/results/.
+
+``--host`` measures the engine's own host time instead: a tiny random Llama (the model's matrix
+multiplications cost next to nothing and are timed and subtracted), N concurrent requests, the
+host microseconds per output token of the whole step (scheduling, staging, append, stop checks,
+detokenization, outputs) for each output kind, and optionally a cProfile of the run.
 """
 from __future__ import annotations
 
@@ -89,8 +95,106 @@ def _pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
+def bench_host(num_requests: int, input_len: int, output_len: int, output_kind: str | None,
+               cprofile_top: int = 0) -> dict:
+    """Engine host microseconds per output token: everything but the runner's greedy step (whose
+    decode staging is measured apart: ``_stage_decodes_beside``), which is timed and subtracted."""
+    import cProfile
+    import pstats
+    import tempfile
+
+    from trident.models.testing import save_tiny_llama
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = save_tiny_llama(Path(tmp) / "tiny-llama", max_position_embeddings=input_len + output_len + 16)
+        config = EngineConfig(model=str(model), device="cpu", dtype="float32",
+                              max_model_len=input_len + output_len + 16, max_num_seqs=num_requests,
+                              max_num_batched_tokens=max(2048, num_requests * input_len), enable_prefix_caching=False)
+        engine = LLMEngine(config)
+    kind = {} if output_kind is None else {"output_kind": output_kind}
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, **kind)
+    stage_time = _stage_decodes_beside(engine)
+    # The runner's whole call: on the CPU, freeing the step's [256, vocab] logits alone costs ms.
+    launch = "launch_greedy" if hasattr(engine.runner, "launch_greedy") else "execute_greedy"
+    model_time = _time_calls(engine.runner, (launch,))
+    prompts = random_prompts(num_requests, input_len, engine.runner.vocab_size, seed=0)
+    profiler = cProfile.Profile() if cprofile_top else None
+    t0 = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    if profiler:
+        profiler.enable()
+    while engine.has_unfinished():
+        engine.step()
+    num_tokens = engine.generation_tokens_total
+    if profiler:
+        profiler.disable()
+    elapsed = time.perf_counter() - t0
+    host = elapsed - model_time[0]
+    if profiler:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(cprofile_top)
+    return {"output_kind": output_kind or "cumulative", "num_requests": num_requests, "output_tokens": num_tokens,
+            "seconds": elapsed, "runner_seconds": model_time[0], "host_us_per_token": host / num_tokens * 1e6,
+            "stage_us_per_row": stage_time[0] / max(stage_time[1], 1) * 1e6}
+
+
+def _stage_decodes_beside(engine) -> list:
+    """Also stage every decode-only batch into CPU ``DecodeBuffers`` (what a CUDA-graph step
+    stages) and time it: [seconds, rows]. Runs inside ``runner.forward``, so it is subtracted."""
+    from trident.engine.cuda_graph import DecodeBuffers, decode_buckets
+
+    runner, config = engine.runner, engine.config
+    buckets = decode_buckets(config.max_num_seqs)
+    buffers = DecodeBuffers(buckets[-1], -(-runner.max_model_len // config.block_size), torch.device("cpu"))
+    totals = [0.0, 0]
+    inner = runner.forward
+
+    def forward(seqs, num_new_tokens):
+        if all(n == 1 and seq.num_computed_tokens == seq.num_tokens - 1 for seq, n in zip(seqs, num_new_tokens)):
+            bucket = next(b for b in buckets if b >= len(seqs))
+            t = time.perf_counter()
+            buffers.stage(seqs, bucket, config.block_size)
+            totals[0] += time.perf_counter() - t
+            totals[1] += len(seqs)
+        return inner(seqs, num_new_tokens)
+    runner.forward = forward
+    return totals
+
+
+def _time_calls(module, names: tuple[str, ...]) -> list[float]:
+    """Accumulate the wall time of ``module``'s methods ``names`` into the returned one-item list."""
+    total = [0.0]
+    for name in names:
+        inner = getattr(module, name)
+
+        def timed(*args, _inner=inner, **kwargs):
+            t = time.perf_counter()
+            try:
+                return _inner(*args, **kwargs)
+            finally:
+                total[0] += time.perf_counter() - t
+        setattr(module, name, timed)
+    return total
+
+
+def main_host(args: argparse.Namespace) -> list[dict]:
+    results = []
+    kinds = [None] if "output_kind" not in SamplingParams.__dataclass_fields__ else [None, "delta", "final_only"]
+    for kind in kinds:
+        run = bench_host(args.num_requests, args.input_len, args.output_len, kind, args.cprofile)
+        results.append(run)
+        print(f"[host] {run['output_kind']:<11}: {run['host_us_per_token']:6.2f} us/token host "
+              f"({run['output_tokens']} tokens, {run['seconds']:.2f} s, runner {run['runner_seconds']:.2f} s); "
+              f"decode staging {run['stage_us_per_row']:.2f} us/row", 
+              flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = _parse_args(argv)
+    if args.host:
+        torch.set_num_threads(1)
+        return {"host": main_host(args)}
     if args.threads:
         torch.set_num_threads(args.threads)
     model = Path(args.model)
@@ -139,6 +243,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hf-requests", type=int, default=0,
                         help="run the peer on only the first K requests (its tok/s does not depend on K)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--host", action="store_true",
+                        help="host us/token of the engine itself (tiny random model, forward subtracted)")
+    parser.add_argument("--cprofile", type=int, default=0, help="with --host: print the top N functions")
     return parser.parse_args(argv)
 
 

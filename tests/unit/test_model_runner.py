@@ -195,3 +195,45 @@ def test_bfloat16_weights_and_cache_stay_close_to_the_fp32_reference(tiny):
     assert logits.dtype == torch.float32
     assert (logits - reference).abs().max() < 0.15 * reference.std()
     assert logits.argmax(-1).tolist() == reference.argmax(-1).tolist()
+
+
+def test_decode_staging_rewrites_only_changed_rows_yet_every_row_is_right():
+    """The persistent host rows of the decode graphs (CPU mirrors here): a batch whose members grow,
+    leave, arrive and get new block tables (as after preemption) always stages exactly their tables,
+    slots, positions and last tokens."""
+    from trident.engine.cuda_graph import PAD_SLOT, DecodeBuffers
+
+    rng = random.Random(0)
+    buffers = DecodeBuffers(max_num_seqs=16, max_blocks_per_seq=32, device=torch.device("cpu"))
+    free = list(range(1, 500))
+    rng.shuffle(free)
+
+    def new_seq(seq_id):
+        seq = Sequence(seq_id, [rng.randrange(VOCAB) for _ in range(rng.randrange(1, 20))], SamplingParams())
+        seq.block_table = [free.pop() for _ in range(-(-seq.num_tokens // BLOCK_SIZE))]
+        seq.num_computed_tokens = seq.num_tokens - 1
+        return seq
+
+    batch = [new_seq(i) for i in range(10)]
+    for step in range(60):
+        buffers.stage(batch, 16, BLOCK_SIZE)
+        for i, seq in enumerate(batch):
+            pos = seq.num_computed_tokens
+            table = buffers.np_block_tables[i, :len(seq.block_table)].tolist()
+            assert table == seq.block_table, f"step {step} row {i}"
+            assert buffers.np_slots[i] == seq.block_table[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
+            assert (buffers.np_positions[i], buffers.np_input_ids[i]) == (pos, seq.token_ids[pos])
+            assert buffers.np_context_lens[i] == pos + 1
+        assert (buffers.np_slots[len(batch):16] == PAD_SLOT).all()
+        for seq in batch:   # the step: one token each, a new block when the last one is full
+            seq.append_token(rng.randrange(VOCAB))
+            seq.num_computed_tokens += 1
+            if seq.num_tokens > len(seq.block_table) * BLOCK_SIZE:
+                seq.block_table.append(free.pop())
+        if step % 7 == 3:   # one finishes: every later row shifts up
+            batch.pop(rng.randrange(len(batch)))
+        if step % 5 == 1 and len(batch) < 16:
+            batch.append(new_seq(100 + step))
+        if step % 11 == 5:  # preempted and recomputed: same sequence, a new table of the same length
+            seq = batch[rng.randrange(len(batch))]
+            seq.block_table = [free.pop() for _ in seq.block_table]

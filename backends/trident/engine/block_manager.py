@@ -120,6 +120,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         first, end = num_computed_before // self.block_size, seq.num_computed_tokens // self.block_size
+        if first == end:
+            return      # most decode steps: no block became full
         hashes = self._block_hashes(seq, end)
         for i in range(first, end):
             block = self.blocks[seq.block_table[i]]

@@ -44,9 +44,11 @@ class DecodeBuffers:
     """The static inputs every decode graph reads, and their pinned host mirrors."""
 
     def __init__(self, max_num_seqs: int, max_blocks_per_seq: int, device: torch.device):
+        is_cuda = torch.device(device).type == "cuda"   # (pinned only where there is CUDA: CPU tests)
+
         def pair(*shape: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
             return (torch.zeros(*shape, dtype=dtype, device=device),
-                    torch.zeros(*shape, dtype=dtype, pin_memory=True))
+                    torch.zeros(*shape, dtype=dtype, pin_memory=is_cuda))
 
         self.input_ids, self.input_ids_host = pair(max_num_seqs, dtype=torch.long)       # [max_num_seqs]
         self.positions, self.positions_host = pair(max_num_seqs, dtype=torch.long)       # [max_num_seqs]
@@ -55,24 +57,35 @@ class DecodeBuffers:
         self.block_tables, self.block_tables_host = pair(max_num_seqs, max_blocks_per_seq,
                                                          dtype=torch.int32)  # [max_num_seqs, max_blocks]
         self.cu_seqlens_q = torch.arange(max_num_seqs + 1, dtype=torch.int32, device=device)  # decode: one each
-        self.token_ids_host = torch.zeros(max_num_seqs, dtype=torch.long, pin_memory=True)
         # numpy views of the pinned mirrors: filling them costs no torch dispatch per element
         self.np_input_ids = self.input_ids_host.numpy()
         self.np_positions = self.positions_host.numpy()
         self.np_slots = self.slot_mapping_host.numpy()
         self.np_context_lens = self.context_lens_host.numpy()
         self.np_block_tables = self.block_tables_host.numpy()
+        # Persistent rows (vLLM's persistent batch): which block-table list each row of the host
+        # mirror holds and how much of it is written. A sequence's table only grows in place
+        # while it runs (a preemption gives it a new list), so a row that keeps its sequence needs
+        # at most its new tail written, and usually nothing.
+        self._row_tables: list[list[int] | None] = [None] * max_num_seqs
+        self._row_num_blocks = [0] * max_num_seqs
 
     def stage(self, seqs: list[Sequence], bucket: int, block_size: int) -> None:
         """Write the decode rows of ``seqs`` (and padding up to ``bucket``) into the pinned mirrors."""
         n = len(seqs)
         positions = [seq.num_computed_tokens for seq in seqs]
-        tables = self.np_block_tables
+        tables, row_tables, row_num_blocks = self.np_block_tables, self._row_tables, self._row_num_blocks
         slots = []
         for i, (seq, pos) in enumerate(zip(seqs, positions)):
             table = seq.block_table
             slots.append(table[pos // block_size] * block_size + pos % block_size)
-            tables[i, :len(table)] = table   # entries past the context are never read: no clearing
+            num_blocks = len(table)
+            if row_tables[i] is not table:
+                tables[i, :num_blocks] = table   # entries past the context are never read: no clearing
+                row_tables[i] = table
+            elif row_num_blocks[i] != num_blocks:
+                tables[i, row_num_blocks[i]:num_blocks] = table[row_num_blocks[i]:]
+            row_num_blocks[i] = num_blocks
         self.np_input_ids[:n] = [seq.token_ids[pos] for seq, pos in zip(seqs, positions)]
         self.np_positions[:n] = positions
         self.np_slots[:n] = slots

@@ -60,8 +60,12 @@ class Sampler:
         """Whether the argmax of the raw logits is the whole answer for every row: greedy, no
         penalties or min_tokens masking, no log-probs. Then the runner's on-device argmax serves
         (``ModelRunner.execute_greedy``) and no logits cross to the host."""
-        return all(s.sampling_params.is_greedy and not s.sampling_params.logprobs
-                   and not _needs_logits_processing(s) for s in seqs)
+        for seq in seqs:   # every step, every row: plain attribute reads, no property calls
+            p = seq.sampling_params
+            if (p.temperature != 0 or p.logprobs or p.repetition_penalty != 1.0 or p.frequency_penalty
+                    or p.presence_penalty or (p.min_tokens and seq.num_output_tokens < p.min_tokens)):
+                return False
+        return True
 
     def free(self, seq_id: int) -> None:
         """Forget a finished or aborted sequence's RNG state."""

@@ -133,27 +133,40 @@ class Scheduler:
 
         The engine appends sampled tokens and marks finished sequences (``seq.finish``) before this.
         """
+        live, finished_status = self._seqs, SequenceStatus.FINISHED
+        cache_blocks = self.block_manager.cache_blocks
+        finished = []
         for seq, num_new_tokens in zip(out.seqs, out.num_new_tokens):
-            if seq.seq_id not in self._seqs:
-                continue    # aborted after it was scheduled: its blocks are already free
+            if seq.seq_id not in live:
+                continue    # aborted (or stopped) after it was scheduled: its blocks are already free
             num_computed_before = seq.num_computed_tokens
             seq.num_computed_tokens += num_new_tokens
-            self.block_manager.cache_blocks(seq, num_computed_before)
-        finished = [seq for seq in out.seqs if seq.is_finished and seq.seq_id in self._seqs]
+            cache_blocks(seq, num_computed_before)
+            if seq.status is finished_status:
+                finished.append(seq)
         if finished:
-            self.running = [seq for seq in self.running if not seq.is_finished]
+            self.running = [seq for seq in self.running if seq.status is not finished_status]
             for seq in finished:
                 self.block_manager.free(seq)
-                del self._seqs[seq.seq_id]
+                del live[seq.seq_id]
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        # Runs for every running sequence every step: attribute reads only on the common path (a
+        # decode whose block table already covers its next position).
+        block_size = self.block_manager.block_size
+        running = self.running
+        seqs, counts, is_sampled = out.seqs, out.num_new_tokens, out.is_sampled
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            num_new_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(seq, num_new_tokens, out):
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            num_tokens, num_computed = len(seq.token_ids), seq.num_computed_tokens
+            num_new_tokens = min(num_tokens - num_computed, budget)
+            end = num_computed + num_new_tokens
+            if end > len(seq.block_table) * block_size and not self._allocate_or_preempt(seq, num_new_tokens, out):
                 break   # `seq` was the newest and preempted itself
-            self._add(out, seq, num_new_tokens)
+            seqs.append(seq)
+            counts.append(num_new_tokens)
+            is_sampled.append(end == num_tokens)
             budget -= num_new_tokens
             i += 1
         return budget
