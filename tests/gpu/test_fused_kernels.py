@@ -131,6 +131,34 @@ def test_rotary_in_place_on_qkv_views_matches_plain_layer(dtype, layout, num_tok
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", HEAD_LAYOUTS[:2])
+def test_rotary_and_kv_store_in_one_launch_match_rotary_then_store(dtype, layout):
+    num_heads, num_kv_heads, head_dim = layout
+    num_tokens, num_blocks, block_size = 37, 8, 16
+    rotary = RotaryEmbedding(default_inv_freq(head_dim, 10000.0), 300)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = _randn(num_tokens, q_size + 2 * kv_size, dtype=dtype, seed=10)
+    q, k, v = (t.view(num_tokens, -1, head_dim) for t in qkv.split([q_size, kv_size, kv_size], dim=-1))
+    positions = torch.randint(0, 300, (num_tokens,), generator=torch.Generator().manual_seed(11)).to(DEVICE)
+    slots = torch.randperm(num_blocks * block_size, generator=torch.Generator().manual_seed(12))[:num_tokens]
+    slots[[0, 20]] = -1  # CUDA-graph padding rows: nothing stored
+    slots = slots.to(DEVICE)
+    kv_cache = _randn(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, seed=13)
+    expected_q, expected_k = _plain(rotary, positions, q.clone(), k.clone())
+    expected_cache = kv_cache.clone()
+    stored = slots >= 0
+    for i, t in enumerate((expected_k, v)):
+        expected_cache[i].view(-1, num_kv_heads, head_dim)[slots[stored]] = t[stored]
+
+    with use_fused_kernels(True):
+        assert rotary.can_store(q, kv_cache)
+        rotary.rotate_and_store(positions, q, k, v, kv_cache, slots)
+
+    assert torch.equal(q, expected_q) and torch.equal(k, expected_k)
+    assert torch.equal(kv_cache, expected_cache)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("intermediate_size", [1536, 100])
 @pytest.mark.parametrize("num_tokens", NUM_TOKENS)
 def test_silu_and_mul_matches_plain_layer(dtype, intermediate_size, num_tokens):
@@ -201,7 +229,9 @@ def test_llama_forward_with_kernels_matches_plain_forward(model_dir, dtype):
         with torch.inference_mode(), use_fused_kernels(fused):
             return model.compute_logits(model(*inputs)).float()  # [num_tokens, vocab]
 
-    plain, fused = forward(False), forward(True)
+    # Fused first: the step's new slots are still empty, so a key/value the fused path failed to
+    # store would show.
+    fused, plain = forward(True), forward(False)
     assert fused.shape == plain.shape == (44, 512)
     if dtype == torch.float32:
         torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)

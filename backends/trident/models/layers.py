@@ -111,6 +111,17 @@ class RotaryEmbedding(nn.Module):
         cos, sin = cos[:, None, :].to(query.dtype), sin[:, None, :].to(query.dtype)
         return _rotate(query, cos, sin), _rotate(key, cos, sin)
 
+    def can_store(self, query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+        """Whether ``rotate_and_store`` serves this step: the fused kernels, a cache of the model dtype."""
+        return kv_cache.dtype == query.dtype and _is_fused(query)
+
+    def rotate_and_store(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                         value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """``forward`` (in place) and the paged-cache store of the rotated key and the value, in one
+        kernel; kv_cache [2, num_blocks, block_size, num_kv_heads, head_dim]. Only where ``can_store``."""
+        kernels.apply_rotary_and_store_kv(positions, query, key, value, self._table(positions.device),
+                                          kv_cache[0], kv_cache[1], slot_mapping)
+
     def _table(self, device: torch.device) -> torch.Tensor:
         if self._cos_sin is None or self._cos_sin.device != device:
             positions = torch.arange(self.max_positions, dtype=torch.float32, device=device)
@@ -209,9 +220,10 @@ class PagedAttention(nn.Module):
         self.kv_scales = scales
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                metadata: AttentionMetadata) -> torch.Tensor:
+                metadata: AttentionMetadata, is_stored: bool = False) -> torch.Tensor:
         """query [num_tokens, num_heads, head_dim]; key/value [num_tokens, num_kv_heads, head_dim];
-        kv_cache [2, num_blocks, block_size, num_kv_heads, head_dim]. Returns [num_tokens, num_heads * head_dim]."""
+        kv_cache [2, num_blocks, block_size, num_kv_heads, head_dim]. Returns [num_tokens, num_heads * head_dim].
+        ``is_stored``: key/value are already in a cache of the model dtype (``RotaryEmbedding.rotate_and_store``)."""
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         kv_scales = None
         if kv_cache.dtype == torch.int8:
@@ -221,7 +233,7 @@ class PagedAttention(nn.Module):
             q_key, q_value = quantize_kv(key, kv_scales[0]), quantize_kv(value, kv_scales[1])  # int8, like key
             store_kv(q_key, q_value, k_cache, v_cache, metadata.slot_mapping)
             key, value = dequantize_kv(q_key, kv_scales[0], query.dtype), dequantize_kv(q_value, kv_scales[1], query.dtype)
-        else:
+        elif not is_stored:
             store_kv(key, value, k_cache, v_cache, metadata.slot_mapping)
         out = paged_attention(query, key, value, k_cache, v_cache, metadata, self.scale, kv_scales)
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)

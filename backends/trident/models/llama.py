@@ -67,8 +67,12 @@ class LlamaAttention(nn.Module):
         q = q.view(num_tokens, -1, self.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(num_tokens, -1, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
         v = v.view(num_tokens, -1, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
-        q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, kv_cache, metadata))
+        is_stored = self.rotary.can_store(q, kv_cache)
+        if is_stored:  # one kernel rotates q and k and writes k and v into the cache
+            self.rotary.rotate_and_store(positions, q, k, v, kv_cache, metadata.slot_mapping)
+        else:
+            q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, kv_cache, metadata, is_stored))
 
 
 class LlamaMLP(nn.Module):

@@ -36,7 +36,7 @@ if IS_AVAILABLE:
     from trident.engine.kernels.kv_store import store_kv
     from trident.engine.kernels.prefill import prefill_attention
     from trident.engine.kernels.rms_norm import rms_norm
-    from trident.engine.kernels.rotary import apply_rotary
+    from trident.engine.kernels.rotary import apply_rotary, apply_rotary_and_store_kv
 
 
 def supports(tensor: torch.Tensor) -> bool:
@@ -66,5 +66,5 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 __all__ = ["IS_AVAILABLE", "IS_INTERPRETED", "supports", "paged_attention"]
 if IS_AVAILABLE:
-    __all__ += ["store_kv", "decode_attention", "prefill_attention", "rms_norm", "apply_rotary", "silu_and_mul",
-                "gelu_tanh"]
+    __all__ += ["store_kv", "decode_attention", "prefill_attention", "rms_norm", "apply_rotary",
+                "apply_rotary_and_store_kv", "silu_and_mul", "gelu_tanh"]
