@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from trident.engine.attention import AttentionMetadata
@@ -69,16 +70,14 @@ class DecodeBuffers:
         # at most its new tail written, and usually nothing.
         self._row_tables: list[list[int] | None] = [None] * max_num_seqs
         self._row_num_blocks = [0] * max_num_seqs
+        self._rows = np.arange(max_num_seqs)
 
     def stage(self, seqs: list[Sequence], bucket: int, block_size: int) -> None:
         """Write the decode rows of ``seqs`` (and padding up to ``bucket``) into the pinned mirrors."""
         n = len(seqs)
-        positions = [seq.num_computed_tokens for seq in seqs]
         tables, row_tables, row_num_blocks = self.np_block_tables, self._row_tables, self._row_num_blocks
-        slots = []
-        for i, (seq, pos) in enumerate(zip(seqs, positions)):
+        for i, seq in enumerate(seqs):
             table = seq.block_table
-            slots.append(table[pos // block_size] * block_size + pos % block_size)
             num_blocks = len(table)
             if row_tables[i] is not table:
                 tables[i, :num_blocks] = table   # entries past the context are never read: no clearing
@@ -86,11 +85,12 @@ class DecodeBuffers:
             elif row_num_blocks[i] != num_blocks:
                 tables[i, row_num_blocks[i]:num_blocks] = table[row_num_blocks[i]:]
             row_num_blocks[i] = num_blocks
-        self.np_input_ids[:n] = [seq.token_ids[pos] for seq, pos in zip(seqs, positions)]
-        self.np_positions[:n] = positions
-        self.np_slots[:n] = slots
-        self.np_context_lens[:n] = positions
-        self.np_context_lens[:n] += 1
+        positions = self.np_positions[:n]  # [n]
+        positions[:] = [seq.num_computed_tokens for seq in seqs]
+        self.np_input_ids[:n] = [seq.token_ids[-1] for seq in seqs]   # a decode computes its last token
+        # slot = block_table[pos // block_size] * block_size + pos % block_size, over the staged rows
+        self.np_slots[:n] = tables[self._rows[:n], positions // block_size] * block_size + positions % block_size
+        self.np_context_lens[:n] = positions + 1
         self.np_input_ids[n:bucket] = 0
         self.np_positions[n:bucket] = 0
         self.np_slots[n:bucket] = PAD_SLOT
