@@ -9,6 +9,19 @@ replay, median of ``--repeats`` runs of ``--iters`` replays. Both paths run in t
 GPT-2 124M-shaped step (12 layers, hidden 768) is timed the same way: there only the GELU changes.
 
     PYTHONPATH=backends:. python3 loadtest/bench_layer_gpu.py
+
+Measured on one H200 (torch 2.11+cu130, triton 3.6), batch 256 at context 192, GPU ms per replay
+(two interleaved runs):
+
+| case | plain PyTorch | fused kernels | kernels launched |
+|---|---:|---:|---:|
+| one SmolLM2 decoder layer | 0.100 / 0.113 | 0.039 / 0.042 | 43 -> 9 |
+| SmolLM2 whole step (30 layers, LM head, argmax) | 3.095 / 3.531 | 1.341 / 1.340 | 1301 -> 274 |
+| GPT-2 124M whole step | 1.261 / 1.260 | 1.261 / 1.259 | 138 -> 138 |
+
+A fused SmolLM2 layer is 4 GEMMs (~17.5 µs), the decode attention (~13.5 µs), RoPE + KV store
+(3.0 µs), two add+RMSNorms (1.8 µs each) and SiLU·mul (2.5 µs). GPT-2 gains nothing: ``F.gelu``
+was already one kernel; its next kernels to fuse are the residual adds into its LayerNorms.
 """
 from __future__ import annotations
 
