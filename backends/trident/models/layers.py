@@ -1,8 +1,8 @@
 """Building blocks shared by the decoder models: norms, rotary embeddings, activations, paged attention.
 
-On CUDA the norm (fused with the residual add), RoPE and the activations each run as one Triton
-kernel (``trident.engine.kernels``) instead of several PyTorch ops; on the CPU the plain PyTorch
-form below runs, and it is the kernels' numerical reference.
+On CUDA the norm (fused with the residual add), RoPE (fused with the KV-cache store) and the
+activations each run as one Triton kernel (``trident.engine.kernels``) instead of several PyTorch
+ops; on the CPU the plain PyTorch form below runs, and it is the kernels' numerical reference.
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ _use_fused: bool | None = None if os.environ.get(FUSED_KERNELS_ENV, "1") != "0" 
 def use_fused_kernels(enabled: bool | None) -> Iterator[None]:
     """Within the block, the norms, RoPE and activations use the fused kernels (True), the plain
     PyTorch form (False) or whichever fits the tensor (None, the default). True on CPU tensors
-    needs the Triton interpreter (``TRITON_INTERPRET=1``). A CUDA graph keeps the path it was
-    captured with."""
+    needs the Triton interpreter (``TRITON_INTERPRET=1``). The setting is process-wide (benches and
+    tests switch it; the engine leaves it alone), and a CUDA graph keeps the path it was captured with."""
     global _use_fused
     saved, _use_fused = _use_fused, enabled
     try:

@@ -2,7 +2,9 @@
 
 Reads packed tokens of many sequences at once; the LM head runs only on the rows to be sampled.
 Q/K/V and gate/up projections are fused into one matmul each (fewer, larger GEMMs matter on CPU);
-``load_weights`` maps the Hugging Face names onto the fused shards.
+``load_weights`` maps the Hugging Face names onto the fused shards. Each layer hands its output
+and the residual stream to the next layer's norm, which adds them (vLLM's layout): on CUDA a layer
+is then 4 GEMMs, the attention and 4 elementwise kernels (add+RMSNorm twice, RoPE+KV store, SiLU·mul).
 """
 from __future__ import annotations
 
