@@ -227,6 +227,7 @@ class TritonResult:
     inprocess_p50_ms: float       # batch-1 encode([text])
     inprocess_p99_ms: float
     tokenize_ms_per_batch: float  # encode_batch of `batch` texts, part of both sides
+    tokenize_1_ms: float          # one text, part of both batch-1 latencies
     mean_batch: float             # texts per execute() the dynamic batcher formed
     num_requests: int
     num_errors: int
@@ -304,7 +305,7 @@ def write_repository(repository: Path, artifacts: dict[str, Path], precisions: l
         for precision in precisions:
             name = f"{model.replace('-', '_')}_{precision}"
             options = GpuModelOptions(name=name, precision=precision, max_batch_size=args.batch,
-                                      num_instances=args.num_instances)
+                                      num_instances=args.num_instances, max_queue_delay_us=args.max_queue_delay_us)
             model_dir = write_gpu_model(repository, directory, options)
             if args.device == "cpu":  # --smoke: the same model code, ONNX Runtime on the CPU instead
                 config = (model_dir / "config.pbtxt").read_text()
@@ -365,18 +366,19 @@ def measure_inprocess(artifacts: Path, precision: str, texts: list[str], args) -
     p50, p99 = latency_ms(EncoderRunner(encoder), singles, warmup=min(20, len(singles)))
     tokenizer = TokenizerRunner(TextTokenizer.from_file(artifacts / "tokenizer.json", 128))
     tokenize_ms = args.batch / throughput(tokenizer, batches, warmup=2) * 1e3
+    tokenize_1_ms = latency_ms(tokenizer, singles, warmup=min(20, len(singles)))[0]
     del encoder
     if args.device == "cuda":
         torch.cuda.empty_cache()
     return {"inprocess_seq_per_s": seq_s, "inprocess_p50_ms": p50, "inprocess_p99_ms": p99,
-            "tokenize_ms_per_batch": tokenize_ms}
+            "tokenize_ms_per_batch": tokenize_ms, "tokenize_1_ms": tokenize_1_ms}
 
 
 def bench_triton(args) -> tuple[list[TritonResult], dict]:
     from triton_server import TritonServer
 
     work = Path(tempfile.mkdtemp(prefix="bench_bert_triton_"))
-    precisions = ["fp16", "int8"] if args.device == "cuda" else ["fp32", "int8"]
+    precisions = args.precisions if args.device == "cuda" else ["fp32", "int8"]
     artifacts = {name: bench_artifacts(name, work, args.smoke) for name in args.models}
     texts = texts_of_length(artifacts[args.models[0]] / "tokenizer.json", 128,
                             args.batch * args.num_batches, seed=0)
@@ -396,7 +398,7 @@ def bench_triton(args) -> tuple[list[TritonResult], dict]:
             results.append(result)
             print(f"{model:9s} {precision:5s} triton {result.seq_per_s:8.0f} seq/s = {result.fraction:4.0%} of "
                   f"in-process {result.inprocess_seq_per_s:8.0f} (mean batch {result.mean_batch:5.1f}, "
-                  f"tokenize {result.tokenize_ms_per_batch:.2f} ms/{args.batch})   batch-1 p50/p99 "
+                  f"tokenize {result.tokenize_ms_per_batch:.2f} ms/{args.batch}, {result.tokenize_1_ms:.2f} ms/1)   batch-1 p50/p99 "
                   f"{result.p50_ms:.2f}/{result.p99_ms:.2f} ms (in-process {result.inprocess_p50_ms:.2f}/"
                   f"{result.inprocess_p99_ms:.2f})   errors {result.num_errors}"
                   + (f": {first_error[:200]}" if first_error else ""), flush=True)
@@ -411,11 +413,11 @@ def bench_triton(args) -> tuple[list[TritonResult], dict]:
 
 def print_triton_table(results: list[TritonResult], batch: int) -> None:
     print(f"\n| model | precision | Triton seq/s | in-process seq/s | Triton / in-process | mean batch | "
-          f"tokenize ms per {batch} | Triton batch-1 p50 / p99 ms | in-process batch-1 p50 / p99 ms |")
+          f"tokenize ms per {batch} / per 1 | Triton batch-1 p50 / p99 ms | in-process batch-1 p50 / p99 ms |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r.model} | {r.precision} | {r.seq_per_s:,.0f} | {r.inprocess_seq_per_s:,.0f} | {r.fraction:.0%} | "
-              f"{r.mean_batch:.1f} | {r.tokenize_ms_per_batch:.2f} | {r.p50_ms:.2f} / {r.p99_ms:.2f} | "
+              f"{r.mean_batch:.1f} | {r.tokenize_ms_per_batch:.2f} / {r.tokenize_1_ms:.2f} | {r.p50_ms:.2f} / {r.p99_ms:.2f} | "
               f"{r.inprocess_p50_ms:.2f} / {r.inprocess_p99_ms:.2f} |", flush=True)
 
 
@@ -480,6 +482,9 @@ def parse_args(argv=None):
     p.add_argument("--client-threads", type=int, default=6, help="Triton: closed-loop threads per client")
     p.add_argument("--max-texts-per-request", type=int, default=16, help="Triton: 1..N texts per request")
     p.add_argument("--num-instances", type=int, default=2, help="Triton: model instances on the GPU")
+    p.add_argument("--max-queue-delay-us", type=int, default=100, help="Triton: dynamic batcher delay")
+    p.add_argument("--precisions", nargs="+", default=["fp16", "int8"], choices=["fp16", "int8", "bf16", "fp32"],
+                   help="Triton: runtime torch precisions served")
     p.add_argument("--warmup-s", type=float, default=3.0)
     p.add_argument("--measure-s", type=float, default=6.0)
     p.add_argument("--latency-s", type=float, default=3.0, help="Triton: batch-1 latency measuring time")
@@ -513,7 +518,8 @@ def main(argv=None) -> int:
         triton_results, weights = bench_triton(args)
         print_triton_table(triton_results, args.batch)
         settings = {k: getattr(args, k) for k in ("batch", "num_clients", "client_threads", "max_texts_per_request",
-                                                  "num_instances", "warmup_s", "measure_s", "latency_s")}
+                                                  "num_instances", "max_queue_delay_us", "warmup_s", "measure_s",
+                                                  "latency_s")}
         record = {"machine": machine(), "command": " ".join(sys.argv), "settings": settings, "weights": weights,
                   "results": [asdict(r) | {"fraction": r.fraction} for r in triton_results]}
         (args.out / "bench_bert_triton.json").write_text(json.dumps(record, indent=1))
