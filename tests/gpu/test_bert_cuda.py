@@ -196,6 +196,7 @@ TILE_VARIANTS = {  # the decode rule's small tiles, pointer loads, TMA, TMA + pe
     "pointers_subtiled": W8A8Tiles(64, 64, 64, 4, 3, 4, is_subtiled=True),
     "tma": W8A8Tiles(64, 128, 64, 4, 3, 4, is_tma=True),
     "tma_persistent": W8A8Tiles(64, 64, 128, 4, 3, 2, is_tma=True, is_persistent=True, is_subtiled=True),
+    "large_m_rule": int8_kernels.LARGE_M_TILES,  # what M >= 1024 runs, here on ragged edges
 }
 
 
@@ -222,7 +223,7 @@ def test_w8a8_gemm_accumulates_exactly(variant):
 
 
 @needs_kernels
-@pytest.mark.parametrize("variant", ["rule", "pointers_subtiled", "tma_persistent"])
+@pytest.mark.parametrize("variant", ["rule", "pointers_subtiled", "tma_persistent", "large_m_rule"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("has_bias,gelu,has_residual", [(True, False, False), (True, True, False),
                                                         (True, False, True), (False, True, True)])

@@ -114,13 +114,15 @@ def w8a8_tiles(m: int, n: int, k: int) -> W8A8Tiles:
     return W8A8Tiles(block_m, 64, 128 if m <= 32 else 64)
 
 
-# loadtest/bench_int8_gemm_gpu.py on the H200, BERT-base at M = 16384 with BERT's epilogue in (bias;
-# GELU on up; residual on attn_out/down), per layer: QKV 71 us (815 TOPS), attn_out 35 us (546),
-# up 177 us (437; 742 without the GELU), down 77 us (1002) = 361 us, vs 351 us for the best config of
-# each shape and 479 us for the 128x128x64 pointer tiles before (fp16 cuBLAS with bias: 350 us).
-# Unsplit epilogues of these tiles do not fit shared memory (278 KB) once the output goes through TMA.
-LARGE_M_TILES = W8A8Tiles(256, 128, 128, num_warps=8, num_stages=3, group_m=8, is_tma=True, is_persistent=True,
-                          is_subtiled=True)
+# loadtest/bench_int8_gemm_gpu.py on the H200 (third sweep), BERT-base at M = 16384 with BERT's epilogue
+# in (bias; GELU on up; residual on attn_out/down), per layer: QKV 71 us (814 TOPS), attn_out 33 us
+# (588), up 151 us (513; 813 without the GELU), down 71 us (1095) = 326 us, against 361 us for the
+# second sweep's persistent 256x128x128 and 479 us for the 128x128x64 pointer tiles before (fp16 cuBLAS
+# with its bias: 350 us, GELU and residual adds not counted). Three stages and the split epilogue leave
+# room for two programs per SM, so one program's epilogue (the erf GELU costs about as much as a
+# tile's MMAs at K=768) runs under the other's MMAs; unsplit, the TMA store's staging buffer alone
+# does not fit (278 KB for 256-wide tiles).
+LARGE_M_TILES = W8A8Tiles(128, 128, 128, num_warps=8, num_stages=3, group_m=8, is_tma=True, is_subtiled=True)
 
 
 def w8a8_matmul(qx: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
