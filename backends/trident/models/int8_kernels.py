@@ -260,7 +260,7 @@ if IS_AVAILABLE:
                      NUM_PROGRAMS, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
                      IS_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, SUBTILE: tl.constexpr):
-        # x, w: int8 pointers, or TMA descriptors of [M, K] / [N, K] when IS_TMA.
+        # IS_TMA: x, w, r_ptr, out_ptr are TMA descriptors of [M, K], [N, K], [M, N], [M, N], else pointers.
         num_pid_m = tl.cdiv(M, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
         # Persistent launches flatten the tile and K loops into one software pipeline, so the next
