@@ -20,7 +20,7 @@ INT8 is W8A8: ``ours int8`` uses bert/int8_linear.py (bias, GELU, residual in th
 ``--int8-gemms triton cublas`` adds the INT8 engine's Triton GEMM and cuBLAS ``_int_mm`` for comparison.
 
 Triton case (``--cases triton``): both models built with ``python -m build.bert --torch-only`` and
-served by one tritonserver as GPU models written by ``build/bert_gpu.py`` (fp16 and int8, 2 instances,
+served by one tritonserver as GPU models written by ``build/bert_gpu.py`` (fp16 and int8, 4 instances,
 dynamic batching to 128). Texts are strings of whole-word vocabulary entries that tokenize to exactly
 128 tokens ([CLS] and [SEP] included). (a) Throughput: ``--num-clients`` gRPC client processes, each
 with ``--client-threads`` threads sending `infer` requests of 1..``--max-texts-per-request`` texts in a
@@ -229,6 +229,9 @@ class TritonResult:
     tokenize_ms_per_batch: float  # encode_batch of `batch` texts, part of both sides
     tokenize_1_ms: float          # one text, part of both batch-1 latencies
     mean_batch: float             # texts per execute() the dynamic batcher formed
+    server_ms: float              # batch-1, mean per request inside Triton (Triton's metrics) ...
+    queue_ms: float               # ... of which in the queue (dynamic batcher)
+    execute_ms: float             # ... of which in the model's execute() (BertEncoder.encode and I/O)
     num_requests: int
     num_errors: int
 
@@ -296,6 +299,48 @@ class TokenizerRunner:
         return self.tokenizer.encode(texts)
 
 
+FLOOR_CONFIG = """
+name: "floor"
+backend: "python"
+max_batch_size: %d
+input [ { name: "text_input" data_type: TYPE_STRING dims: [ 1 ] } ]
+output [ { name: "embedding" data_type: TYPE_FP32 dims: [ 1 ] } ]
+dynamic_batching { max_queue_delay_microseconds: %d }
+instance_group [ { count: 1, kind: KIND_CPU } ]
+"""
+FLOOR_MODEL = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            rows = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().shape[0]
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("embedding", np.zeros((rows, 1), np.float32))]))
+        return responses
+"""
+
+
+def write_floor_model(repository: Path, args) -> str:
+    """`floor`: a Python model that answers zeros at once: what Triton, the Python backend and the
+    gRPC client cost by themselves, the floor under the `bert` model's batch-1 latency."""
+    (repository / "floor" / "1").mkdir(parents=True)
+    (repository / "floor" / "config.pbtxt").write_text(FLOOR_CONFIG % (args.batch, args.max_queue_delay_us))
+    (repository / "floor" / "1" / "model.py").write_text(FLOOR_MODEL)
+    return "floor"
+
+
+def floor_latency(server, texts_file: Path, args) -> tuple[float, float]:
+    from triton_server import run_text_clients
+
+    singles, _ = run_text_clients(server.grpc_url, "floor", "embedding", texts_file, num_clients=1, num_threads=1,
+                                  duration_s=args.latency_s)
+    latencies = [(done - sent) * 1e3 for sent, done, _ in singles[len(singles) // 10:]]
+    return float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99))
+
+
 def write_repository(repository: Path, artifacts: dict[str, Path], precisions: list[str], args) -> dict:
     """One GPU model per (model, precision), as build/bert_gpu.py writes it; returns name -> (model, precision)."""
     from build.bert_gpu import GpuModelOptions, write_gpu_model
@@ -320,15 +365,28 @@ def triton_throughput(records: list, start_at: float, measure_s: float) -> float
     return sum(k for _, done, k in records if start_at <= done < start_at + measure_s) / measure_s
 
 
-def exec_counts(metrics_port: int, model: str) -> tuple[float, float]:
-    """(inferences, executions) of ``model`` from Triton's Prometheus metrics."""
+COUNTERS = ("nv_inference_count", "nv_inference_exec_count", "nv_inference_request_success",
+            "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
+            "nv_inference_compute_infer_duration_us")
+
+
+def model_counters(metrics_port: int, model: str) -> dict[str, float]:
+    """Triton's cumulative Prometheus counters of ``model`` (COUNTERS)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-    values = {}
+    values = dict.fromkeys(COUNTERS, 0.0)
     for line in text.splitlines():
-        for metric in ("nv_inference_count", "nv_inference_exec_count"):
-            if line.startswith(metric + "{") and f'model="{model}"' in line:
-                values[metric] = float(line.rsplit(" ", 1)[1])
-    return values.get("nv_inference_count", 0.0), values.get("nv_inference_exec_count", 0.0)
+        metric = line.split("{", 1)[0]
+        if metric in values and f'model="{model}"' in line:
+            values[metric] = float(line.rsplit(" ", 1)[1])
+    return values
+
+
+def server_side_ms(before: dict, after: dict) -> dict[str, float]:
+    """Mean per request, in ms, of the server's share of a batch-1 run: all of it, queueing, execute()."""
+    requests = max(after["nv_inference_request_success"] - before["nv_inference_request_success"], 1.0)
+    share = {"server_ms": "nv_inference_request_duration_us", "queue_ms": "nv_inference_queue_duration_us",
+             "execute_ms": "nv_inference_compute_infer_duration_us"}
+    return {key: (after[metric] - before[metric]) / requests / 1e3 for key, metric in share.items()}
 
 
 def measure_triton_model(server, name: str, texts_file: Path, args) -> dict:
@@ -339,16 +397,20 @@ def measure_triton_model(server, name: str, texts_file: Path, args) -> dict:
 
     # Every power-of-two batch on every instance, so CUDA graphs and kernels exist before the clock runs.
     clients(num_clients=1, num_threads=2 * args.num_instances, sizes=[1 << i for i in range(args.batch.bit_length())])
-    before = exec_counts(server.metrics, name)
+    before = model_counters(server.metrics, name)
     records, errors = clients(num_clients=args.num_clients, num_threads=args.client_threads,
                               max_texts=args.max_texts_per_request, duration_s=args.warmup_s + args.measure_s)
-    after = exec_counts(server.metrics, name)
+    after = model_counters(server.metrics, name)
     start = min(sent for sent, _, _ in records) + args.warmup_s if records else 0.0
+    executions = max(after["nv_inference_exec_count"] - before["nv_inference_exec_count"], 1.0)
+    mean_batch = (after["nv_inference_count"] - before["nv_inference_count"]) / executions
+    before = model_counters(server.metrics, name)
     singles, single_errors = clients(num_clients=1, num_threads=1, duration_s=args.latency_s)
+    server_side = server_side_ms(before, model_counters(server.metrics, name))
     latencies = [(done - sent) * 1e3 for sent, done, _ in singles[len(singles) // 10:]]  # first 10%: warm-up
     return {"seq_per_s": triton_throughput(records, start, args.measure_s),
             "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99)),
-            "mean_batch": (after[0] - before[0]) / max(after[1] - before[1], 1.0), "num_requests": len(records),
+            "mean_batch": mean_batch, **server_side, "num_requests": len(records),
             "num_errors": len(errors) + len(single_errors) + sum(1 for _, _, k in records if k == 0),
             "first_error": (errors + single_errors or [None])[0]}
 
@@ -386,11 +448,15 @@ def bench_triton(args) -> tuple[list[TritonResult], dict]:
     texts_file.write_text(json.dumps(texts))
     inprocess = {(m, p): measure_inprocess(artifacts[m], p, texts, args) for m in artifacts for p in precisions}
     served = write_repository(work / "model_repository", artifacts, precisions, args)
+    write_floor_model(work / "model_repository", args)
     started = time.perf_counter()
     server = TritonServer(work / "model_repository", work)
     print(f"triton: {len(served)} models ready in {time.perf_counter() - started:.0f} s", flush=True)
     results = []
     try:
+        args.floor_p50_ms, args.floor_p99_ms = floor_latency(server, texts_file, args)
+        print(f"floor (Python model answering zeros, same gRPC client): batch-1 p50/p99 "
+              f"{args.floor_p50_ms:.2f}/{args.floor_p99_ms:.2f} ms", flush=True)
         for name, (model, precision) in served.items():
             figures = measure_triton_model(server, name, texts_file, args)
             first_error = figures.pop("first_error")
@@ -400,7 +466,8 @@ def bench_triton(args) -> tuple[list[TritonResult], dict]:
                   f"in-process {result.inprocess_seq_per_s:8.0f} (mean batch {result.mean_batch:5.1f}, "
                   f"tokenize {result.tokenize_ms_per_batch:.2f} ms/{args.batch}, {result.tokenize_1_ms:.2f} ms/1)   batch-1 p50/p99 "
                   f"{result.p50_ms:.2f}/{result.p99_ms:.2f} ms (in-process {result.inprocess_p50_ms:.2f}/"
-                  f"{result.inprocess_p99_ms:.2f})   errors {result.num_errors}"
+                  f"{result.inprocess_p99_ms:.2f}; server {result.server_ms:.2f}, queue "
+                  f"{result.queue_ms:.2f}, execute {result.execute_ms:.2f})   errors {result.num_errors}"
                   + (f": {first_error[:200]}" if first_error else ""), flush=True)
     finally:
         server.stop()
@@ -481,7 +548,7 @@ def parse_args(argv=None):
     p.add_argument("--num-clients", type=int, default=8, help="Triton: gRPC client processes")
     p.add_argument("--client-threads", type=int, default=6, help="Triton: closed-loop threads per client")
     p.add_argument("--max-texts-per-request", type=int, default=16, help="Triton: 1..N texts per request")
-    p.add_argument("--num-instances", type=int, default=2, help="Triton: model instances on the GPU")
+    p.add_argument("--num-instances", type=int, default=4, help="Triton: model instances on the GPU")
     p.add_argument("--max-queue-delay-us", type=int, default=100, help="Triton: dynamic batcher delay")
     p.add_argument("--precisions", nargs="+", default=["fp16", "int8"], choices=["fp16", "int8", "bf16", "fp32"],
                    help="Triton: runtime torch precisions served")
@@ -519,7 +586,7 @@ def main(argv=None) -> int:
         print_triton_table(triton_results, args.batch)
         settings = {k: getattr(args, k) for k in ("batch", "num_clients", "client_threads", "max_texts_per_request",
                                                   "num_instances", "max_queue_delay_us", "warmup_s", "measure_s",
-                                                  "latency_s")}
+                                                  "latency_s", "floor_p50_ms", "floor_p99_ms")}
         record = {"machine": machine(), "command": " ".join(sys.argv), "settings": settings, "weights": weights,
                   "results": [asdict(r) | {"fraction": r.fraction} for r in triton_results]}
         (args.out / "bench_bert_triton.json").write_text(json.dumps(record, indent=1))

@@ -27,7 +27,7 @@ def test_embedding_model_serves_torch_on_the_gpu_with_batches_sized_for_it(bert_
     assert list(config.dynamic_batching.preferred_batch_size) == [32, 64, 128]
     assert config.dynamic_batching.max_queue_delay_microseconds == 100
     group = config.instance_group[0]
-    assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and group.count == 2 and list(group.gpus) == [0]
+    assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and group.count == 4 and list(group.gpus) == [0]
     assert parameters(config) == {"artifacts": "artifacts", "runtime": "torch", "precision": "int8",
                                   "device": "cuda", "max_length": "", "max_num_seqs": "128"}
     assert (model_dir / "1" / "model.py").read_text() == MODEL_PY.read_text()
