@@ -22,6 +22,7 @@ Prints output tok/s, TTFT and TPOT p50/p99 and the fraction of the decode roofli
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -286,7 +287,7 @@ class _Timer:
         setattr(owner, name, timed)
 
 
-def run_engine(config, case: Case, prompts, profile_dir: Path | None = None) -> Result:
+def run_engine(config, case: Case, prompts, profile_dir: Path | None = None, system: str = "engine") -> Result:
     """What an offline user runs (vLLM's ``LLM``): FINAL_ONLY requests, one output each, all at once."""
     from trident.engine.engine import LLMEngine
     from trident.engine.model_runner import PendingTokens
@@ -335,7 +336,7 @@ def run_engine(config, case: Case, prompts, profile_dir: Path | None = None) -> 
         notes["graph_decode_step_ms"] = round(_time_graph(engine.runner.graphs, config.max_num_seqs) * 1e3, 3)
     del engine
     _free(config.device)
-    return Result("engine", case.name, len(prompts), total, elapsed, ttft, tpot, notes)
+    return Result(system, case.name, len(prompts), total, elapsed, ttft, tpot, notes)
 
 
 def _time_graph(graphs, batch: int, iters: int = 50) -> float:
@@ -612,6 +613,10 @@ def run_case(case: Case, args, work: Path, tokenizers: Path | None) -> list[Resu
                             args.max_num_batched_tokens, args.kv_fraction)
     profile_dir = Path(args.profile_dir) if args.profile_dir and case == args.cases[0] else None
     attempt("engine", lambda: run_engine(econfig, case, prompts, profile_dir))
+    # INT8 weights quantized at load (W8A16, per-channel; build.gpt_int8 is where the perplexity gate
+    # lives). W8A8 needs SmoothQuant-calibrated weights from that build, which random weights lack.
+    w8a16 = dataclasses.replace(econfig, quantization="int8_weight_only")
+    attempt("engine_w8a16", lambda: run_engine(w8a16, case, prompts, None, "engine_w8a16"))
     attempt("hf_static", lambda: run_hf_static(model_dir, case, prompts, args.device, dtype, args.hf_batch))
     if {"triton", "triton_stream"} & set(systems) and case.shape in args.triton_shapes:
         values = {k: v for k, v in asdict(econfig).items() if v is not None and k not in ("model", "tokenizer")}
@@ -660,7 +665,8 @@ def parse_args(argv=None):
                                                   "smollm2-135m:1024:128"],
                    help="shape:input_len:output_len[:system,system...] (default systems: --systems)")
     p.add_argument("--num-requests", type=int, default=1000)
-    p.add_argument("--systems", nargs="+", default=["engine", "hf_static", "hf_cb", "triton", "triton_stream"])
+    p.add_argument("--systems", nargs="+",
+                   default=["engine", "engine_w8a16", "hf_static", "hf_cb", "triton", "triton_stream"])
     p.add_argument("--triton-shapes", nargs="+", default=["smollm2-135m"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
@@ -728,13 +734,13 @@ def _print_ratios(rows: list[dict]) -> None:
         if not ours:
             continue
         parts = [f"{s} {ours / by[(case, s)]:.1f}x" for s in ("hf_static", "hf_cb") if by.get((case, s))]
-        parts += [f"{s} {by[(case, s)] / ours:.0%} of in-process" for s in ("triton", "triton_stream")
+        parts += [f"{s} {by[(case, s)] / ours:.0%} of in-process" for s in ("triton", "triton_stream", "engine_w8a16")
                   if by.get((case, s))]
         print(f"{case}: engine vs " + ", ".join(parts))
 
 
 # -- plots ---------------------------------------------------------------------------------------
-COLORS = {"engine": "#1f77b4", "triton": "#2ca02c", "triton_stream": "#98df8a", "hf_static": "#ff7f0e",
+COLORS = {"engine": "#1f77b4", "engine_w8a16": "#aec7e8", "triton": "#2ca02c", "triton_stream": "#98df8a", "hf_static": "#ff7f0e",
           "hf_cb": "#d62728"}
 
 
