@@ -114,3 +114,16 @@ def test_torch_on_cuda_takes_gpu_precisions(precision):
 def test_invalid_options_are_rejected_with_the_reason(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EncoderOptions(**kwargs)
+
+
+def test_fast_batch_encoding_gives_the_ids_of_the_offset_tracking_one():
+    from tokenizers import Tokenizer
+
+    path = minilm_dir(verify=False) / "tokenizer.json"
+    texts = ["A man is eating food.", "", "Ein Mann isst Brot. 東京は日本の首都です。 🚀", "word " * 300]
+    reference = Tokenizer.from_file(str(path))
+    reference.no_padding()
+    reference.enable_truncation(max_length=64)
+    ours = TextTokenizer.from_file(path, 64).encode(texts)
+    for mine, theirs in zip(ours, reference.encode_batch(texts), strict=True):
+        assert (mine.ids, mine.type_ids) == (theirs.ids, theirs.type_ids)

@@ -1,7 +1,10 @@
 """Tokenization with Hugging Face ``tokenizers`` (the checkpoint's tokenizer.json), no transformers.
 
 Texts are encoded once, truncated but unpadded, so the encoder can sort them by length before
-padding each micro-batch to its own longest member.
+padding each micro-batch to its own longest member. Tokenization is on the serving path (Triton
+hands the model strings): it costs about as much as BERT-base's fp16 forward on the GPU
+(loadtest/bench_bert.py), so it uses ``encode_batch_fast``, which skips the character offsets
+nothing here reads (~20% faster; same ids and type ids).
 """
 from __future__ import annotations
 
@@ -35,6 +38,8 @@ class TextTokenizer:
         tokenizer.no_padding()  # checkpoints often ship fixed-length padding in tokenizer.json
         tokenizer.enable_truncation(max_length=max_length)
         self._tokenizer = tokenizer
+        # tokenizers < 0.20.2 has no encode_batch_fast
+        self._encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
 
     @classmethod
     def from_file(cls, path: str | Path, max_length: int) -> "TextTokenizer":
@@ -44,7 +49,7 @@ class TextTokenizer:
         for index, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"texts[{index}] must be str, got {type(text).__name__}")
-        return self._tokenizer.encode_batch(texts, add_special_tokens=True)
+        return self._encode_batch(texts, add_special_tokens=True)
 
     def pad(self, encodings: list[Encoding]) -> TokenBatch:
         """Right-pads to the longest encoding (at least one position, so an empty batch row is valid)."""
