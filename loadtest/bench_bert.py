@@ -269,10 +269,13 @@ def bench_artifacts(name: str, work: Path, smoke: bool) -> Path:
 
 def texts_of_length(tokenizer_path: Path, num_tokens: int, count: int, seed: int) -> list[str]:
     """Texts of whole-word vocabulary entries that tokenize to exactly ``num_tokens`` ([CLS], [SEP] too)."""
+    from tokenizers import Tokenizer
+
     from trident.bert.tokenizer import TextTokenizer
 
+    vocabulary = Tokenizer.from_file(str(tokenizer_path)).get_vocab()
+    words = sorted(w for w in vocabulary if w.isascii() and w.isalpha() and len(w) > 2)  # whole words: 1 token
     tokenizer = TextTokenizer.from_file(tokenizer_path, max_length=10 * num_tokens)
-    words = sorted(w for w in tokenizer._tokenizer.get_vocab() if w.isascii() and w.isalpha() and len(w) > 2)
     rng = np.random.default_rng(seed)
     texts = [" ".join(rng.choice(words, num_tokens - 2)) for _ in range(count)]
     lengths = {len(e.ids) for e in tokenizer.encode(texts)}
