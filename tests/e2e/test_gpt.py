@@ -326,6 +326,12 @@ def test_metrics_are_exported_and_move(gpt_server):
     assert delta(after, "trident:generation_tokens_total") == num_tokens
     # one inter-token latency per token after the first
     assert delta(after, "trident:inter_token_latency_seconds_count") == num_tokens - 1
+    # exported as bucket/sum/count counters (one IPC per bucket per step): a valid cumulative histogram
+    itl = "trident:inter_token_latency_seconds_bucket"
+    buckets = sorted((float(k[len(itl) + 4:-1]), v) for k, v in after.items() if k.startswith(itl + "[le="))
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets), buckets
+    assert buckets[-1][0] == float("inf") and delta(after, f"{itl}[le=+Inf]") == num_tokens - 1
+    assert delta(after, "trident:inter_token_latency_seconds_sum") > 0
     assert delta(after, "trident:prompt_tokens_total") == answer["num_input_tokens"]
     for name in ("trident:num_requests_running", "trident:num_requests_waiting", "trident:kv_cache_usage_perc",
                  "trident:prefix_cache_hit_rate", "trident:num_preemptions_total"):
