@@ -10,9 +10,11 @@ the metrics have their own thread (trident.triton.gpt_metrics).
 """
 from __future__ import annotations
 
+import faulthandler
 import itertools
 import json
 import queue
+import signal
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -77,6 +79,9 @@ class TritonPythonModel:
         # over seconds. A short interval bounds that wait; the engine thread loses little, since
         # the other threads mostly sleep or wait on IPC.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+        # `kill -USR1 <stub pid>` prints every thread's Python stack to the server log: the way to
+        # see what a busy or stuck model is doing without stopping it.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         self.engine_thread = threading.Thread(target=self._engine_loop, name="gpt-engine", daemon=True)
         self.response_thread = threading.Thread(target=self._response_loop, name="gpt-responses", daemon=True)
         self.cancel_thread = threading.Thread(target=self._cancel_watch_loop, name="gpt-cancel", daemon=True)
