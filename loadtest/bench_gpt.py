@@ -447,9 +447,11 @@ def triton_python() -> str:
     return shutil.which("python3") or sys.executable
 
 
-def _client_worker(url: str, texts: list[str], max_tokens: int, stream: bool, start_at: float, queue,
+def _client_worker(url: str, texts: list[str], max_tokens: int, stream: bool, go, queue,
                    extra_site: str) -> None:
-    """One client process: every request of its share on one gRPC stream, sent at ``start_at``."""
+    """One client process: every request of its share on one gRPC stream, sent when ``go`` is set
+    (after every client has reported ready: a fixed start time let slow starters send seconds late,
+    and that stagger, not the server, was most of the measured time)."""
     import threading
 
     # spawn gives the child the parent's sys.path; tritonclient lives in the Triton interpreter's site dir
@@ -499,8 +501,8 @@ def _client_worker(url: str, texts: list[str], max_tokens: int, stream: bool, st
                          tensor("temperature", "FP32", np.array([0.0], dtype=np.float32)),
                          tensor("stream", "BOOL", np.array([stream])),
                          tensor("exclude_input_in_output", "BOOL", np.array([True]))])
-    while time.time() < start_at:
-        time.sleep(0.001)
+    queue.put({"ready": True})
+    go.wait()
     for i, inputs in enumerate(requests):
         rid = f"{os.getpid()}-{i}"
         records[rid] = {"sent": time.perf_counter(), "chunks": 0}
@@ -518,14 +520,14 @@ def run_triton(server: TritonServer, case: Case, texts: list[str], stream: bool,
     extra_site = subprocess.check_output([python, "-c", "import site; print(site.getsitepackages()[0])"],
                                          text=True).strip()
     queue = ctx.Queue()
-    start_at = time.time() + 10.0   # every client sends at once, after its process is up (imports torch)
+    go = ctx.Event()   # set once every client is up (imports done, stream open, requests built)
     shares = [texts[i::num_clients] for i in range(num_clients)]
     procs = [ctx.Process(target=_client_worker, args=(f"127.0.0.1:{server.grpc}", share, case.output_len,
-                                                      stream, start_at, queue, extra_site)) for share in shares]
+                                                      stream, go, queue, extra_site)) for share in shares]
     for p in procs:
         p.start()
     records, errors = [], []
-    num_reports = 0
+    num_reports = num_ready = 0
     while num_reports < len(procs):
         try:
             message = queue.get(timeout=5)
@@ -533,7 +535,11 @@ def run_triton(server: TritonServer, case: Case, texts: list[str], stream: bool,
             if any(p.exitcode not in (None, 0) for p in procs):
                 raise RuntimeError("a client process failed (see its traceback above)")
             continue
-        if "error" in message:
+        if "ready" in message:
+            num_ready += 1
+            if num_ready == len(procs):
+                go.set()
+        elif "error" in message:
             errors.append(message["error"])
         else:
             records += message["records"]
@@ -551,6 +557,7 @@ def run_triton(server: TritonServer, case: Case, texts: list[str], stream: bool,
              "first_error": errors[0] if errors else None,
              "mean_input_tokens": round(statistics.mean(r.get("input_tokens", 0) for r in complete), 1),
              "e2e_p50_ms": _ms(_pct(e2e, 50)),
+             "send_spread_ms": _ms(max(r["sent"] for r in records) - t0),
              "mean_responses_per_request": round(statistics.mean(r["chunks"] for r in complete), 2)}
     return Result("triton_stream" if stream else "triton", case.name, len(texts), total, elapsed, ttft, tpot, notes)
 
