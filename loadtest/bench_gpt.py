@@ -32,14 +32,10 @@ import os
 import platform
 import random
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,7 +44,9 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "backends"))
 
-from trident.server import launch  # noqa: E402
+sys.path.insert(0, str(REPO_ROOT / "loadtest"))
+
+from triton_server import TritonServer, site_dir, triton_python  # noqa: E402
 HBM_BYTES_PER_S = 3.35e12   # H100 SXM datasheet (reference.md); 3.03e12 measured copy
 
 # Real shapes (random weights: values do not change speed). SmolLM2-135M and GPT-2 124M.
@@ -374,77 +372,15 @@ def _stop_profiler(profiler, out_dir: Path) -> None:
 
 
 # -- our engine through Triton -------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class TritonServer:
-    """A temporary model repository with the `gpt` model over ``model_dir``, served by our launcher."""
-
-    def __init__(self, model_dir: Path, engine_values: dict, work: Path):
-        self.repo = work / "model_repository"
-        gpt = self.repo / "gpt"
-        (gpt / "1").mkdir(parents=True)
-        shutil.copy(REPO_ROOT / "model_repository/gpt/config.pbtxt", gpt / "config.pbtxt")
-        shutil.copy(REPO_ROOT / "model_repository/gpt/1/model.py", gpt / "1/model.py")
-        (gpt / "1/engine.json").write_text(json.dumps({**engine_values, "model": str(model_dir)}, indent=1))
-        self.python = triton_python()
-        self._add_backends_to_stub_path(self.python)
-        self.http, self.grpc, self.metrics = _free_port(), _free_port(), _free_port()
-        self.log = open(work / "tritonserver.log", "w")
-        env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT / 'backends'}:{REPO_ROOT}"}
-        self.process = subprocess.Popen(
-            [self.python, "-m", "trident.server.launch", "--model-repository", str(self.repo),
-             "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics)],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=REPO_ROOT)
-        self._wait_ready()
-
-    @staticmethod
-    def _add_backends_to_stub_path(python: str) -> None:
-        """The Python stub ignores PYTHONPATH; a .pth in its interpreter's site dir points at our code.
-
-        On the GPU machine that interpreter (.gpu/env.sh's venv: numpy 1.26 for the stub) also sees
-        the machine's scipy/scikit-learn, built for numpy 2; transformers imports them when it finds
-        them, and fails. The .pth hides them from that interpreter only (find_spec -> None).
-        """
-        site_dir = subprocess.check_output([python, "-c", "import site; print(site.getsitepackages()[0])"],
-                                           text=True).strip()
-        hide = "import sys; [sys.modules.setdefault(m, None) for m in ('sklearn', 'scipy')]"
-        needs_hiding = subprocess.run([python, "-c", "import scipy.sparse"], capture_output=True).returncode != 0
-        lines = [str(REPO_ROOT / "backends")] + ([hide] if needs_hiding else [])
-        (Path(site_dir) / "trident-backends.pth").write_text("\n".join(lines) + "\n")
-
-    @staticmethod
-    def remove_stub_path(python: str) -> None:
-        site_dir = subprocess.check_output([python, "-c", "import site; print(site.getsitepackages()[0])"],
-                                           text=True).strip()
-        (Path(site_dir) / "trident-backends.pth").unlink(missing_ok=True)
-
-    def _wait_ready(self, timeout_s: float = 600) -> None:
-        try:
-            launch.wait_ready(self.http, self.process, timeout_s)
-        except RuntimeError as e:  # the server died: show why
-            self.log.flush()
-            lines = Path(self.log.name).read_text().splitlines()
-            tail = "\n".join(line[:400] for line in lines if line[:1] == "E" or "rror" in line or "  File" in line)[-6000:]
-            raise RuntimeError(f"{e}; log tail:\n{tail}") from None
-
-    def stop(self) -> None:
-        self.remove_stub_path(self.python)
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.log.close()
-
-
-def triton_python() -> str:
-    """The interpreter Triton's stub runs (the `python3` on PATH: .gpu/env.sh's venv, with
-    tritonclient and numpy 1.26); the benchmark itself may run another (HF needs numpy 2 there)."""
-    return shutil.which("python3") or sys.executable
+def gpt_repository(model_dir: Path, engine_values: dict, work: Path) -> Path:
+    """A temporary model repository with the `gpt` model over ``model_dir`` and these engine settings."""
+    repo = work / "model_repository"
+    gpt = repo / "gpt"
+    (gpt / "1").mkdir(parents=True)
+    shutil.copy(REPO_ROOT / "model_repository/gpt/config.pbtxt", gpt / "config.pbtxt")
+    shutil.copy(REPO_ROOT / "model_repository/gpt/1/model.py", gpt / "1/model.py")
+    (gpt / "1/engine.json").write_text(json.dumps({**engine_values, "model": str(model_dir)}, indent=1))
+    return repo
 
 
 def _client_worker(url: str, texts: list[str], max_tokens: int, stream: bool, go, queue,
@@ -513,12 +449,11 @@ def _client_worker(url: str, texts: list[str], max_tokens: int, stream: bool, go
     queue.put({"records": list(records.values())})
 
 
-def run_triton(server: TritonServer, case: Case, texts: list[str], stream: bool, num_clients: int) -> Result:
+def run_triton(server, case: Case, texts: list[str], stream: bool, num_clients: int) -> Result:
     ctx = mp.get_context("spawn")
     python = triton_python()
     ctx.set_executable(python)   # the one with tritonclient
-    extra_site = subprocess.check_output([python, "-c", "import site; print(site.getsitepackages()[0])"],
-                                         text=True).strip()
+    extra_site = site_dir(python)
     queue = ctx.Queue()
     go = ctx.Event()   # set once every client is up (imports done, stream open, requests built)
     shares = [texts[i::num_clients] for i in range(num_clients)]
@@ -631,7 +566,9 @@ def run_case(case: Case, args, work: Path, tokenizers: Path | None) -> list[Resu
         try:
             tokenizer = _load_tokenizer(model_dir)
             texts = [tokenizer.decode(p) for p in prompts]
-            server = TritonServer(model_dir, values, work / f"triton-{case.shape}-{case.input_len}")
+            server_work = work / f"triton-{case.shape}-{case.input_len}"
+            server_work.mkdir()
+            server = TritonServer(gpt_repository(model_dir, values, server_work), server_work)
             if "triton" in systems:
                 attempt("triton", lambda: run_triton(server, case, texts, False, args.clients))
             if "triton_stream" in systems:
@@ -642,7 +579,7 @@ def run_case(case: Case, args, work: Path, tokenizers: Path | None) -> list[Resu
         finally:
             if server is not None:
                 server.stop()
-                log = Path(server.log.name)
+                log = server.log_path
                 if args.out:
                     shutil.copy(log, Path(args.out).with_name(f"tritonserver-{case.shape}-{case.input_len}.log"))
     # Last: the slowest peer, and the one most likely to stall

@@ -157,6 +157,24 @@ def test_concurrent_greedy_equals_in_process_engine_and_hugging_face(gpt_server,
         assert reason in ("stop", "length")
 
 
+def test_many_short_streams_finish_while_cancellation_is_polled(gpt_server):
+    """Requests that finish while cancellation is being polled: an is_cancelled() on a request whose
+    FINAL response had just been sent (its response factory freed) used to crash the server."""
+    for round_ in range(3):
+        stream = Stream(gpt_server.grpc_url)
+        try:
+            ids = [f"short{round_}-{i}" for i in range(24)]
+            for i, request_id in enumerate(ids):
+                stream.send(request_id, f"Count to {i}:", max_tokens=1 + i % 4, temperature=0.0, stream=True)
+            for request_id in ids:
+                text, tokens, reason = joined(stream.wait(request_id, timeout=120))
+                assert reason in ("stop", "length") and tokens, request_id
+        finally:
+            stream.close()
+    live = urllib.request.urlopen(f"http://{gpt_server.http_url}/v2/health/live", timeout=5)
+    assert live.status == 200
+
+
 def test_streaming_concatenation_equals_non_streaming_for_the_same_seed(gpt_server):
     options = dict(max_tokens=40, temperature=0.9, top_p=0.95, seed=1234)
     stream = Stream(gpt_server.grpc_url)

@@ -5,7 +5,8 @@ requests and runs engine steps; one response thread sends what the engine produc
 falls behind, the response thread coalesces the pending chunks of a request into one response, so
 streaming keeps up under load. Every request gets exactly one FINAL response, errors and shutdown
 included. Every call that crosses to the Triton server process (is_cancelled, metrics, sends) is an
-IPC round trip, so none of them runs on the engine thread: a watcher thread polls cancellation and
+IPC round trip, so none of them runs on the engine thread: the response thread makes every call on
+a response sender (sends and cancellation polls, so none can race a request's FINAL response) and
 the metrics have their own thread (trident.triton.gpt_metrics).
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +53,7 @@ class Active:
     num_ids_sent: int = 0        # output ids already in a response (streaming)
     prompt_sent: bool = False
     cancel_reported: bool = False
+    final_sent: bool = False     # set by the response thread; no sender call may follow it
     pending: list = field(default_factory=list)
 
 
@@ -84,8 +87,7 @@ class TritonPythonModel:
         faulthandler.register(signal.SIGUSR1, all_threads=True)
         self.engine_thread = threading.Thread(target=self._engine_loop, name="gpt-engine", daemon=True)
         self.response_thread = threading.Thread(target=self._response_loop, name="gpt-responses", daemon=True)
-        self.cancel_thread = threading.Thread(target=self._cancel_watch_loop, name="gpt-cancel", daemon=True)
-        for thread in (self.engine_thread, self.response_thread, self.cancel_thread):
+        for thread in (self.engine_thread, self.response_thread):
             thread.start()
 
     @staticmethod
@@ -123,7 +125,6 @@ class TritonPythonModel:
         self.engine_thread.join(timeout=30)
         self.outbox.put(None)
         self.response_thread.join(timeout=30)
-        self.cancel_thread.join(timeout=5)
         self.metrics.close()
         self.logger.log_info("gpt: finalize: done")
 
@@ -178,34 +179,6 @@ class TritonPythonModel:
         if aborted:
             self.metrics.record_stats(self.engine.stats())
 
-    # -- cancellation watcher -----------------------------------------------------------------------
-    def _cancel_watch_loop(self) -> None:
-        """Poll is_cancelled() off the engine thread, round robin, at most CANCEL_CHECKS_PER_PASS
-        requests a pass: each call is an IPC round trip (~50-80 us) that must win the GIL back from
-        the engine thread, and checking a thousand running requests every pass kept this thread busy
-        all the time. A cancelled request is aborted within ~20 ms plus one engine step while few are
-        in flight, and within ~0.3 s with a thousand."""
-        cursor = 0
-        while not self.stopping.wait(CANCEL_CHECK_INTERVAL_S):
-            items = list(self.active.values())  # a snapshot: the engine thread owns the dict
-            if not items:
-                continue
-            cursor %= len(items)
-            for item in (items[cursor:] + items[:cursor])[:CANCEL_CHECKS_PER_PASS]:
-                self._check_cancelled(item)
-            cursor += CANCEL_CHECKS_PER_PASS
-
-    def _check_cancelled(self, item: Active) -> None:
-        if item.cancel_reported:
-            return
-        try:
-            is_cancelled = item.sender.is_cancelled()
-        except Exception:  # the request completed meanwhile
-            return
-        if is_cancelled:
-            item.cancel_reported = True
-            self.cancelled.put(item.request_id)
-
     def _route(self, outputs) -> None:
         for output in outputs:
             item = self.active.get(output.request_id)
@@ -240,8 +213,15 @@ class TritonPythonModel:
 
     # -- response thread ----------------------------------------------------------------------------
     def _response_loop(self) -> None:
+        """Send what the engine produced and poll cancellation: every call on a response sender is
+        made by this one thread. (Triton frees a request's response factory once its FINAL response
+        is sent; an ``is_cancelled()`` from another thread racing that send crashed the server.)"""
+        next_poll, cursor = 0.0, 0
         while True:
-            batch = [self.outbox.get()]
+            try:
+                batch = [self.outbox.get(timeout=CANCEL_CHECK_INTERVAL_S)]
+            except queue.Empty:
+                batch = []
             while True:
                 try:
                     batch.append(self.outbox.get_nowait())
@@ -251,16 +231,45 @@ class TritonPythonModel:
                 self._send(item, outputs)
             if None in batch:
                 return
+            if time.monotonic() >= next_poll:
+                cursor = self._poll_cancelled(cursor)
+                next_poll = time.monotonic() + CANCEL_CHECK_INTERVAL_S
+
+    def _poll_cancelled(self, cursor: int) -> int:
+        """``is_cancelled()`` for at most CANCEL_CHECKS_PER_PASS requests, round robin. Each call is an
+        IPC round trip (~50-80 us) that must win the GIL back from the engine thread, so a thousand
+        running requests are not all polled every pass: a cancelled request is aborted within ~20 ms
+        plus one engine step while few are in flight, and within ~0.3 s with a thousand."""
+        items = list(self.active.values())  # a snapshot: the engine thread owns the dict
+        if not items:
+            return 0
+        cursor %= len(items)
+        for item in (items[cursor:] + items[:cursor])[:CANCEL_CHECKS_PER_PASS]:
+            if item.cancel_reported or item.final_sent:
+                continue
+            try:
+                is_cancelled = item.sender.is_cancelled()
+            except Exception as e:
+                self.logger.log_warn(f"gpt: is_cancelled failed for request {item.request_id}: {e}")
+                continue
+            if is_cancelled:
+                item.cancel_reported = True
+                self.cancelled.put(item.request_id)
+        return cursor + CANCEL_CHECKS_PER_PASS
 
     def _send(self, item: Active, chunks: list) -> None:
         """chunks: [(output or error, num_ids_sent_before)] of one request, oldest first."""
         last, _ = chunks[-1]
         try:
+            if item.final_sent:  # e.g. failed by shutdown after its last output was queued
+                return
             if isinstance(last, Exception):
+                item.final_sent = True
                 item.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(last))), flags=FINAL)
                 return
             first_sent = chunks[0][1]
             response = pb_utils.InferenceResponse(self._tensors(item, chunks, first_sent))
+            item.final_sent = last.finished
             item.sender.send(response, flags=FINAL if last.finished else 0)
         except Exception as e:  # e.g. the client went away; nothing else to tell it
             self.logger.log_warn(f"gpt: could not send response for request {item.request_id}: {e}")
