@@ -11,21 +11,11 @@ import pytest
 import torch
 
 from tests.gpu.paged_layout import PagedBatch, dense_reference, make_paged_batch, plain_store, relative_error
+from tests.gpu.kernel_device import DEVICE, IS_CUDA, KERNEL_TEST_MARKS
 from trident.engine import attention, kernels
 
 
-def _device() -> torch.device | None:
-    if not kernels.IS_AVAILABLE:
-        return None
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu") if kernels.IS_INTERPRETED else None
-
-
-DEVICE = _device()
-IS_CUDA = DEVICE is not None and DEVICE.type == "cuda"
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(DEVICE is None, reason="needs CUDA and triton (or TRITON_INTERPRET=1)")]
+pytestmark = KERNEL_TEST_MARKS
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Triton 3.6's interpreter computes bf16 dot products wrongly (numpy has no bf16): CUDA only.

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.gpu.kernel_device import DEVICE, IS_CUDA, KERNEL_TEST_MARKS
 from trident.engine import kernels
 from trident.engine.attention import AttentionMetadata
 from trident.models.layers import GatedActivation, RMSNorm, RotaryEmbedding, default_inv_freq, use_fused_kernels
@@ -21,18 +22,7 @@ from trident.models.loader import load_model
 from trident.models.testing import save_tiny_llama
 
 
-def _device() -> torch.device | None:
-    if not kernels.IS_AVAILABLE:
-        return None
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu") if kernels.IS_INTERPRETED else None
-
-
-DEVICE = _device()
-IS_CUDA = DEVICE is not None and DEVICE.type == "cuda"
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(DEVICE is None, reason="needs CUDA and triton (or TRITON_INTERPRET=1)")]
+pytestmark = KERNEL_TEST_MARKS
 
 BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
     not IS_CUDA, reason="the Triton interpreter truncates to bf16 instead of rounding"))
