@@ -119,6 +119,8 @@ def make_model_dir(shape: str, path: Path, tokenizer_dir: Path | None, dtype: to
     """config.json + random safetensors of ``shape`` (+ the tokenizer files) at ``path``."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+    from trident.models.testing import save_byte_tokenizer
+
     values = dict(SHAPES[shape])
     arch = values.pop("arch")
     config = LlamaConfig(**values) if arch == "llama" else GPT2Config(**values)
@@ -131,20 +133,8 @@ def make_model_dir(shape: str, path: Path, tokenizer_dir: Path | None, dtype: to
             if f.is_file() and ("token" in f.name or f.name in ("vocab.json", "merges.txt")):
                 shutil.copy(f, path / f.name)
     else:
-        _byte_tokenizer(path)
+        save_byte_tokenizer(path)
     return path
-
-
-def _byte_tokenizer(path: Path) -> None:
-    """A byte-level tokenizer for runs without the real one (ids past 255 decode to nothing)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(path)
 
 
 def random_prompts(case: Case, vocab_size: int, seed: int = 0) -> list[list[int]]:

@@ -17,7 +17,7 @@ from trident.engine.engine import LLMEngine
 from trident.engine.model_runner import ModelRunner
 from trident.engine.sampling_params import SamplingParams
 from trident.engine.sequence import Sequence
-from trident.models.testing import save_tiny_llama
+from trident.models.testing import save_byte_tokenizer, save_tiny_llama
 
 needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and kernels.IS_AVAILABLE),
                                 reason="needs CUDA and triton")
@@ -26,24 +26,13 @@ PROMPT_LENS = [1, 5, 16, 17, 33, 60, 90]
 MAX_TOKENS = [20, 7, 30, 12, 25, 3, 18]
 
 
-def _save_byte_tokenizer(path: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(path)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-llama-graphs")
     # Group of 3 query heads per KV head, head_dim 32: shapes the kernels pad and mask.
     save_tiny_llama(path, with_tokenizer=False, vocab_size=VOCAB, hidden_size=192, num_attention_heads=6,
                     num_key_value_heads=2, bos_token_id=0, eos_token_id=0)
-    _save_byte_tokenizer(path)
+    save_byte_tokenizer(path)
     return path
 
 

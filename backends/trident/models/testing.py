@@ -61,3 +61,16 @@ def _randomise_norms(model: torch.nn.Module) -> None:
 @functools.lru_cache(maxsize=1)
 def _gpt2_tokenizer():
     return gpt2_tokenizer()  # building the BPE takes about a second; tests save it many times
+
+
+def save_byte_tokenizer(path: str | Path) -> None:
+    """A byte-level BPE tokenizer with no merges (ids 0-255 are the bytes; larger ids decode to
+    nothing), for random-weight checkpoints whose vocabulary has no real tokenizer behind it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(str(path))
