@@ -115,8 +115,7 @@ def bench_host(num_requests: int, input_len: int, output_len: int, output_kind: 
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, **kind)
     stage_time = _stage_decodes_beside(engine)
     # The runner's whole call: on the CPU, freeing the step's [256, vocab] logits alone costs ms.
-    launch = "launch_greedy" if hasattr(engine.runner, "launch_greedy") else "execute_greedy"
-    model_time = _time_calls(engine.runner, (launch,))
+    model_time = _time_calls(engine.runner, ("launch_greedy",))
     prompts = random_prompts(num_requests, input_len, engine.runner.vocab_size, seed=0)
     profiler = cProfile.Profile() if cprofile_top else None
     t0 = time.perf_counter()

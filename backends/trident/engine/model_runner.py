@@ -120,12 +120,6 @@ class ModelRunner:
         return self.forward(seqs, num_new_tokens).logits.to(torch.float32, copy=True)  # [num_sampled, vocab]
 
     @torch.inference_mode()
-    def execute_greedy(self, seqs: list[Sequence], num_new_tokens: list[int]) -> list[int]:
-        """Like ``execute`` but returns the argmax token of each sampled row: only these ids cross
-        to the host (one sync), the logits stay on the device."""
-        return self.launch_greedy(seqs, num_new_tokens).result()
-
-    @torch.inference_mode()
     def launch_greedy(self, seqs: list[Sequence], num_new_tokens: list[int]) -> "PendingTokens":
         """Launch the forward and the copy of its argmax tokens to pinned host memory; returns at
         once on CUDA, so the host can do other work while the GPU runs (the engine's pipeline)."""

@@ -59,7 +59,7 @@ class Sampler:
     def is_plain_greedy(seqs: list[Sequence]) -> bool:
         """Whether the argmax of the raw logits is the whole answer for every row: greedy, no
         penalties or min_tokens masking, no log-probs. Then the runner's on-device argmax serves
-        (``ModelRunner.execute_greedy``) and no logits cross to the host."""
+        (``ModelRunner.launch_greedy``) and no logits cross to the host."""
         for seq in seqs:   # every step, every row: plain attribute reads, no property calls
             p = seq.sampling_params
             if (p.temperature != 0 or p.logprobs or p.repetition_penalty != 1.0 or p.frequency_penalty
