@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +54,6 @@ class Active:
     prompt_sent: bool = False
     cancel_reported: bool = False
     final_sent: bool = False     # set by the response thread; no sender call may follow it
-    pending: list = field(default_factory=list)
 
 
 class TritonPythonModel:
