@@ -144,9 +144,10 @@ class TritonPythonModel:
                 self.logger.log_error(f"gpt: engine step failed: {type(e).__name__}: {e}")
                 self._fail_all(f"engine error: {type(e).__name__}: {e}")
                 continue
-            self._route(outputs)
             # Non-streaming requests get no per-step outputs: the engine times every token itself.
+            # Recorded before routing, so a request's last latencies land before its finish counts.
             self.metrics.record_inter_tokens(self.engine.drain_inter_token_latencies())
+            self._route(outputs)
             self.metrics.record_stats(self.engine.stats())
         self._fail_all(SHUTDOWN_MESSAGE)
 
