@@ -176,7 +176,8 @@ def norm_quantize_row(hidden: int = 768) -> dict:
 def _label(t: W8A8Tiles) -> str:
     kind = ("tma+persistent" if t.is_persistent else "tma") if t.is_tma else "pointers"
     return (f"{t.block_m}x{t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages} g{t.group_m} {kind}"
-            f"{' split-epilogue' if t.is_subtiled else ''}{' 2/SM' if t.programs_per_sm == 2 else ''}")
+            f"{' split-epilogue' if t.is_subtiled else ''}{' 2/SM' if t.programs_per_sm == 2 else ''}"
+            f"{' warp-specialized' if t.is_warp_specialized else ''}")
 
 
 def main() -> None:

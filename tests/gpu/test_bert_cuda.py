@@ -244,6 +244,21 @@ def test_w8a8_epilogue_flags_match_torch(variant, dtype, has_bias, gelu, has_res
 
 
 @needs_kernels
+@pytest.mark.parametrize("gelu_impl,tol", [("erf", 1e-5), ("erf_poly", 1e-5), ("tanh", 3e-3)])
+def test_w8a8_gelu_impls_match_torch_erf_gelu(gelu_impl, tol):
+    # erf_poly is erf to ~2e-7; tanh is GELU's tanh form (~5e-4 away) on an approximate tanh.
+    if gelu_impl == "tanh" and KERNEL_DEVICE != "cuda":
+        pytest.skip("inline PTX runs on CUDA only")
+    ops = _int8_operands(64, 160, 128, seed=2)
+    ops["bias"] = torch.linspace(-6, 6, 160)  # GELU inputs across both tails and the knee
+    dev = {k: v.to(KERNEL_DEVICE) for k, v in ops.items()}
+    out = int8_kernels.w8a8_matmul(dev["qx"], dev["x_scale"], dev["qw"], dev["w_scale"], torch.float32,
+                                   bias=dev["bias"], gelu=True, gelu_impl=gelu_impl)  # [m, n]
+    pre = (ops["qx"].double() @ ops["qw"].double().T) * ops["x_scale"].double() * ops["w_scale"].double() + ops["bias"].double()
+    torch.testing.assert_close(out.cpu().double(), torch.nn.functional.gelu(pre), rtol=0, atol=tol)
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("hidden,with_smooth", [(384, False), (768, True), (100, True)])
 def test_layer_norm_quantize_equals_layer_norm_then_per_token_quantize(dtype, hidden, with_smooth):

@@ -101,6 +101,7 @@ class W8A8Tiles:
     is_persistent: bool = False
     is_subtiled: bool = False  # epilogue in two [BLOCK_M, BLOCK_N / 2] halves: fewer live registers
     programs_per_sm: int = 1   # persistent grids: 2 lets one program's epilogue overlap another's MMA
+    is_warp_specialized: bool = False  # Triton's automatic warp specialization of the K loop
 
 
 def w8a8_tiles(m: int, n: int, k: int) -> W8A8Tiles:
@@ -122,18 +123,27 @@ def w8a8_tiles(m: int, n: int, k: int) -> W8A8Tiles:
 # room for two programs per SM, so one program's epilogue (the erf GELU costs about as much as a
 # tile's MMAs at K=768) runs under the other's MMAs; unsplit, the TMA store's staging buffer alone
 # does not fit (278 KB for 256-wide tiles).
+# The GELU epilogue's erf: "erf" libdevice's erff; "erf_poly" Abramowitz-Stegun 7.1.26 (|error| <= 2.2e-7
+# on GELU, where fp16 output rounding is >= 3e-5) with one fast reciprocal and one exp2; "tanh" the tanh
+# form of GELU on the tanh.approx instruction (up to ~1e-3 from erf GELU: not BERT's function; CUDA only).
+GELU_IMPLS = ("erf", "erf_poly", "tanh")
+GELU_IMPL = "erf"
+
 LARGE_M_TILES = W8A8Tiles(128, 128, 128, num_warps=8, num_stages=3, group_m=8, is_tma=True, is_subtiled=True)
 
 
 def w8a8_matmul(qx: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
                 dtype: torch.dtype, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                gelu: bool = False, tiles: W8A8Tiles | None = None) -> torch.Tensor:
+                gelu: bool = False, tiles: W8A8Tiles | None = None, gelu_impl: str | None = None) -> torch.Tensor:
     """``gelu?(qx @ qweight.T * x_scale * w_scale + bias) + residual`` -> [M, N] in ``dtype``.
 
     qx [M, K] int8 (row stride free), x_scale [M, 1] fp32, qweight [N, K] int8, w_scale [N] fp32,
     bias [N], residual [M, N] with the output's strides (contiguous). The int32 accumulator is exact;
-    the epilogue works in fp32 and rounds once at the store. ``tiles`` overrides the rule (benchmarks).
+    the epilogue works in fp32 and rounds once at the store. ``tiles`` overrides the rule and
+    ``gelu_impl`` (one of ``GELU_IMPLS``) the GELU's erf (benchmarks).
     """
+    gelu_impl = gelu_impl or GELU_IMPL
+    assert gelu_impl in GELU_IMPLS, f"gelu_impl must be one of {GELU_IMPLS}"
     m, k = qx.shape
     n = qweight.shape[0]
     out = torch.empty(m, n, dtype=dtype, device=qx.device)  # [M, N]
@@ -155,9 +165,10 @@ def w8a8_matmul(qx: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, 
     _w8a8_kernel[(num_programs,)](
         x_arg, x_scale, w_arg, w_scale, out if bias is None else bias, out_arg if residual is None else r_arg,
         out_arg, m, n, k, qx.stride(0), qweight.stride(0), out.stride(0), num_programs,
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, GELU=gelu, IS_TMA=t.is_tma,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
-        FLATTEN=t.is_persistent, SUBTILE=t.is_subtiled, num_warps=t.num_warps, num_stages=t.num_stages)
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, GELU=gelu_impl if gelu else "",
+        IS_TMA=t.is_tma, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
+        FLATTEN=t.is_persistent, SUBTILE=t.is_subtiled, WARP_SPECIALIZE=t.is_warp_specialized,
+        num_warps=t.num_warps, num_stages=t.num_stages)
     return out
 
 
@@ -259,7 +270,8 @@ if IS_AVAILABLE:
     def _w8a8_kernel(x, xs_ptr, w, ws_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                      NUM_PROGRAMS, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
                      IS_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, SUBTILE: tl.constexpr):
+                     GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, SUBTILE: tl.constexpr,
+                     WARP_SPECIALIZE: tl.constexpr):
         # IS_TMA: x, w, r_ptr, out_ptr are TMA descriptors of [M, K], [N, K], [M, N], [M, N], else pointers.
         num_pid_m = tl.cdiv(M, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -268,7 +280,7 @@ if IS_AVAILABLE:
         for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=FLATTEN):
             pid_m, pid_n = _tile_position(tile, num_pid_m, num_pid_n, GROUP_M)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in tl.range(0, K, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
                 if IS_TMA:  # out-of-bounds rows and columns arrive as zeros
                     a = x.load([pid_m * BLOCK_M, k0])  # [BLOCK_M, BLOCK_K] int8
                     b = w.load([pid_n * BLOCK_N, k0])  # [BLOCK_N, BLOCK_K] int8
@@ -305,8 +317,8 @@ if IS_AVAILABLE:
         v = acc.to(tl.float32) * xs[:, None] * ws[None, :]  # [BM, BN]
         if HAS_BIAS:
             v += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        if GELU:  # exact (erf) GELU, as BERT's hidden_act "gelu"
-            v = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
+        if GELU != "":  # BERT's hidden_act "gelu" is the erf form
+            v = _gelu(v, GELU)
         if IS_TMA:  # rows and columns past the edges are neither read nor written
             if HAS_RESIDUAL:
                 v += r.load([off_m, off_n]).to(tl.float32)
@@ -316,6 +328,22 @@ if IS_AVAILABLE:
             if HAS_RESIDUAL:
                 v += tl.load(r + rm[:, None] * stride_om + rn[None, :], mask=mask, other=0.0).to(tl.float32)
             tl.store(out + rm[:, None] * stride_om + rn[None, :], v.to(out.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _gelu(v, IMPL: tl.constexpr):
+        if IMPL == "erf":
+            return 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
+        elif IMPL == "erf_poly":  # erf(|z|) = 1 - t poly(t) exp(-z^2), t = 1 / (1 + p |z|)
+            z = tl.abs(v) * 0.7071067811865476
+            t = tl.fdiv(tl.full(z.shape, 1.0, tl.float32), 1.0 + 0.3275911 * z)  # approximate: rcp + mul
+            poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+            erf = 1.0 - poly * tl.exp2(-z * z * 1.4426950408889634)
+            return 0.5 * v * (1.0 + tl.where(v >= 0, erf, -erf))
+        else:  # "tanh": 0.5 v (1 + tanh(sqrt(2 / pi) (v + 0.044715 v^3)))
+            u = 0.7978845608028654 * v * (1.0 + 0.044715 * v * v)
+            th = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [u], dtype=tl.float32,
+                                           is_pure=True, pack=1)
+            return 0.5 * v * (1.0 + th)
 
     @triton.jit
     def _layer_norm_quantize_kernel(x_ptr, g_ptr, b_ptr, s_ptr, y_ptr, q_ptr, scale_ptr, M, H, eps,
