@@ -69,6 +69,10 @@ class RequestOutput:
         return self._token_ids[:self._num_prompt_tokens]
 
     @property
+    def num_prompt_tokens(self) -> int:
+        return self._num_prompt_tokens
+
+    @property
     def output_token_ids(self) -> list[int]:
         return self._token_ids[self._first_id:self._end_id]
 

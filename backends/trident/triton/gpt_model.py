@@ -1,20 +1,21 @@
-"""Triton Python model `gpt` (decoupled): a thin adapter over trident.engine.LLMEngine.
+"""Triton Python model `gpt` (decoupled): a thin adapter over the engine, which runs in its own process.
 
-vllm_backend's architecture: execute() only validates and enqueues; one engine thread admits
-requests and runs engine steps; one response thread sends what the engine produced. When a stream
-falls behind, the response thread coalesces the pending chunks of a request into one response, so
-streaming keeps up under load. Every request gets exactly one FINAL response, errors and shutdown
-included. Every call that crosses to the Triton server process (is_cancelled, metrics, sends) is an
-IPC round trip, so none of them runs on the engine thread: the response thread makes every call on
-a response sender (sends and cancellation polls, so none can race a request's FINAL response) and
-the metrics have their own thread (trident.triton.gpt_metrics).
+vLLM V1's frontend / engine-core split (trident.engine.engine_process): this stub process parses and
+tokenizes requests, sends token ids to the engine process, and turns the engine's per-step outputs
+into Triton responses; the engine process does nothing but schedule, run the model and detokenize,
+on a GIL no serving thread competes for. Threads here: Triton's execute() (parse, tokenize, submit),
+one response thread (every call on a response sender: sends and cancellation polls, so none can
+race a request's FINAL response; Triton frees a request's response factory once that is sent, and
+an ``is_cancelled()`` racing it crashed the server), the engine process's pipe reader and the
+metrics thread (trident.triton.gpt_metrics). When a stream falls behind, the response thread sends
+all of a request's pending tokens in one response, so streaming keeps up under load. Every request
+gets exactly one FINAL response, errors, a dead engine process and shutdown included.
 """
 from __future__ import annotations
 
 import faulthandler
 import itertools
 import json
-import queue
 import signal
 import sys
 import threading
@@ -26,8 +27,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from trident.engine.config import EngineConfig
-from trident.engine.engine import LLMEngine
-from trident.engine.scheduler import QueueFullError
+from trident.engine.engine_process import CoreOutput, CoreStep, EngineDied, EngineProcess
+from trident.engine.outputs import RequestTimings
+from trident.engine.tokenizer import load_tokenizer
 from trident.triton.gpt_metrics import GptMetrics
 from trident.triton.gpt_request import GenerateRequest, parse_request
 from trident.triton.io import RequestError, string_array
@@ -38,7 +40,6 @@ INPUT_NAMES = ("text_input", "max_tokens", "min_tokens", "stream", "temperature"
                "exclude_input_in_output", "return_logprobs", "sampling_parameters")
 CANCEL_CHECK_INTERVAL_S = 0.02   # cancelled requests free their KV blocks well within 100 ms
 CANCEL_CHECKS_PER_PASS = 64
-IDLE_WAIT_S = 0.05
 GIL_SWITCH_INTERVAL_S = 0.0002
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 SHUTDOWN_MESSAGE = "the server is shutting down; the request was not completed"
@@ -50,10 +51,10 @@ class Active:
     request_id: str
     request: GenerateRequest
     sender: object
-    num_ids_sent: int = 0        # output ids already in a response (streaming)
+    num_output_tokens: int = 0   # tokens already sent (streaming)
     prompt_sent: bool = False
     cancel_reported: bool = False
-    final_sent: bool = False     # set by the response thread; no sender call may follow it
+    final_sent: bool = False     # no sender call may follow the FINAL response
 
 
 class TritonPythonModel:
@@ -63,31 +64,30 @@ class TritonPythonModel:
         params = {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
         version_dir = Path(args["model_repository"]) / args["model_version"]
         config = self._engine_config(version_dir / params.get("engine_config", "engine.json"), version_dir)
-        self.engine = LLMEngine(config)
-        self.logger.log_info(f"gpt: {self.engine.capacity.describe()}")
-        self.max_tokens_limit = self.engine.max_model_len
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
+        try:
+            self.core = EngineProcess(config)
+        except RuntimeError as e:
+            raise pb_utils.TritonModelException(f"gpt: {e}") from None
+        self.logger.log_info(f"gpt: engine process {self.core.pid}: {self.core.info.capacity}")
+        self.max_tokens_limit = self.core.info.max_model_len
         self.metrics = GptMetrics(args["model_name"], args["model_version"])
-        self.inbox: queue.Queue = queue.Queue()
-        self.outbox: queue.Queue = queue.Queue()
-        self.cancelled: queue.Queue = queue.Queue()
         self.active: dict[str, Active] = {}
         self.ids = itertools.count()
+        self.engine_error: str | None = None    # set once the engine process is gone
         self.stopping = threading.Event()
         self.shutting_down = threading.Event()
         on_sigterm(self.shutting_down.set)
         # Triton hands requests to execute() on the stub's main thread, one call per request, and
-        # each call first waits for the GIL, which the busy engine thread gives up only every
-        # switch interval (5 ms by default): 1000 requests sent at once trickled into the engine
-        # over seconds. A short interval bounds that wait; the engine thread loses little, since
-        # the other threads mostly sleep or wait on IPC.
+        # each call first waits for the GIL, which a busy thread gives up only every switch
+        # interval (5 ms by default): a thousand requests sent at once would trickle in over
+        # seconds behind the response thread. A short interval bounds that wait.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         # `kill -USR1 <stub pid>` prints every thread's Python stack to the server log: the way to
         # see what a busy or stuck model is doing without stopping it.
         faulthandler.register(signal.SIGUSR1, all_threads=True)
-        self.engine_thread = threading.Thread(target=self._engine_loop, name="gpt-engine", daemon=True)
         self.response_thread = threading.Thread(target=self._response_loop, name="gpt-responses", daemon=True)
-        for thread in (self.engine_thread, self.response_thread):
-            thread.start()
+        self.response_thread.start()
 
     @staticmethod
     def _engine_config(path: Path, version_dir: Path) -> EngineConfig:
@@ -106,141 +106,82 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
-            if self.shutting_down.is_set():
-                _send_error(sender, SHUTDOWN_MESSAGE)
+            refusal = SHUTDOWN_MESSAGE if self.shutting_down.is_set() else self.engine_error
+            if refusal:
+                _send_error(sender, refusal)
                 continue
             try:
                 inputs = {name: _input(request, name) for name in INPUT_NAMES}
                 parsed = parse_request(inputs, self.max_tokens_limit)
+                token_ids = self.tokenizer.encode(parsed.prompt)
             except RequestError as e:
                 _send_error(sender, str(e))
                 continue
-            self.inbox.put(Active(f"{next(self.ids)}", parsed, sender))
+            item = Active(f"{next(self.ids)}", parsed, sender)
+            self.active[item.request_id] = item    # before the engine can answer for it
+            try:
+                self.core.add_request(item.request_id, token_ids, parsed.sampling_params, time.monotonic())
+            except OSError:   # the engine process is gone; the response thread reports it to the others
+                self.active.pop(item.request_id, None)
+                _send_error(sender, self.engine_error or "the engine process is not running")
         return None
 
     def finalize(self) -> None:
         self.logger.log_info("gpt: finalize: stopping the engine")
         self.stopping.set()
-        self.engine_thread.join(timeout=30)
-        self.outbox.put(None)
         self.response_thread.join(timeout=30)
+        self.core.shutdown()
         self.metrics.close()
         self.logger.log_info("gpt: finalize: done")
 
-    # -- engine thread ------------------------------------------------------------------------------
-    def _engine_loop(self) -> None:
-        while not self.stopping.is_set():
-            self._admit(block=not self.engine.has_unfinished())
-            if self.shutting_down.is_set():
-                self._fail_all(SHUTDOWN_MESSAGE)
-                self.metrics.record_stats(self.engine.stats())
-                continue
-            self._abort_cancelled()
-            if not self.engine.has_unfinished():
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as e:  # a broken step must not strand requests: fail what is in flight
-                self.logger.log_error(f"gpt: engine step failed: {type(e).__name__}: {e}")
-                self._fail_all(f"engine error: {type(e).__name__}: {e}")
-                continue
-            # Non-streaming requests get no per-step outputs: the engine times every token itself.
-            # Recorded before routing, so a request's last latencies land before its finish counts.
-            self.metrics.record_inter_tokens(self.engine.drain_inter_token_latencies())
-            self._route(outputs)
-            self.metrics.record_stats(self.engine.stats())
-        self._fail_all(SHUTDOWN_MESSAGE)
-
-    def _admit(self, block: bool) -> None:
-        try:
-            item = self.inbox.get(timeout=IDLE_WAIT_S) if block else self.inbox.get_nowait()
-        except queue.Empty:
-            return
-        while item is not None:
-            try:
-                self.engine.add_request(item.request_id, item.request.prompt, item.request.sampling_params)
-                self.active[item.request_id] = item
-            except (QueueFullError, ValueError) as e:
-                _send_error(item.sender, str(e))
-            try:
-                item = self.inbox.get_nowait()
-            except queue.Empty:
-                item = None
-
-    def _abort_cancelled(self) -> None:
-        aborted = False
-        while True:
-            try:
-                request_id = self.cancelled.get_nowait()
-            except queue.Empty:
-                break
-            self._route(self.engine.abort(request_id))  # [] when it finished meanwhile
-            aborted = True
-        if aborted:
-            self.metrics.record_stats(self.engine.stats())
-
-    def _route(self, outputs) -> None:
-        for output in outputs:
-            item = self.active.get(output.request_id)
-            if item is None:
-                continue
-            if output.finished:
-                self.active.pop(output.request_id, None)
-                self._record_finished(output)
-            if output.finished or item.request.stream:
-                self.outbox.put((item, output, item.num_ids_sent))
-                item.num_ids_sent = output.num_output_tokens
-
-    def _record_finished(self, output) -> None:
-        t = output.timings
-        self.metrics.record_finished(output.finish_reason, queue_s=t.queue_time, ttft_s=t.time_to_first_token,
-                                     e2e_s=t.e2e_latency)
-
-    def _fail_all(self, message: str) -> None:
-        pending = list(self.active.values())
-        while True:
-            try:
-                pending.append(self.inbox.get_nowait())
-            except queue.Empty:
-                break
-        for item in pending:
-            try:
-                self.engine.abort(item.request_id)
-            except Exception:  # the engine may be what failed; the client must still hear back
-                pass
-            self.outbox.put((item, RequestError(message), 0))
-        self.active.clear()
-
     # -- response thread ----------------------------------------------------------------------------
     def _response_loop(self) -> None:
-        """Send what the engine produced and poll cancellation: every call on a response sender is
-        made by this one thread. (Triton frees a request's response factory once its FINAL response
-        is sent; an ``is_cancelled()`` from another thread racing that send crashed the server.)"""
         next_poll, cursor = 0.0, 0
-        while True:
-            try:
-                batch = [self.outbox.get(timeout=CANCEL_CHECK_INTERVAL_S)]
-            except queue.Empty:
-                batch = []
-            while True:
-                try:
-                    batch.append(self.outbox.get_nowait())
-                except queue.Empty:
-                    break
-            for item, outputs in _coalesce([b for b in batch if b is not None]):
-                self._send(item, outputs)
-            if None in batch:
-                return
+        shutdown_handled = False
+        while not self.stopping.is_set():
+            pending: dict[str, list] = {}
+            for message in self.core.get(timeout=CANCEL_CHECK_INTERVAL_S):
+                if isinstance(message, CoreStep):
+                    self._take_step(message, pending)
+                elif isinstance(message, EngineDied):
+                    self.engine_error = f"gpt: {message.message}; the model must be reloaded"
+                    self.logger.log_error(self.engine_error)
+                    self._fail_all(self.engine_error)
+            for request_id, chunks in pending.items():
+                item = self.active.get(request_id)
+                if item is not None:
+                    self._send(item, chunks)
+            if self.engine_error:   # requests that came in while the engine died
+                self._fail_all(self.engine_error)
+            if self.shutting_down.is_set() and not shutdown_handled:
+                shutdown_handled = True
+                self._fail_all(SHUTDOWN_MESSAGE)
+                self._tell_engine(self.core.abort_all, SHUTDOWN_MESSAGE)
             if time.monotonic() >= next_poll:
                 cursor = self._poll_cancelled(cursor)
                 next_poll = time.monotonic() + CANCEL_CHECK_INTERVAL_S
+        self._fail_all(SHUTDOWN_MESSAGE)
+
+    def _take_step(self, step: CoreStep, pending: dict[str, list]) -> None:
+        """Group a step's outputs and errors by request; record its metrics. Inter-token latencies
+        go first, so that a request's last latencies land before its finish counts."""
+        self.metrics.record_inter_tokens(step.inter_token_latencies)
+        for out in step.outputs:
+            pending.setdefault(out.request_id, []).append(out)
+            if out.finished:
+                t = RequestTimings(*out.times)
+                self.metrics.record_finished(out.finish_reason, queue_s=t.queue_time,
+                                             ttft_s=t.time_to_first_token, e2e_s=t.e2e_latency)
+        for request_id, message in step.errors:
+            pending.setdefault(request_id, []).append(RequestError(message))
+        self.metrics.record_stats(step.stats)
 
     def _poll_cancelled(self, cursor: int) -> int:
         """``is_cancelled()`` for at most CANCEL_CHECKS_PER_PASS requests, round robin. Each call is an
-        IPC round trip (~50-80 us) that must win the GIL back from the engine thread, so a thousand
-        running requests are not all polled every pass: a cancelled request is aborted within ~20 ms
-        plus one engine step while few are in flight, and within ~0.3 s with a thousand."""
-        items = list(self.active.values())  # a snapshot: the engine thread owns the dict
+        IPC round trip to the server (~50-80 us), so a thousand running requests are not all polled
+        every pass: a cancelled request is aborted within ~20 ms plus one engine step while few are
+        in flight, and within ~0.3 s with a thousand."""
+        items = list(self.active.values())   # a snapshot: execute() adds to the dict meanwhile
         if not items:
             return 0
         cursor %= len(items)
@@ -253,35 +194,48 @@ class TritonPythonModel:
                 self.logger.log_warn(f"gpt: is_cancelled failed for request {item.request_id}: {e}")
                 continue
             if is_cancelled:
-                item.cancel_reported = True
-                self.cancelled.put(item.request_id)
+                item.cancel_reported = True   # its final output ("abort") comes back from the engine
+                self._tell_engine(self.core.abort, item.request_id)
         return cursor + CANCEL_CHECKS_PER_PASS
 
-    def _send(self, item: Active, chunks: list) -> None:
-        """chunks: [(output or error, num_ids_sent_before)] of one request, oldest first."""
-        last, _ = chunks[-1]
+    def _tell_engine(self, call, arg) -> None:
         try:
-            if item.final_sent:  # e.g. failed by shutdown after its last output was queued
-                return
+            call(arg)
+        except OSError:   # the engine process is gone: its reader reports that to every request
+            pass
+
+    def _fail_all(self, message: str) -> None:
+        for item in list(self.active.values()):
+            self._send(item, [RequestError(message)])
+
+    def _send(self, item: Active, chunks: list) -> None:
+        """chunks: a request's CoreOutputs since its last response, oldest first, or an error last."""
+        last = chunks[-1]
+        finished = isinstance(last, Exception) or last.finished
+        if finished:
+            self.active.pop(item.request_id, None)
+        if item.final_sent:
+            return
+        item.final_sent = finished
+        try:
             if isinstance(last, Exception):
-                item.final_sent = True
                 item.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(last))), flags=FINAL)
-                return
-            first_sent = chunks[0][1]
-            response = pb_utils.InferenceResponse(self._tensors(item, chunks, first_sent))
-            item.final_sent = last.finished
-            item.sender.send(response, flags=FINAL if last.finished else 0)
-        except Exception as e:  # e.g. the client went away; nothing else to tell it
+            else:
+                item.sender.send(pb_utils.InferenceResponse(self._tensors(item, chunks)),
+                                 flags=FINAL if finished else 0)
+        except Exception as e:   # e.g. the client went away; nothing else to tell it
             self.logger.log_warn(f"gpt: could not send response for request {item.request_id}: {e}")
 
-    def _tensors(self, item: Active, chunks: list, first_sent: int) -> list:
-        last = chunks[-1][0]
+    def _tensors(self, item: Active, chunks: list[CoreOutput]) -> list:
+        last = chunks[-1]
         request = item.request
-        if request.stream:
-            text = "".join(output.delta_text for output, _ in chunks)
-            ids = last.output_token_ids[first_sent:]
-        else:
-            text, ids = last.text, last.output_token_ids
+        if request.stream:   # DELTA outputs: each chunk holds only what is new
+            text = "".join(out.text for out in chunks)
+            ids = [token for out in chunks for token in out.token_ids]
+            item.num_output_tokens += len(ids)
+        else:                # FINAL_ONLY: one output with everything
+            text, ids = last.text, last.token_ids
+            item.num_output_tokens = len(ids)
         if not request.exclude_input_in_output and not item.prompt_sent:
             text = request.prompt + text
             item.prompt_sent = True
@@ -289,21 +243,13 @@ class TritonPythonModel:
             pb_utils.Tensor("text_output", string_array([text], (1,))),
             pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int32)),
             pb_utils.Tensor("finish_reason", string_array([last.finish_reason or ""] if last.finished else [""], (1,))),
-            pb_utils.Tensor("num_input_tokens", np.array([len(last.prompt_token_ids)], dtype=np.int32)),
-            pb_utils.Tensor("num_output_tokens", np.array([len(last.output_token_ids)], dtype=np.int32)),
+            pb_utils.Tensor("num_input_tokens", np.array([last.num_prompt_tokens], dtype=np.int32)),
+            pb_utils.Tensor("num_output_tokens", np.array([item.num_output_tokens], dtype=np.int32)),
         ]
         if request.sampling_params.logprobs:
             tensors.append(pb_utils.Tensor("cumulative_logprob",
                                            np.array([last.cumulative_logprob or 0.0], dtype=np.float32)))
         return tensors
-
-
-def _coalesce(batch):
-    """Group a drained outbox by request, keeping order: one response per request per drain."""
-    grouped: dict[str, tuple[Active, list]] = {}
-    for item, output, num_ids_sent in batch:
-        grouped.setdefault(item.request_id, (item, []))[1].append((output, num_ids_sent))
-    return grouped.values()
 
 
 def _input(request, name: str):

@@ -69,8 +69,9 @@ def parse_request(inputs: dict[str, np.ndarray | None], max_tokens_limit: int | 
         raise RequestError("sampling_parameters.output_kind is not accepted: `stream` decides it")
     flags = {name: _scalar(inputs[name], name, bool) if inputs.get(name) is not None else default
              for name, default in FLAG_INPUTS.items()}
-    # A non-streaming request is answered once: the engine then skips its per-token outputs.
-    values["output_kind"] = RequestOutputKind.CUMULATIVE if flags["stream"] else RequestOutputKind.FINAL_ONLY
+    # A non-streaming request is answered once: the engine then skips its per-token outputs. A
+    # stream takes only what is new at each step, so nothing already sent crosses the pipe again.
+    values["output_kind"] = RequestOutputKind.DELTA if flags["stream"] else RequestOutputKind.FINAL_ONLY
     try:
         params = SamplingParams(**values)
     except (TypeError, ValueError) as e:

@@ -1,0 +1,149 @@
+"""EngineProcess: the engine in a spawned child process, driven through its pipe.
+
+The reference is the same engine in this process (itself checked against Hugging Face in
+test_engine.py): the child must produce the same tokens and text, and must answer every request
+exactly once, through aborts, bad requests and its own death.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from trident.engine.config import EngineConfig
+from trident.engine.engine import LLMEngine
+from trident.engine.engine_process import CoreStep, EngineDied, EngineProcess
+from trident.engine.sampling_params import RequestOutputKind, SamplingParams
+from trident.models.testing import save_tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PROMPTS = ["The quick brown fox", "assert statements are", "Hello", "x = [i for i in range(10)] and then"]
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> EngineConfig:
+    path = save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-process"))
+    return EngineConfig(model=str(path), device="cpu", dtype="float32", block_size=8, max_model_len=128,
+                        max_num_seqs=8, max_num_batched_tokens=256)
+
+
+@pytest.fixture(scope="module")
+def core(config):
+    process = EngineProcess(config)
+    yield process
+    process.shutdown()
+
+
+def collect(core: EngineProcess, request_ids: set[str], timeout_s: float = 120) -> dict[str, list]:
+    """Every output and error of the given requests, until each has its final answer."""
+    seen: dict[str, list] = {rid: [] for rid in request_ids}
+    open_ids = set(request_ids)
+    deadline = time.monotonic() + timeout_s
+    while open_ids:
+        assert time.monotonic() < deadline, f"no final answer for {sorted(open_ids)}"
+        for message in core.get(timeout=0.5):
+            assert not isinstance(message, EngineDied), message
+            for out in message.outputs:
+                seen[out.request_id].append(out)
+                if out.finished:
+                    open_ids.discard(out.request_id)
+            for request_id, error in message.errors:
+                seen[request_id].append(error)
+                open_ids.discard(request_id)
+    return seen
+
+
+def test_child_matches_the_in_process_engine_for_every_output_kind(core, config):
+    engine = LLMEngine(config)
+    tokenizer = engine.tokenizer
+    greedy = dict(temperature=0.0, max_tokens=24, ignore_eos=True)
+    expected = {p: out for p, out in zip(PROMPTS, engine.generate(PROMPTS, SamplingParams(**greedy)))}
+    kinds = {"delta": RequestOutputKind.DELTA, "final": RequestOutputKind.FINAL_ONLY,
+             "cumulative": RequestOutputKind.CUMULATIVE}
+    ids = set()
+    for i, prompt in enumerate(PROMPTS):
+        for name, kind in kinds.items():
+            ids.add(f"{name}-{i}")
+            core.add_request(f"{name}-{i}", tokenizer.encode(prompt), SamplingParams(output_kind=kind, **greedy),
+                             time.monotonic())
+    seen = collect(core, ids)
+    for i, prompt in enumerate(PROMPTS):
+        want = expected[prompt]
+        delta, final, cumulative = seen[f"delta-{i}"], seen[f"final-{i}"], seen[f"cumulative-{i}"]
+        assert len(final) == 1 and final[0].finished
+        assert final[0].token_ids == want.output_token_ids and final[0].text == want.text
+        assert [t for out in delta for t in out.token_ids] == want.output_token_ids
+        assert "".join(out.text for out in delta) == want.text
+        assert len(delta) == 24   # one output per token
+        assert cumulative[-1].token_ids == want.output_token_ids and cumulative[-1].text == want.text
+        assert final[0].num_prompt_tokens == len(tokenizer.encode(prompt))
+        arrival, _, first_token, finished = final[0].times
+        assert arrival <= first_token <= finished   # one clock in both processes
+
+
+def test_abort_and_bad_requests_get_exactly_one_final_answer(core, config):
+    long_prompt = list(range(1, 200))          # longer than max_model_len
+    core.add_request("too-long", long_prompt, SamplingParams(max_tokens=4), time.monotonic())
+    core.add_request("out-of-vocab", [10 ** 9], SamplingParams(max_tokens=4), time.monotonic())
+    core.add_request("endless", [1, 2, 3], SamplingParams(max_tokens=100, ignore_eos=True, temperature=0.0),
+                     time.monotonic())
+    core.add_request("fine", [4, 5, 6], SamplingParams(max_tokens=5, ignore_eos=True), time.monotonic())
+    core.abort("endless")
+    core.abort("never-added")   # unknown ids are ignored, not an error
+    seen = collect(core, {"too-long", "out-of-vocab", "endless", "fine"})
+    assert "max_model_len" in seen["too-long"][0] and len(seen["too-long"]) == 1
+    assert "out of range" in seen["out-of-vocab"][0] and len(seen["out-of-vocab"]) == 1
+    assert seen["endless"][-1].finish_reason == "abort" and len(seen["endless"][-1].token_ids) < 100
+    assert seen["fine"][-1].finish_reason == "length" and len(seen["fine"][-1].token_ids) == 5
+    # The engine is still serving after all that.
+    core.add_request("after", [7, 8], SamplingParams(max_tokens=3, ignore_eos=True), time.monotonic())
+    assert collect(core, {"after"})["after"][-1].finished
+
+
+def test_abort_all_fails_every_live_request_with_the_message(core):
+    for i in range(3):
+        core.add_request(f"live-{i}", [1, 2, 3 + i], SamplingParams(max_tokens=120, ignore_eos=True),
+                         time.monotonic())
+    core.abort_all("going away")
+    seen = collect(core, {f"live-{i}" for i in range(3)})
+    finals = [seen[f"live-{i}"][-1] for i in range(3)]
+    # Either it finished before the message arrived, or it got the message as its final answer.
+    assert all(last == "going away" or last.finished for last in finals)
+    assert "going away" in finals   # 120 tokens each: not all of them can have finished first
+
+
+def test_a_dead_engine_is_reported_and_a_failed_start_raises(config, tmp_path):
+    process = EngineProcess(config)
+    try:
+        os.kill(process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        messages = []
+        while not any(isinstance(m, EngineDied) for m in messages):
+            assert time.monotonic() < deadline, messages
+            messages += process.get(timeout=0.5)
+        died = next(m for m in messages if isinstance(m, EngineDied))
+        assert "exit code -9" in died.message
+        with pytest.raises(OSError):
+            for _ in range(100):   # the first sends may still fit the socket buffer
+                process.add_request("late", [1, 2], SamplingParams(max_tokens=2), time.monotonic())
+    finally:
+        process.shutdown(timeout_s=5)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(RuntimeError, match="engine failed to start"):
+        EngineProcess(EngineConfig(model=str(tmp_path), device="cpu"))
+
+
+def test_steps_carry_stats_and_inter_token_latencies(core):
+    core.add_request("timed", [1, 2, 3], SamplingParams(max_tokens=6, ignore_eos=True), time.monotonic())
+    latencies, steps = [], []
+    deadline = time.monotonic() + 60
+    while not any(o.request_id == "timed" and o.finished for s in steps for o in s.outputs):
+        assert time.monotonic() < deadline
+        batch = [m for m in core.get(timeout=0.5) if isinstance(m, CoreStep)]
+        steps += batch
+        latencies += [x for s in batch for x in s.inter_token_latencies]
+    assert len(latencies) == 5 and all(x >= 0 for x in latencies)   # one per token after the first
+    assert steps[-1].stats.generation_tokens_total >= 6
