@@ -27,7 +27,10 @@ with ``--client-threads`` threads sending `infer` requests of 1..``--max-texts-p
 closed loop; texts finished inside the measuring window / its length. Against: ``BertEncoder`` (the
 same runtime) in this process on batches of 128 of the same texts. Tokenization (HF ``tokenizers``
 ``encode_batch``) is counted on both sides: the Triton model gets strings too. (b) Batch-1 latency:
-one client, one text per `infer`, p50 / p99, against ``encode([text])`` in-process. The mean batch
+one client, one text per `infer`, one call at a time, p50 / p99 over ``--latency-calls`` calls after
+``--latency-warmup``, against ``encode([text])`` in-process; printed with Triton's server-side split
+(queue / execute) and the stub's own execute() phases (decode, tokenize, model, respond: see
+trident/triton/bert_model.py), beside a `floor` model that answers zeros at once. The mean batch
 the dynamic batcher formed comes from Triton's metrics (inference count / execution count).
 """
 from __future__ import annotations
@@ -42,7 +45,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +56,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "backends")]
 from trident.bert.torch_model import BertShape, PackedBert, hf_state_dict  # noqa: E402
 from trident.bert.torch_runtime import TorchRuntime, TorchRuntimeOptions, prepare  # noqa: E402
+
+# trident.triton.bert_model.PhaseLog (that module imports Triton's stub utilities): the variable it
+# reads, and the keys of its records that are not phases.
+PHASES_ENV = "TRIDENT_BERT_PHASES"
+PHASE_RECORD_KEYS = ("start", "num_requests", "num_texts")
 
 MINILM = {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536}
 
@@ -234,6 +242,10 @@ class TritonResult:
     execute_ms: float             # ... of which in the model's execute() (BertEncoder.encode and I/O)
     num_requests: int
     num_errors: int
+    num_latency_calls: int = 0    # batch-1 calls behind p50 / p99 (after the warm-up calls)
+    input_ms: float = 0.0         # batch-1 server side: Triton's compute_input / compute_output shares
+    output_ms: float = 0.0
+    phases_ms: dict = field(default_factory=dict)  # batch-1 execute() inside the stub, median per phase
 
     @property
     def fraction(self) -> float:
@@ -335,13 +347,24 @@ def write_floor_model(repository: Path, args) -> str:
     return "floor"
 
 
-def floor_latency(server, texts_file: Path, args) -> tuple[float, float]:
+def batch1_latency(server, name: str, texts_file: Path, args) -> dict:
+    """One client, one text per `infer`, one call at a time, as a user would: ``--latency-warmup``
+    calls, then p50 / p99 over ``--latency-calls``, with Triton's server-side split of those calls and
+    the wall-clock window they ran in (to find the stub's phase records of exactly these calls)."""
     from triton_server import run_text_clients
 
-    singles, _ = run_text_clients(server.grpc_url, "floor", "embedding", texts_file, num_clients=1, num_threads=1,
-                                  duration_s=args.latency_s)
-    latencies = [(done - sent) * 1e3 for sent, done, _ in singles[len(singles) // 10:]]
-    return float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99))
+    def calls(count: int) -> tuple[list, list]:
+        return run_text_clients(server.grpc_url, name, "embedding", texts_file, num_clients=1, num_threads=1,
+                                sizes=[1] * count, start_delay_s=1.0)
+
+    calls(args.latency_warmup)
+    before = model_counters(server.metrics, name)
+    singles, errors = calls(args.latency_calls)
+    latencies = [(done - sent) * 1e3 for sent, done, _ in singles]
+    return {"p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99)),
+            "num_latency_calls": len(singles), **server_side_ms(before, model_counters(server.metrics, name)),
+            "window": (min(sent for sent, _, _ in singles), max(done for _, done, _ in singles)),
+            "errors": errors}
 
 
 def write_repository(repository: Path, artifacts: dict[str, Path], precisions: list[str], args) -> dict:
@@ -370,7 +393,8 @@ def triton_throughput(records: list, start_at: float, measure_s: float) -> float
 
 COUNTERS = ("nv_inference_count", "nv_inference_exec_count", "nv_inference_request_success",
             "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
-            "nv_inference_compute_infer_duration_us")
+            "nv_inference_compute_input_duration_us", "nv_inference_compute_infer_duration_us",
+            "nv_inference_compute_output_duration_us")
 
 
 def model_counters(metrics_port: int, model: str) -> dict[str, float]:
@@ -388,7 +412,9 @@ def server_side_ms(before: dict, after: dict) -> dict[str, float]:
     """Mean per request, in ms, of the server's share of a batch-1 run: all of it, queueing, execute()."""
     requests = max(after["nv_inference_request_success"] - before["nv_inference_request_success"], 1.0)
     share = {"server_ms": "nv_inference_request_duration_us", "queue_ms": "nv_inference_queue_duration_us",
-             "execute_ms": "nv_inference_compute_infer_duration_us"}
+             "input_ms": "nv_inference_compute_input_duration_us",
+             "execute_ms": "nv_inference_compute_infer_duration_us",
+             "output_ms": "nv_inference_compute_output_duration_us"}
     return {key: (after[metric] - before[metric]) / requests / 1e3 for key, metric in share.items()}
 
 
@@ -407,15 +433,25 @@ def measure_triton_model(server, name: str, texts_file: Path, args) -> dict:
     start = min(sent for sent, _, _ in records) + args.warmup_s if records else 0.0
     executions = max(after["nv_inference_exec_count"] - before["nv_inference_exec_count"], 1.0)
     mean_batch = (after["nv_inference_count"] - before["nv_inference_count"]) / executions
-    before = model_counters(server.metrics, name)
-    singles, single_errors = clients(num_clients=1, num_threads=1, duration_s=args.latency_s)
-    server_side = server_side_ms(before, model_counters(server.metrics, name))
-    latencies = [(done - sent) * 1e3 for sent, done, _ in singles[len(singles) // 10:]]  # first 10%: warm-up
-    return {"seq_per_s": triton_throughput(records, start, args.measure_s),
-            "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99)),
-            "mean_batch": mean_batch, **server_side, "num_requests": len(records),
+    latency = batch1_latency(server, name, texts_file, args)
+    single_errors = latency.pop("errors")
+    return {"seq_per_s": triton_throughput(records, start, args.measure_s), **latency,
+            "mean_batch": mean_batch, "num_requests": len(records),
             "num_errors": len(errors) + len(single_errors) + sum(1 for _, _, k in records if k == 0),
             "first_error": (errors + single_errors or [None])[0]}
+
+
+def stub_phases_ms(directory: Path, model: str, window: tuple[float, float]) -> dict[str, float]:
+    """Median ms per execute() phase (trident.triton.bert_model.PhaseLog) of ``model``'s calls that
+    started inside ``window``, and their total; empty when the stubs wrote nothing."""
+    records = [json.loads(line) for path in directory.glob(f"{model}.*.jsonl") for line in path.open()]
+    records = [r for r in records if window[0] <= r["start"] <= window[1]]
+    if not records:
+        return {}
+    names = [key for key in records[0] if key not in PHASE_RECORD_KEYS]
+    phases = {phase: float(np.median([r[phase] for r in records])) * 1e3 for phase in names}
+    total = float(np.median([sum(r[phase] for phase in names) for r in records])) * 1e3
+    return {**phases, "total": total, "num_executes": len(records)}
 
 
 def measure_inprocess(artifacts: Path, precision: str, texts: list[str], args) -> dict:
@@ -452,17 +488,23 @@ def bench_triton(args) -> tuple[list[TritonResult], dict]:
     inprocess = {(m, p): measure_inprocess(artifacts[m], p, texts, args) for m in artifacts for p in precisions}
     served = write_repository(work / "model_repository", artifacts, precisions, args)
     write_floor_model(work / "model_repository", args)
+    phases_dir = work / "phases"  # the stubs record their execute() phases there (bert_model.PhaseLog)
+    os.environ[PHASES_ENV] = str(phases_dir)
     started = time.perf_counter()
     server = TritonServer(work / "model_repository", work)
     print(f"triton: {len(served)} models ready in {time.perf_counter() - started:.0f} s", flush=True)
-    results = []
+    results, windows = [], {}
     try:
-        args.floor_p50_ms, args.floor_p99_ms = floor_latency(server, texts_file, args)
+        floor = batch1_latency(server, "floor", texts_file, args)
+        args.floor_p50_ms, args.floor_p99_ms = floor["p50_ms"], floor["p99_ms"]
+        args.floor_server = {k: floor[k] for k in ("server_ms", "queue_ms", "input_ms", "execute_ms", "output_ms")}
         print(f"floor (Python model answering zeros, same gRPC client): batch-1 p50/p99 "
-              f"{args.floor_p50_ms:.2f}/{args.floor_p99_ms:.2f} ms", flush=True)
+              f"{args.floor_p50_ms:.2f}/{args.floor_p99_ms:.2f} ms (server {floor['server_ms']:.2f}, queue "
+              f"{floor['queue_ms']:.2f}, execute {floor['execute_ms']:.2f})", flush=True)
         for name, (model, precision) in served.items():
             figures = measure_triton_model(server, name, texts_file, args)
             first_error = figures.pop("first_error")
+            windows[name] = figures.pop("window")
             result = TritonResult(model, precision, **figures, **inprocess[(model, precision)])
             results.append(result)
             print(f"{model:9s} {precision:5s} triton {result.seq_per_s:8.0f} seq/s = {result.fraction:4.0%} of "
@@ -474,11 +516,26 @@ def bench_triton(args) -> tuple[list[TritonResult], dict]:
                   + (f": {first_error[:200]}" if first_error else ""), flush=True)
     finally:
         server.stop()
+        os.environ.pop(PHASES_ENV, None)
         shutil.copyfile(server.log_path, args.out / "bench_bert_tritonserver.log")
+    for name, result in zip(served, results):  # the stubs write their last records at unload
+        result.phases_ms = stub_phases_ms(phases_dir, name, windows[name])
+        print_phases(result)
     shutil.rmtree(work, ignore_errors=True)
     weights = {m: "real" if m == "minilm" and minilm_dir() is not None and not args.smoke else "random"
                for m in args.models}
     return results, weights
+
+
+def print_phases(r: TritonResult) -> None:
+    """Where a batch-1 call's time goes: the client's p50, Triton's server-side split and the stub's phases."""
+    phases = r.phases_ms
+    stub = ", ".join(f"{k} {v:.3f}" for k, v in phases.items() if k not in ("total", "num_executes"))
+    print(f"batch-1 {r.model} {r.precision}: client p50 {r.p50_ms:.3f} ms = server {r.server_ms:.3f} (queue "
+          f"{r.queue_ms:.3f}, input {r.input_ms:.3f}, execute {r.execute_ms:.3f}, output {r.output_ms:.3f}) + "
+          f"gRPC/client {r.p50_ms - r.server_ms:.3f};  inside execute(), median per call over "
+          f"{phases.get('num_executes', 0)}: {stub or 'no records'} = {phases.get('total', float('nan')):.3f} ms "
+          f"(rest of execute: Python backend IPC {r.execute_ms - phases.get('total', float('nan')):.3f})", flush=True)
 
 
 def print_triton_table(results: list[TritonResult], batch: int) -> None:
@@ -557,7 +614,8 @@ def parse_args(argv=None):
                    help="Triton: runtime torch precisions served")
     p.add_argument("--warmup-s", type=float, default=3.0)
     p.add_argument("--measure-s", type=float, default=6.0)
-    p.add_argument("--latency-s", type=float, default=3.0, help="Triton: batch-1 latency measuring time")
+    p.add_argument("--latency-calls", type=int, default=1000, help="Triton: batch-1 calls measured (p50/p99)")
+    p.add_argument("--latency-warmup", type=int, default=100, help="Triton: batch-1 calls before those")
     p.add_argument("--smoke", action="store_true", help="tiny random model on the CPU, few iterations")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "loadtest" / "results")))
     args = p.parse_args(argv)
@@ -565,7 +623,7 @@ def parse_args(argv=None):
     if args.smoke:
         args.batch, args.num_batches, args.num_singles, args.models = 8, 3, 10, ["bert-base"]
         args.num_clients, args.client_threads, args.max_texts_per_request, args.num_instances = 2, 2, 4, 1
-        args.warmup_s, args.measure_s, args.latency_s = 1.0, 2.0, 1.0
+        args.warmup_s, args.measure_s, args.latency_calls, args.latency_warmup = 1.0, 2.0, 50, 10
     return args
 
 
@@ -589,7 +647,8 @@ def main(argv=None) -> int:
         print_triton_table(triton_results, args.batch)
         settings = {k: getattr(args, k) for k in ("batch", "num_clients", "client_threads", "max_texts_per_request",
                                                   "num_instances", "max_queue_delay_us", "warmup_s", "measure_s",
-                                                  "latency_s", "floor_p50_ms", "floor_p99_ms")}
+                                                  "latency_calls", "latency_warmup", "floor_p50_ms",
+                                                  "floor_p99_ms", "floor_server")}
         record = {"machine": machine(), "command": " ".join(sys.argv), "settings": settings, "weights": weights,
                   "results": [asdict(r) | {"fraction": r.fraction} for r in triton_results]}
         (args.out / "bench_bert_triton.json").write_text(json.dumps(record, indent=1))

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Encoding
 
 from trident.bert.artifacts import BertArtifacts
 from trident.bert.batching import plan_micro_batches
@@ -58,9 +59,16 @@ class BertEncoder:
         return cls(BertArtifacts.load(artifacts_dir), options)
 
     def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        encodings = self._tokenizer.encode(list(texts))
+        return self.encode_tokens(self.tokenize(texts))
+
+    def tokenize(self, texts: Sequence[str]) -> list[Encoding]:
+        """The first half of ``encode``: each text's token ids, truncated to ``max_length``, unpadded."""
+        return self._tokenizer.encode(list(texts))
+
+    def encode_tokens(self, encodings: list[Encoding]) -> dict[str, np.ndarray]:
+        """The second half of ``encode``: the model on ``tokenize``'s output, in its order."""
         result = np.zeros((len(encodings), self._width()), dtype=np.float32)  # [N, hidden | num_labels]
-        lengths = [len(e.ids) for e in encodings]
+        lengths = [len(e) for e in encodings]  # len() builds no list; each .ids builds a new one
         for indices in plan_micro_batches(lengths, *self.options.micro_batch_limits):
             if self._runtime is not None:
                 result[indices] = self._runtime.run([(encodings[i].ids, encodings[i].type_ids) for i in indices])

@@ -15,10 +15,18 @@ Model config parameters (string values):
 
 The GPU configuration (runtime torch, KIND_GPU, batcher sized for the GPU) is written by
 ``python -m build.bert_gpu`` from the built artifacts (see that module).
+
+Where execute() spends its time: with ``TRIDENT_BERT_PHASES=<directory>`` in the server's
+environment every instance records, per execute(), the wall time of decoding the inputs,
+tokenizing, running the model and building the responses (``PhaseLog``), and writes them to
+``<directory>/<model>.<pid>.jsonl`` (every ``PhaseLog.FLUSH_EVERY`` calls and at unload);
+loadtest/bench_bert.py sets it and prints the breakdown beside Triton's own queue/compute split.
 """
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +37,39 @@ from trident.triton.io import RequestError, decode_texts, string_array
 from trident.triton.shutdown import on_sigterm
 
 OUTPUTS_BY_TASK = {"embedding": {"embedding"}, "classification": {"logits", "label"}}
+PHASES_ENV = "TRIDENT_BERT_PHASES"
+PHASES = ("decode", "tokenize", "model", "respond")
+
+
+class PhaseLog:
+    """Per execute(): its wall-clock start, request and text counts, and the seconds of each of
+    ``PHASES``. Kept in memory and appended to ``path`` in blocks, off the timed phases."""
+
+    FLUSH_EVERY = 512
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: list[list] = []
+
+    def record(self, started: float, num_requests: int, num_texts: int, marks: list[float]) -> None:
+        phases = [round(end - start, 7) for start, end in zip(marks, marks[1:])]
+        self.records.append([started, num_requests, num_texts, *phases])
+        if len(self.records) >= self.FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        with open(self.path, "a") as f:
+            f.writelines(json.dumps(dict(zip(("start", "num_requests", "num_texts", *PHASES), r))) + "\n"
+                         for r in self.records)
+        self.records.clear()
+
+
+def _phase_log(model_name: str) -> PhaseLog | None:
+    directory = os.environ.get(PHASES_ENV)
+    if not directory:
+        return None
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    return PhaseLog(Path(directory) / f"{model_name}.{os.getpid()}.jsonl")
 
 
 def _parameters(model_config: dict) -> dict[str, str]:
@@ -75,12 +116,14 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"artifacts in {artifacts} are a {self.encoder.task} model with outputs {sorted(expected)}, "
                 f"but config.pbtxt declares {sorted(declared)}")
+        self.phases = _phase_log(args["model_name"])
         options = self.encoder.options
         self.logger.log_info(f"bert: {self.encoder.task} model from {artifacts}, runtime={options.runtime} "
                              f"device={options.device} precision={options.precision}, "
                              f"max_length={self.encoder.max_length}, hidden={self.encoder.hidden_size}")
 
     def execute(self, requests):
+        started, marks = time.time(), [time.perf_counter()]
         texts, spans, responses = [], [], [None] * len(requests)
         for index, request in enumerate(requests):
             try:
@@ -93,8 +136,12 @@ class TritonPythonModel:
             texts.extend(request_texts)
         if not spans:
             return responses
+        marks.append(time.perf_counter())
         try:
-            outputs = self.encoder.encode(texts)
+            encodings = self.encoder.tokenize(texts)
+            marks.append(time.perf_counter())
+            outputs = self.encoder.encode_tokens(encodings)
+            marks.append(time.perf_counter())
         except Exception as e:  # one failed batch must still answer every request
             message = f"bert encode failed: {type(e).__name__}: {e}"
             self.logger.log_error(message)
@@ -103,6 +150,9 @@ class TritonPythonModel:
             return responses
         for index, start, end in spans:
             responses[index] = pb_utils.InferenceResponse(self._tensors(outputs, start, end))
+        if self.phases is not None:
+            marks.append(time.perf_counter())
+            self.phases.record(started, len(requests), len(texts), marks)
         return responses
 
     def _tensors(self, outputs: dict[str, np.ndarray], start: int, end: int) -> list:
@@ -115,4 +165,6 @@ class TritonPythonModel:
         return tensors
 
     def finalize(self) -> None:
+        if self.phases is not None:
+            self.phases.flush()
         self.encoder = None
