@@ -6,6 +6,7 @@ token-identical to ``generate`` however the engine batches, chunks, caches or pr
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from pydoc_data.topics import topics
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from trident.engine.config import EngineConfig
+from trident.engine.detokenizer import StreamDetokenizer
 from trident.engine.engine import LLMEngine
 from trident.engine.sampling_params import RequestOutputKind, SamplingParams
 from trident.engine.tokenizer import gpt2_tokenizer
@@ -350,6 +352,38 @@ def test_output_kinds_final_only_delta_and_cumulative_agree(tiny, corpus):
         assert "".join(out.text for out in delta) == cumulative.text
     assert finals[RequestOutputKind.CUMULATIVE]["0"][-1].stop_reason == stop
     assert finals[RequestOutputKind.CUMULATIVE]["1"][-1].stop_reason == stop_id
+
+
+def test_text_detokenized_outside_the_engine_equals_the_engines(tiny, corpus):
+    """detokenize=False: the engine sends ids only, and StreamDetokenizer (what the Triton adapter
+    runs on coalesced chunks) must rebuild the engine's own text, chunked any way."""
+    prompts = make_prompts(corpus)[2:14]
+    free = make_engine(tiny).generate(prompts, greedy(20, ignore_eos=True))
+    variants = [dict(stop_token_ids=[free[0].output_token_ids[5]]),
+                dict(stop_token_ids=[free[1].output_token_ids[7]], include_stop_str_in_output=True),
+                dict(ignore_eos=True), dict(ignore_eos=True, skip_special_tokens=False)]
+    params = [greedy(20, output_kind=RequestOutputKind.DELTA, **variants[i % 4]) for i in range(len(prompts))]
+    texts = {}
+    for detokenize in (True, False):
+        engine = make_engine(tiny)
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            engine.add_request(str(i), prompt, dataclasses.replace(p, detokenize=detokenize))
+        texts[detokenize] = drain(engine)
+    for i, prompt in enumerate(prompts):
+        reference = "".join(out.text for out in texts[True][str(i)])
+        deltas = texts[False][str(i)]
+        assert all(out.text == "" for out in deltas)
+        ids = [t for out in deltas for t in out.output_token_ids]
+        assert ids == [t for out in texts[True][str(i)] for t in out.output_token_ids]
+        finish = deltas[-1].finish_reason
+        for chunk in (1, 3, len(ids)):   # one response per token, coalesced, all at once
+            detokenizer = StreamDetokenizer(tiny.tokenizer, prompt, params[i])
+            pieces = [detokenizer.add(ids[k:k + chunk], finish if k + chunk >= len(ids) else None)
+                      for k in range(0, len(ids), chunk)]
+            assert "".join(pieces) == reference, (i, chunk)
+    assert texts[False]["0"][-1].stop_reason == free[0].output_token_ids[5]
+    with pytest.raises(ValueError, match="need detokenize=True"):
+        SamplingParams(stop=["x"], detokenize=False)
 
 
 def test_stop_string_found_while_the_next_step_runs_drops_its_token(tiny, corpus):

@@ -19,7 +19,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from .config import EngineConfig
-from .detokenizer import IncrementalDetokenizer
+from .detokenizer import IncrementalDetokenizer, fast_decoder
 from .metrics import EngineStats
 from .model_runner import ModelRunner, PendingTokens
 from .outputs import RequestOutput
@@ -131,9 +131,9 @@ class LLMEngine:
             self.scheduler.add(seq)
             detokenizer = IncrementalDetokenizer(self._decoder, token_ids, params.skip_special_tokens)
             kind = params.output_kind
-            self._requests[request_id] = _Request(
-                seq, detokenizer, kind, is_incremental=kind is not RequestOutputKind.FINAL_ONLY or bool(params.stop),
-                num_tokens_emitted=len(token_ids))
+            incremental = params.detokenize and (kind is not RequestOutputKind.FINAL_ONLY or bool(params.stop))
+            self._requests[request_id] = _Request(seq, detokenizer, kind, is_incremental=incremental,
+                                                  num_tokens_emitted=len(token_ids))
 
     def abort(self, request_id: str) -> list[RequestOutput]:
         """Stop a request now and free its KV blocks. Returns its final output ("abort"), if it was live."""
@@ -143,7 +143,7 @@ class LLMEngine:
                 return []
             self.scheduler.abort(request.seq.seq_id)  # a token still in flight for it is dropped
             self.sampler.free(request.seq.seq_id)
-            if not request.is_incremental:
+            if not request.is_incremental and request.seq.sampling_params.detokenize:
                 request.detokenizer.add_tokens_at_once(request.seq.output_token_ids)
                 request.text_len = len(request.detokenizer.text)
             return [request.output()]
@@ -284,7 +284,7 @@ class LLMEngine:
             seq = request.seq
             if request.is_incremental:
                 self._detokenize_token(request)
-            elif seq.status is SequenceStatus.FINISHED:
+            elif seq.status is SequenceStatus.FINISHED and seq.sampling_params.detokenize:
                 self._detokenize_at_end(request)
             if seq.status is SequenceStatus.FINISHED:
                 self._retire(seq)
@@ -341,31 +341,6 @@ class LLM:
     def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
         return self.engine.generate(prompts, sampling_params)
-
-
-class _RustDecoder:
-    """``tokenizer.decode`` straight through the Rust ``tokenizers`` object.
-
-    The detokenizer decodes two short windows per output token; through the transformers wrapper
-    each call pays ~10 us of argument conversion, several times the decode itself, and at hundreds
-    of sequences per step that is milliseconds. Same text as the wrapper with
-    ``clean_up_tokenization_spaces=False`` (which is all the detokenizer asks for).
-    """
-
-    def __init__(self, backend):
-        self._decode = backend.decode
-
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = False,
-               clean_up_tokenization_spaces: bool = False) -> str:
-        if clean_up_tokenization_spaces:
-            raise ValueError("the fast decoder does not clean up tokenization spaces")
-        return self._decode(token_ids, skip_special_tokens=skip_special_tokens)
-
-
-def fast_decoder(tokenizer):
-    """The Rust decoder of a fast tokenizer, else the tokenizer itself."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    return tokenizer if backend is None else _RustDecoder(backend)
 
 
 def _is_token_list(prompts) -> bool:

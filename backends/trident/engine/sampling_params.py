@@ -45,6 +45,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: bool = False
     skip_special_tokens: bool = True
+    # False: outputs carry token ids only (empty text); whoever streams them detokenizes (vLLM's
+    # field). A serving process does that for its streams, off the engine's busy thread.
+    detokenize: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
@@ -76,6 +79,7 @@ class SamplingParams:
         require(self.seed is None or isinstance(self.seed, int),
                  f"seed must be an integer, got {self.seed!r}")
         require(all(isinstance(s, str) for s in self.stop), "stop must be a list of strings")
+        require(self.detokenize or not self.stop, "stop strings are matched on text: they need detokenize=True")
         require(all(isinstance(t, int) for t in self.stop_token_ids),
                  "stop_token_ids must be a list of integers")
 

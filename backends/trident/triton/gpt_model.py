@@ -13,6 +13,7 @@ gets exactly one FINAL response, errors, a dead engine process and shutdown incl
 """
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
 import itertools
 import json
@@ -27,6 +28,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from trident.engine.config import EngineConfig
+from trident.engine.detokenizer import StreamDetokenizer, fast_decoder
 from trident.engine.engine_process import CoreOutput, CoreStep, EngineDied, EngineProcess
 from trident.engine.outputs import RequestTimings
 from trident.engine.tokenizer import load_tokenizer
@@ -51,6 +53,7 @@ class Active:
     request_id: str
     request: GenerateRequest
     sender: object
+    detokenizer: StreamDetokenizer | None = None   # a stream's text is built here (see execute)
     num_output_tokens: int = 0   # tokens already sent (streaming)
     prompt_sent: bool = False
     cancel_reported: bool = False
@@ -65,6 +68,7 @@ class TritonPythonModel:
         version_dir = Path(args["model_repository"]) / args["model_version"]
         config = self._engine_config(version_dir / params.get("engine_config", "engine.json"), version_dir)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
+        self.decoder = fast_decoder(self.tokenizer)
         try:
             self.core = EngineProcess(config)
         except RuntimeError as e:
@@ -118,9 +122,16 @@ class TritonPythonModel:
                 _send_error(sender, str(e))
                 continue
             item = Active(f"{next(self.ids)}", parsed, sender)
+            params = parsed.sampling_params
+            if parsed.stream and not params.stop:
+                # The engine sends this stream's token ids only and its text is decoded here, once
+                # per response rather than once per token on the engine's thread. (Stop strings are
+                # matched on text, so those streams are still detokenized by the engine.)
+                params = dataclasses.replace(params, detokenize=False)
+                item.detokenizer = StreamDetokenizer(self.decoder, token_ids, params)
             self.active[item.request_id] = item    # before the engine can answer for it
             try:
-                self.core.add_request(item.request_id, token_ids, parsed.sampling_params, time.monotonic())
+                self.core.add_request(item.request_id, token_ids, params, time.monotonic())
             except OSError:   # the engine process is gone; the response thread reports it to the others
                 self.active.pop(item.request_id, None)
                 _send_error(sender, self.engine_error or "the engine process is not running")
@@ -230,8 +241,11 @@ class TritonPythonModel:
         last = chunks[-1]
         request = item.request
         if request.stream:   # DELTA outputs: each chunk holds only what is new
-            text = "".join(out.text for out in chunks)
             ids = [token for out in chunks for token in out.token_ids]
+            if item.detokenizer is not None:
+                text = item.detokenizer.add(ids, last.finish_reason if last.finished else None)
+            else:
+                text = "".join(out.text for out in chunks)
             item.num_output_tokens += len(ids)
         else:                # FINAL_ONLY: one output with everything
             text, ids = last.text, last.token_ids
