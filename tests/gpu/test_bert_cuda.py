@@ -115,8 +115,9 @@ def _padded(sequences, device: str = "cuda") -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in feeds.items()}
 
 
-def _runtime(checkpoint: Path, precision: str, use_cuda_graphs: bool, is_classifier: bool = False) -> TorchRuntime:
-    options = TorchRuntimeOptions(precision=precision, use_cuda_graphs=use_cuda_graphs)
+def _runtime(checkpoint: Path, precision: str, use_cuda_graphs: bool, is_classifier: bool = False,
+             **options) -> TorchRuntime:
+    options = TorchRuntimeOptions(precision=precision, use_cuda_graphs=use_cuda_graphs, **options)
     return TorchRuntime(prepare(load_packed_bert(checkpoint, is_classifier), options), options, max_seqlen=128)
 
 
@@ -154,6 +155,18 @@ def test_cuda_graphs_match_eager(tmp_path, precision):
         sequences = _sequences(lengths, seed)
         np.testing.assert_allclose(graphed.run(sequences), eager.run(sequences), atol=2e-3)
     assert graphed.num_graphs >= 4
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision,atol", [("fp16", 2e-3), ("int8", 5e-3)])
+def test_our_attention_kernel_matches_flash_attention_in_the_runtime(tmp_path, precision, atol):
+    # int8: our kernel also quantizes the out-projection's rows; FlashAttention leaves that to quantize_rows.
+    checkpoint, _ = _tiny_checkpoint(tmp_path)
+    ours = _runtime(checkpoint, precision, use_cuda_graphs=True, attention="triton")
+    flash = _runtime(checkpoint, precision, use_cuda_graphs=True, attention="flash")
+    for seed, lengths in enumerate([LENGTHS, [128] * 8, [5]]):
+        sequences = _sequences(lengths, seed)
+        np.testing.assert_allclose(ours.run(sequences), flash.run(sequences), atol=atol)
 
 
 @needs_cuda
@@ -284,6 +297,38 @@ def test_layer_norm_quantize_equals_layer_norm_then_per_token_quantize(dtype, hi
     assert (q.cpu().long() - ref_q.long()).abs().max() <= 1  # only exact .5 ties may round apart
 
 
+def _attention_reference(qkv: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
+    out = torch.zeros(qkv.shape[0], qkv.shape[2] * qkv.shape[3])  # [tokens, heads * head_dim]
+    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        if end > start:
+            q, k, v = (qkv[start:end, i].float().transpose(0, 1) for i in range(3))  # [heads, seq, head_dim]
+            out[start:end] = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(end - start, -1)
+    return out
+
+
+@needs_kernels
+@pytest.mark.parametrize("is_head_walk", [True, False])  # one program walks all heads (and quantizes) | one per head
+@pytest.mark.parametrize("lengths,max_seqlen,head_dim", [([1, 7, 16, 17, 64, 100, 128, 0, 3], 128, 32),
+                                                         ([5, 20, 1], 20, 64)])
+def test_attention_quantize_matches_sdpa_and_quantize_rows(is_head_walk, lengths, max_seqlen, head_dim):
+    g = torch.Generator().manual_seed(len(lengths))
+    cu_seqlens = [0] + np.cumsum(lengths).tolist()
+    qkv = (torch.randn(cu_seqlens[-1] + 5, 3, 4, head_dim, generator=g) * 2).half()  # 5 padding rows of a bucket
+    inv_smooth = (torch.rand(4 * head_dim, generator=g) + 0.5).half()
+    cu = torch.tensor(cu_seqlens, dtype=torch.int32, device=KERNEL_DEVICE)
+    out, q, scale = int8_kernels.attention_quantize(qkv.to(KERNEL_DEVICE), cu, max_seqlen,
+                                                    inv_smooth.to(KERNEL_DEVICE), is_head_walk=is_head_walk)
+    plain, no_q, no_scale = int8_kernels.attention_quantize(qkv.to(KERNEL_DEVICE), cu, max_seqlen,
+                                                            is_head_walk=is_head_walk)
+    n = cu_seqlens[-1]
+    torch.testing.assert_close(out[:n].cpu().float(), _attention_reference(qkv, cu_seqlens)[:n], atol=2e-3, rtol=2e-3)
+    assert torch.equal(plain[:n], out[:n]) and no_q is None and no_scale is None
+    # The int8 rows are those of the stored fp16 rows, as quantize_rows would write them.
+    ref_q, ref_scale = quantize_per_token(out[:n].cpu().float() * inv_smooth.float())
+    torch.testing.assert_close(scale[:n].cpu(), ref_scale, rtol=1e-6, atol=0)
+    assert (q[:n].cpu().long() - ref_q.long()).abs().max() <= 1  # only exact .5 ties may round apart
+
+
 @needs_kernels
 @pytest.mark.parametrize("m,k", [(37, 576), (5, 3072), (1, 100)])  # several rows per program, one, a ragged row
 def test_quantize_rows_equals_per_token_quantize(m, k):
@@ -302,7 +347,7 @@ def test_int8_runtime_quantizes_in_the_layer_norms_and_matches_the_unfused_linea
     torch LayerNorm, GELU and adds: same quantization, so the embeddings agree closely."""
     from trident.bert.int8_linear import QuantizingLayerNorm
     checkpoint, _ = _tiny_checkpoint(tmp_path)
-    fused = _runtime(checkpoint, "int8", use_cuda_graphs=False)
+    fused = _runtime(checkpoint, "int8", use_cuda_graphs=False, int8_gelu="erf")  # the unfused GELU is erf
     options = TorchRuntimeOptions(precision="int8", use_cuda_graphs=False, int8_gemm="triton")
     unfused = TorchRuntime(prepare(load_packed_bert(checkpoint), options), options, max_seqlen=128)
     norms = [m for m in fused.model.modules() if isinstance(m, QuantizingLayerNorm)]

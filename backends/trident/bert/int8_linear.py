@@ -57,16 +57,20 @@ class QuantizingLayerNorm(nn.Module):
 class FusedInt8Linear(Int8Linear):
     """``Int8Linear`` (same buffers, same quantization) whose forward also takes the epilogue:
     ``forward(x, residual=None, gelu=False) = gelu?(x @ W.T + b) + residual``; ``x`` may arrive
-    already quantized (``QuantizedRows`` from a ``QuantizingLayerNorm``)."""
+    already quantized (``QuantizedRows`` from a ``QuantizingLayerNorm`` or the attention kernel).
+    ``gelu_impl``: "erf" (BERT's GELU) or "tanh" (its tanh form on the hardware tanh: within ~1.5e-3
+    of erf GELU, some 20x below the int8 step of the down projection's input; the up projection
+    then takes 106 us instead of 151 us on the H200 at 16k tokens)."""
 
     fuses_epilogue = True
+    gelu_impl = "erf"
 
     def forward(self, x: torch.Tensor | QuantizedRows, residual: torch.Tensor | None = None,
                 gelu: bool = False) -> torch.Tensor:
         rows = hidden_of(x).reshape(-1, self.in_features)  # [tokens, in]
         if not int8_kernels.supports(rows):
             out = super().forward(rows)  # [tokens, out]
-            out = F.gelu(out) if gelu else out
+            out = F.gelu(out, approximate="tanh" if self.gelu_impl == "tanh" else "none") if gelu else out
             return out if residual is None else out + residual
         if isinstance(x, QuantizedRows):
             qx, x_scale = x.q, x.scale
@@ -74,7 +78,7 @@ class FusedInt8Linear(Int8Linear):
             qx, x_scale = int8_kernels.quantize_rows(rows, self.inv_smooth)  # [tokens, in] int8, [tokens, 1]
         res = None if residual is None else residual.reshape(-1, self.out_features).contiguous()
         return int8_kernels.w8a8_matmul(qx, x_scale, self.weight, self.weight_scale, rows.dtype,
-                                        bias=self.bias, residual=res, gelu=gelu)
+                                        bias=self.bias, residual=res, gelu=gelu, gelu_impl=self.gelu_impl)
 
 
 class CublasInt8Linear(Int8Linear):

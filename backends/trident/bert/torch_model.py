@@ -4,7 +4,9 @@ The batch's tokens are concatenated into one ``[num_tokens, hidden]`` tensor; ``
 where each sequence starts. Linears, LayerNorm and GELU are row-wise, so they run on the packed rows
 as they are; attention is the only op that mixes rows, and it runs per sequence through
 FlashAttention's varlen kernel on CUDA (``cu_seqlens``, no mask, no padded ``[batch, seq, seq]``
-scores). Pooling (mean, or the [CLS] row for classifiers) is a segment sum on the packed rows.
+scores). With ``attention_kernel = "triton"`` (what the runtime sets on CUDA) sequences of up to 128
+tokens run ``int8_kernels.attention_quantize`` instead, which for an INT8 out-projection also writes
+its int8 rows. Pooling (mean, or the [CLS] row for classifiers) is a segment sum on the packed rows.
 
 Weights load from a Hugging Face ``BertModel`` / ``BertForSequenceClassification`` safetensors file.
 """
@@ -20,6 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from trident.bert.int8_linear import QuantizedRows, hidden_of
+from trident.models import int8_kernels
 
 MIN_TOKEN_COUNT = 1e-9  # the floors of trident.bert.pooling (sentence-transformers')
 MIN_NORM = 1e-12
@@ -82,6 +85,22 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return _attention_per_sequence(q, k, v, cu_seqlens)
 
 
+def attention(qkv: torch.Tensor, batch: PackedBatch, kernel: str, out_linear: nn.Module) -> torch.Tensor | QuantizedRows:
+    """Attention of a layer: qkv [num_tokens, 3, num_heads, head_dim] -> [num_tokens, hidden].
+
+    ``kernel`` "triton" on CUDA for sequences of at most 128 tokens: our kernel, which also quantizes
+    the rows for an int8 ``out_linear`` (then returns ``QuantizedRows``); else FlashAttention varlen
+    (or the CPU reference)."""
+    num_tokens = qkv.shape[0]
+    if (kernel == "triton" and int8_kernels.supports(qkv) and qkv.dtype in (torch.float16, torch.bfloat16)
+            and batch.max_seqlen <= int8_kernels.MAX_ATTENTION_SEQLEN):
+        inv_smooth = out_linear.inv_smooth if getattr(out_linear, "fuses_epilogue", False) else None
+        out, q, scale = int8_kernels.attention_quantize(qkv, batch.cu_seqlens, batch.max_seqlen, inv_smooth)
+        return out if q is None else QuantizedRows(out, q, scale)
+    out = varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], batch.cu_seqlens, batch.max_seqlen)  # [num_tokens, num_heads, head_dim]
+    return out.reshape(num_tokens, -1)
+
+
 def _attention_per_sequence(q, k, v, cu_seqlens) -> torch.Tensor:
     # The reference path (CPU, fp32): one SDPA per sequence, still never computing a padded row.
     out = torch.zeros_like(q)
@@ -104,13 +123,14 @@ class EncoderLayer(nn.Module):
         self.up = nn.Linear(h, i)
         self.down = nn.Linear(i, h)
         self.ffn_norm = nn.LayerNorm(h, eps=shape.layer_norm_eps)
+        self.attention_kernel = "flash"  # "triton" | "flash": torch_runtime.prepare picks
 
     def forward(self, x: torch.Tensor | QuantizedRows, batch: PackedBatch) -> torch.Tensor | QuantizedRows:
         # INT8: the norms may hand over QuantizedRows (hidden + the next linear's int8 rows).
         num_tokens = hidden_of(x).shape[0]
         qkv = project(self.qkv, x).view(num_tokens, 3, self.shape.num_heads, self.shape.head_dim)  # [num_tokens, 3, num_heads, head_dim]
-        attn = varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], batch.cu_seqlens, batch.max_seqlen)
-        x = self.attn_norm(project(self.attn_out, attn.reshape(num_tokens, -1), residual=hidden_of(x)))  # [num_tokens, hidden]
+        attn = attention(qkv, batch, self.attention_kernel, self.attn_out)  # [num_tokens, hidden]
+        x = self.attn_norm(project(self.attn_out, attn, residual=hidden_of(x)))  # [num_tokens, hidden]
         return self.ffn_norm(project(self.down, project(self.up, x, gelu=True), residual=hidden_of(x)))
 
 

@@ -11,6 +11,9 @@
   residual add (constexpr flags: the GPT engine's launch compiles none of them in).
 * ``layer_norm_quantize``: LayerNorm and the next GEMM's per-row int8 quantize in one pass (BERT:
   the fp16 output is the next residual, the int8 rows feed the next linear).
+* ``attention_quantize``: BERT's attention over packed sequences of at most 128 tokens, optionally
+  quantizing its output rows for the out-projection in the same kernel (all of a row's heads are
+  computed by one program, so the row's absmax is known there).
 
 Tile sizes are picked by a fixed rule on the number of rows (no autotuning), so the first call of
 a shape compiles once and nothing is benchmarked while a CUDA graph is being captured.
@@ -201,6 +204,48 @@ def layer_norm_quantize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return y, qy, scale
 
 
+MAX_ATTENTION_SEQLEN = 128  # one key block: the whole softmax row lives in registers
+
+
+def attention_quantize(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                       inv_smooth: torch.Tensor | None = None, is_head_walk: bool | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Bidirectional attention within each packed sequence, and with ``inv_smooth`` its rows quantized.
+
+    qkv [T, 3, H, D] contiguous (the fused QKV projection's output), cu_seqlens [S + 1] int32, every
+    sequence at most ``max_seqlen`` <= ``MAX_ATTENTION_SEQLEN`` tokens -> (out [T, H * D] in qkv's
+    dtype, int8 [T, H * D] and fp32 scale [T, 1] or None, None). The int8 rows are those of
+    ``quantize_rows(out, inv_smooth)``. Rows past ``cu_seqlens[-1]`` are left unwritten.
+
+    One key block holds a whole sequence, so the softmax needs no running rescale; one program per
+    (sequence, block of query rows) walks the heads, so a row's absmax is complete when the walk ends.
+    Batches too small to fill the GPU that way (``is_head_walk`` False; None: the rule) run a program
+    per head instead and quantize in ``quantize_rows`` after.
+    """
+    t, three, num_heads, head_dim = qkv.shape
+    assert three == 3 and qkv.is_contiguous() and max_seqlen <= MAX_ATTENTION_SEQLEN
+    num_seqs = cu_seqlens.shape[0] - 1
+    block_n = max(16, triton.next_power_of_2(max_seqlen))
+    block_m = min(64, block_n)
+    num_row_blocks = triton.cdiv(max_seqlen, block_m)
+    if is_head_walk is None:
+        is_head_walk = num_seqs * num_row_blocks >= _num_sms(qkv.device)
+    is_quantized = inv_smooth is not None and is_head_walk
+    out = torch.empty(t, num_heads * head_dim, dtype=qkv.dtype, device=qkv.device)  # [T, H * D]
+    q8 = torch.empty(t, num_heads * head_dim, dtype=torch.int8, device=qkv.device) if is_quantized else out  # [T, H * D]
+    scale = torch.empty(t, 1, dtype=torch.float32, device=qkv.device) if is_quantized else out               # [T, 1]
+    heads_per_program = num_heads if is_head_walk else 1
+    _attention_quantize_kernel[(num_seqs, num_row_blocks, num_heads // heads_per_program)](
+        qkv, out, q8, scale, qkv if inv_smooth is None else inv_smooth, cu_seqlens, 1.4426950408889634 / head_dim ** 0.5,
+        NUM_HEADS=num_heads, HEADS=heads_per_program, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        QUANTIZE=is_quantized, num_warps=4, num_stages=2)
+    if inv_smooth is None:
+        return out, None, None
+    if not is_quantized:
+        q8, scale = quantize_rows(out, inv_smooth)
+    return out, q8, scale
+
+
 _SM_COUNTS: dict[int, int] = {}
 
 
@@ -328,6 +373,52 @@ if IS_AVAILABLE:
             if HAS_RESIDUAL:
                 v += tl.load(r + rm[:, None] * stride_om + rn[None, :], mask=mask, other=0.0).to(tl.float32)
             tl.store(out + rm[:, None] * stride_om + rn[None, :], v.to(out.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _attention_quantize_kernel(qkv_ptr, out_ptr, q_ptr, scale_ptr, s_ptr, cu_ptr, qk_scale,
+                                   NUM_HEADS: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUANTIZE: tl.constexpr):
+        # HEADS: heads per program, from head program_id(2) * HEADS; QUANTIZE needs all NUM_HEADS.
+        start = tl.load(cu_ptr + tl.program_id(0))
+        length = tl.load(cu_ptr + tl.program_id(0) + 1) - start
+        first = tl.program_id(1) * BLOCK_M
+        if first >= length:  # a shorter sequence, or a CUDA-graph bucket's empty padding one
+            return
+        hidden: tl.constexpr = NUM_HEADS * HEAD_DIM
+        rows = first + tl.arange(0, BLOCK_M)  # query positions in the sequence
+        keys = tl.arange(0, BLOCK_N)          # key positions
+        d = tl.arange(0, HEAD_DIM)
+        is_row = rows < length
+        is_key = keys < length
+        q_at = qkv_ptr + (start + rows)[:, None] * (3 * hidden) + d[None, :]           # head 0's Q
+        k_at = qkv_ptr + (start + keys)[:, None] * (3 * hidden) + hidden + d[None, :]  # head 0's K
+        out_at = (start + rows)[:, None] * hidden + d[None, :]
+        absmax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for i in range(HEADS):
+            h = tl.program_id(2) * HEADS + i
+            q = tl.load(q_at + h * HEAD_DIM, mask=is_row[:, None], other=0.0)           # [BLOCK_M, HEAD_DIM]
+            k = tl.load(k_at + h * HEAD_DIM, mask=is_key[:, None], other=0.0)           # [BLOCK_N, HEAD_DIM]
+            v = tl.load(k_at + hidden + h * HEAD_DIM, mask=is_key[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+            s = tl.dot(q, tl.trans(k)) * qk_scale                                       # [BLOCK_M, BLOCK_N], log2 units
+            s = tl.where(is_key[None, :], s, float("-inf"))
+            p = tl.exp2(s - tl.max(s, axis=1)[:, None])
+            o = tl.dot(p.to(v.dtype), v) / tl.sum(p, axis=1)[:, None]                   # [BLOCK_M, HEAD_DIM]
+            o = o.to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + out_at + h * HEAD_DIM, o, mask=is_row[:, None])
+            if QUANTIZE:
+                smooth = tl.load(s_ptr + h * HEAD_DIM + d).to(tl.float32)
+                absmax = tl.maximum(absmax, tl.max(tl.abs(o.to(tl.float32) * smooth[None, :]), axis=1))
+        if QUANTIZE:  # second walk over the row, now that its absmax is known; the rows are in L2
+            tl.debug_barrier()  # other threads of this program wrote them
+            scale = tl.maximum(absmax, 1e-8) / 127.0  # [BLOCK_M]
+            for h in range(NUM_HEADS):
+                o = tl.load(out_ptr + out_at + h * HEAD_DIM, mask=is_row[:, None], other=0.0).to(tl.float32)
+                o = o * tl.load(s_ptr + h * HEAD_DIM + d).to(tl.float32)[None, :]
+                q = o / scale[:, None]
+                q = tl.where(q >= 0, tl.floor(q + 0.5), tl.ceil(q - 0.5))  # as _quantize_store rounds
+                q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+                tl.store(q_ptr + out_at + h * HEAD_DIM, q.to(tl.int8), mask=is_row[:, None])
+            tl.store(scale_ptr + start + rows, scale, mask=is_row)
 
     @triton.jit
     def _gelu(v, IMPL: tl.constexpr):
