@@ -330,6 +330,24 @@ def test_attention_quantize_matches_sdpa_and_quantize_rows(is_head_walk, lengths
 
 
 @needs_kernels
+def test_mean_pool_kernel_equals_index_add_pooling():
+    # CUDA runs the Triton pooling (called directly here so the interpreter covers it too); the CPU
+    # path is the index_add_ reference. NaN padding rows and an empty padding sequence, as in a bucket.
+    from trident.bert.torch_model import PackedBatch, _mean_pool_triton, mean_pool_packed
+    lengths = [1, 7, 16, 17, 0, 100, 3]
+    cu_seqlens = [0] + np.cumsum(lengths).tolist() + [sum(lengths)]
+    x = torch.randn(sum(lengths) + 6, 48, generator=torch.Generator().manual_seed(0)).half()  # [tokens, hidden]
+    x[sum(lengths):] = float("nan")
+    seq_index = torch.full((x.shape[0],), len(lengths) + 1)
+    for i, (start, end) in enumerate(zip(cu_seqlens[:-2], cu_seqlens[1:-1])):
+        seq_index[start:end] = i
+    cu = torch.tensor(cu_seqlens, dtype=torch.int32)
+    reference = mean_pool_packed(x, PackedBatch(seq_index, seq_index, seq_index, seq_index, cu, 128))
+    pooled = _mean_pool_triton(x.to(KERNEL_DEVICE), cu.to(KERNEL_DEVICE)).cpu()  # [num_seqs, hidden]
+    torch.testing.assert_close(pooled, reference, atol=1e-6, rtol=1e-5)
+
+
+@needs_kernels
 @pytest.mark.parametrize("m,k", [(37, 576), (5, 3072), (1, 100)])  # several rows per program, one, a ragged row
 def test_quantize_rows_equals_per_token_quantize(m, k):
     g = torch.Generator().manual_seed(k)
