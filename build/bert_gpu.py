@@ -11,12 +11,18 @@ below. Its output dims and names come from the artifacts' manifest (hidden size,
 classifier), so a BERT-base build gets `embedding` [768] without editing anything.
 
 Why these settings: the torch runtime packs tokens and replays one CUDA graph per (sequence count,
-token count) bucket, so the dynamic batcher should hand it whole batches (`preferred_batch_size`
-powers of two, the graph buckets) and wait only briefly for them (`max_queue_delay_microseconds`:
-100 µs against a ~0.5 ms batch-1 forward). Several instances let some tokenize (HF tokenizers: ~5 ms
-per 128 texts of 128 tokens on the H200 host, as long as BERT-base's fp16 forward) while another's
-batch runs on the GPU: the Python backend runs one execute() per instance at a time. Measured on the
-H200 (loadtest/bench_bert.py): BERT-base fp16 s128 9.1k seq/s with 2 instances, 12.3k with 4.
+token count) bucket, so the dynamic batcher hands it whole batches (`preferred_batch_size` powers of
+two, the graph buckets). It does not wait for them (`max_queue_delay_microseconds` 0): under load
+requests pile up while every instance is busy and the next free one takes them all (H200, BERT-base
+fp16: mean batch 66 and 13.4k seq/s at 0 µs, 67.8 and 13.2k at 100 µs), while a lone request would
+wait out the whole delay (the no-work `floor` model: batch-1 p50 0.81 ms at 100 µs, 0.59 ms at 0).
+Several instances let some tokenize (HF tokenizers: ~5 ms per 128 texts of 128 tokens on the H200
+host, as long as BERT-base's fp16 forward) while another's batch runs on the GPU: the Python backend
+runs one execute() per instance at a time. Measured on the H200 (loadtest/bench_bert.py): BERT-base
+fp16 s128 9.1k seq/s with 2 instances, 12.3k with 4. At batch 1 more instances cost latency: Triton
+hands sequential requests to its instances in turn, so each one wakes up cold (caches, clocks, a
+GPU context switch): batch-1 p50 2.05 ms with 1 instance, 2.41 with 2, 2.59 with 4
+(loadtest/profile_bert_latency.py); `--num-instances 1` is the latency configuration.
 """
 from __future__ import annotations
 
@@ -82,7 +88,7 @@ class GpuModelOptions:
     name: str = "bert"
     precision: str = "fp16"
     max_batch_size: int = 128
-    max_queue_delay_us: int = 100
+    max_queue_delay_us: int = 0
     num_instances: int = 4
     gpu: int = 0
     max_length: int | None = None   # None: the length the model was built for

@@ -54,6 +54,7 @@ from transformers import BertConfig, BertModel
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "backends")]
+from build.bert_gpu import GpuModelOptions  # noqa: E402
 from trident.bert.torch_model import BertShape, PackedBert, hf_state_dict  # noqa: E402
 from trident.bert.torch_runtime import TorchRuntime, TorchRuntimeOptions, prepare  # noqa: E402
 
@@ -246,6 +247,7 @@ class TritonResult:
     input_ms: float = 0.0         # batch-1 server side: Triton's compute_input / compute_output shares
     output_ms: float = 0.0
     phases_ms: dict = field(default_factory=dict)  # batch-1 execute() inside the stub, median per phase
+    num_instances: int = 1        # model instances on the GPU (Triton instance_group count)
 
     @property
     def fraction(self) -> float:
@@ -368,21 +370,22 @@ def batch1_latency(server, name: str, texts_file: Path, args) -> dict:
 
 
 def write_repository(repository: Path, artifacts: dict[str, Path], precisions: list[str], args) -> dict:
-    """One GPU model per (model, precision), as build/bert_gpu.py writes it; returns name -> (model, precision)."""
+    """One GPU model per (model, precision, instance count), as build/bert_gpu.py writes it;
+    returns name -> (model, precision, instance count)."""
     from build.bert_gpu import GpuModelOptions, write_gpu_model
 
     served = {}
     for model, directory in artifacts.items():
-        for precision in precisions:
-            name = f"{model.replace('-', '_')}_{precision}"
+        for precision, num_instances in [(p, n) for p in precisions for n in args.num_instances]:
+            name = f"{model.replace('-', '_')}_{precision}_i{num_instances}"
             options = GpuModelOptions(name=name, precision=precision, max_batch_size=args.batch,
-                                      num_instances=args.num_instances, max_queue_delay_us=args.max_queue_delay_us)
+                                      num_instances=num_instances, max_queue_delay_us=args.max_queue_delay_us)
             model_dir = write_gpu_model(repository, directory, options)
             if args.device == "cpu":  # --smoke: the same model code, ONNX Runtime on the CPU instead
                 config = (model_dir / "config.pbtxt").read_text()
                 config = config.replace('"torch"', '"onnxruntime"').replace('"cuda"', '"cpu"')
                 (model_dir / "config.pbtxt").write_text(config.replace("KIND_GPU, gpus: [ 0 ]", "KIND_CPU"))
-            served[name] = (model, precision)
+            served[name] = (model, precision, num_instances)
     return served
 
 
@@ -418,14 +421,14 @@ def server_side_ms(before: dict, after: dict) -> dict[str, float]:
     return {key: (after[metric] - before[metric]) / requests / 1e3 for key, metric in share.items()}
 
 
-def measure_triton_model(server, name: str, texts_file: Path, args) -> dict:
+def measure_triton_model(server, name: str, num_instances: int, texts_file: Path, args) -> dict:
     from triton_server import run_text_clients
 
     def clients(**kwargs):
         return run_text_clients(server.grpc_url, name, "embedding", texts_file, **kwargs)
 
     # Every power-of-two batch on every instance, so CUDA graphs and kernels exist before the clock runs.
-    clients(num_clients=1, num_threads=2 * args.num_instances, sizes=[1 << i for i in range(args.batch.bit_length())])
+    clients(num_clients=1, num_threads=2 * num_instances, sizes=[1 << i for i in range(args.batch.bit_length())])
     before = model_counters(server.metrics, name)
     records, errors = clients(num_clients=args.num_clients, num_threads=args.client_threads,
                               max_texts=args.max_texts_per_request, duration_s=args.warmup_s + args.measure_s)
@@ -450,8 +453,10 @@ def stub_phases_ms(directory: Path, model: str, window: tuple[float, float]) -> 
         return {}
     names = [key for key in records[0] if key not in PHASE_RECORD_KEYS]
     phases = {phase: float(np.median([r[phase] for r in records])) * 1e3 for phase in names}
-    total = float(np.median([sum(r[phase] for phase in names) for r in records])) * 1e3
-    return {**phases, "total": total, "num_executes": len(records)}
+    totals = [sum(r[phase] for phase in names) * 1e3 for r in records]
+    # the mean too: Triton's execute figure is a mean, and what lies outside the phases is their difference
+    return {**phases, "total": float(np.median(totals)), "total_mean": float(np.mean(totals)),
+            "num_executes": len(records)}
 
 
 def measure_inprocess(artifacts: Path, precision: str, texts: list[str], args) -> dict:
@@ -501,13 +506,14 @@ def bench_triton(args) -> tuple[list[TritonResult], dict]:
         print(f"floor (Python model answering zeros, same gRPC client): batch-1 p50/p99 "
               f"{args.floor_p50_ms:.2f}/{args.floor_p99_ms:.2f} ms (server {floor['server_ms']:.2f}, queue "
               f"{floor['queue_ms']:.2f}, execute {floor['execute_ms']:.2f})", flush=True)
-        for name, (model, precision) in served.items():
-            figures = measure_triton_model(server, name, texts_file, args)
+        for name, (model, precision, num_instances) in served.items():
+            figures = measure_triton_model(server, name, num_instances, texts_file, args)
             first_error = figures.pop("first_error")
             windows[name] = figures.pop("window")
-            result = TritonResult(model, precision, **figures, **inprocess[(model, precision)])
+            result = TritonResult(model, precision, **figures, **inprocess[(model, precision)],
+                                  num_instances=num_instances)
             results.append(result)
-            print(f"{model:9s} {precision:5s} triton {result.seq_per_s:8.0f} seq/s = {result.fraction:4.0%} of "
+            print(f"{model:9s} {precision:5s} x{num_instances} triton {result.seq_per_s:8.0f} seq/s = {result.fraction:4.0%} of "
                   f"in-process {result.inprocess_seq_per_s:8.0f} (mean batch {result.mean_batch:5.1f}, "
                   f"tokenize {result.tokenize_ms_per_batch:.2f} ms/{args.batch}, {result.tokenize_1_ms:.2f} ms/1)   batch-1 p50/p99 "
                   f"{result.p50_ms:.2f}/{result.p99_ms:.2f} ms (in-process {result.inprocess_p50_ms:.2f}/"
@@ -530,20 +536,21 @@ def bench_triton(args) -> tuple[list[TritonResult], dict]:
 def print_phases(r: TritonResult) -> None:
     """Where a batch-1 call's time goes: the client's p50, Triton's server-side split and the stub's phases."""
     phases = r.phases_ms
-    stub = ", ".join(f"{k} {v:.3f}" for k, v in phases.items() if k not in ("total", "num_executes"))
-    print(f"batch-1 {r.model} {r.precision}: client p50 {r.p50_ms:.3f} ms = server {r.server_ms:.3f} (queue "
+    stub = ", ".join(f"{k} {v:.3f}" for k, v in phases.items() if k not in ("total", "total_mean", "num_executes"))
+    print(f"batch-1 {r.model} {r.precision} x{r.num_instances}: client p50 {r.p50_ms:.3f} ms = server {r.server_ms:.3f} (queue "
           f"{r.queue_ms:.3f}, input {r.input_ms:.3f}, execute {r.execute_ms:.3f}, output {r.output_ms:.3f}) + "
           f"gRPC/client {r.p50_ms - r.server_ms:.3f};  inside execute(), median per call over "
           f"{phases.get('num_executes', 0)}: {stub or 'no records'} = {phases.get('total', float('nan')):.3f} ms "
-          f"(rest of execute: Python backend IPC {r.execute_ms - phases.get('total', float('nan')):.3f})", flush=True)
+          f"(means: execute {r.execute_ms:.3f} - phases {phases.get('total_mean', float('nan')):.3f} = Python "
+          f"backend IPC {r.execute_ms - phases.get('total_mean', float('nan')):.3f})", flush=True)
 
 
 def print_triton_table(results: list[TritonResult], batch: int) -> None:
-    print(f"\n| model | precision | Triton seq/s | in-process seq/s | Triton / in-process | mean batch | "
+    print(f"\n| model | precision | instances | Triton seq/s | in-process seq/s | Triton / in-process | mean batch | "
           f"tokenize ms per {batch} / per 1 | Triton batch-1 p50 / p99 ms | in-process batch-1 p50 / p99 ms |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r.model} | {r.precision} | {r.seq_per_s:,.0f} | {r.inprocess_seq_per_s:,.0f} | {r.fraction:.0%} | "
+        print(f"| {r.model} | {r.precision} | {r.num_instances} | {r.seq_per_s:,.0f} | {r.inprocess_seq_per_s:,.0f} | {r.fraction:.0%} | "
               f"{r.mean_batch:.1f} | {r.tokenize_ms_per_batch:.2f} / {r.tokenize_1_ms:.2f} | {r.p50_ms:.2f} / {r.p99_ms:.2f} | "
               f"{r.inprocess_p50_ms:.2f} / {r.inprocess_p99_ms:.2f} |", flush=True)
 
@@ -552,7 +559,7 @@ def plot_triton(results: list[TritonResult], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    labels = [f"{r.model}\n{r.precision}" for r in results]
+    labels = [f"{r.model}\n{r.precision} x{r.num_instances}" for r in results]
     x = np.arange(len(results))
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     axes[0].bar(x - 0.2, [r.inprocess_seq_per_s for r in results], 0.4, label="in-process (BertEncoder)")
@@ -608,8 +615,10 @@ def parse_args(argv=None):
     p.add_argument("--num-clients", type=int, default=8, help="Triton: gRPC client processes")
     p.add_argument("--client-threads", type=int, default=6, help="Triton: closed-loop threads per client")
     p.add_argument("--max-texts-per-request", type=int, default=16, help="Triton: 1..N texts per request")
-    p.add_argument("--num-instances", type=int, default=4, help="Triton: model instances on the GPU")
-    p.add_argument("--max-queue-delay-us", type=int, default=100, help="Triton: dynamic batcher delay")
+    p.add_argument("--num-instances", type=int, nargs="+", default=[GpuModelOptions().num_instances],
+                   help="Triton: model instances on the GPU (several: one served model per count)")
+    p.add_argument("--max-queue-delay-us", type=int, default=GpuModelOptions().max_queue_delay_us,
+                   help="Triton: dynamic batcher delay")
     p.add_argument("--precisions", nargs="+", default=["fp16", "int8"], choices=["fp16", "int8", "bf16", "fp32"],
                    help="Triton: runtime torch precisions served")
     p.add_argument("--warmup-s", type=float, default=3.0)
@@ -622,7 +631,7 @@ def parse_args(argv=None):
     args.device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if args.smoke:
         args.batch, args.num_batches, args.num_singles, args.models = 8, 3, 10, ["bert-base"]
-        args.num_clients, args.client_threads, args.max_texts_per_request, args.num_instances = 2, 2, 4, 1
+        args.num_clients, args.client_threads, args.max_texts_per_request, args.num_instances = 2, 2, 4, [1]
         args.warmup_s, args.measure_s, args.latency_calls, args.latency_warmup = 1.0, 2.0, 50, 10
     return args
 

@@ -50,7 +50,11 @@ def timed(fn, items, gap_s: float) -> np.ndarray:
 
 
 def report(label: str, fn, items, gap_s: float) -> None:
-    hot, cold = timed(fn, items, 0.0), timed(fn, items, gap_s)
+    try:
+        hot, cold = timed(fn, items, 0.0), timed(fn, items, gap_s)
+    except Exception as e:  # one broken measurement must not hide the others
+        print(f"  {label:48s} FAILED: {type(e).__name__}: {e}", flush=True)
+        return
     print(f"  {label:48s} hot p50 {np.median(hot):7.1f} us   cold p50 {np.median(cold):7.1f} us "
           f"p99 {np.percentile(cold, 99):7.1f}", flush=True)
 
@@ -193,7 +197,8 @@ def through_triton(artifacts: Path, texts_file: Path, work: Path, args) -> list[
             phases = row["phases_ms"]
             print(f"{row['name']:14s} execute() phases (median ms over {phases.get('num_executes', 0)}): "
                   + ", ".join(f"{k} {v:.3f}" for k, v in phases.items() if k != "num_executes")
-                  + f"; execute outside them {row['execute_ms'] - phases.get('total', float('nan')):.3f}", flush=True)
+                  + f"; execute (mean) outside them {row['execute_ms'] - phases.get('total_mean', float('nan')):.3f}",
+                  flush=True)
     return rows
 
 

@@ -25,7 +25,7 @@ def test_embedding_model_serves_torch_on_the_gpu_with_batches_sized_for_it(bert_
     assert config.name == "bert" and config.backend == "python" and config.max_batch_size == 128
     assert [(o.name, list(o.dims)) for o in config.output] == [("embedding", [32])]  # hidden size of the build
     assert list(config.dynamic_batching.preferred_batch_size) == [32, 64, 128]
-    assert config.dynamic_batching.max_queue_delay_microseconds == 100
+    assert config.dynamic_batching.max_queue_delay_microseconds == 0  # a lone request never waits
     group = config.instance_group[0]
     assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and group.count == 4 and list(group.gpus) == [0]
     assert parameters(config) == {"artifacts": "artifacts", "runtime": "torch", "precision": "int8",

@@ -1,14 +1,15 @@
-"""TextTokenizer's ASCII path (str.lower() instead of BertNormalizer) against the shipped tokenizer file."""
+"""TextTokenizer's ASCII shortcuts (str.lower() for BertNormalizer, the word cache for small batches)
+against the shipped tokenizer file."""
 from __future__ import annotations
 
 import json
 
 import pytest
 from pydoc_data.topics import topics
-from tokenizers import Tokenizer, normalizers
+from tokenizers import Encoding, Tokenizer, normalizers
 
 from build.weights import minilm_dir
-from trident.bert.tokenizer import AsciiPath, TextTokenizer
+from trident.bert.tokenizer import MAX_WORD_CACHE_TEXTS, AsciiPath, TextTokenizer, Tokens
 
 SPECIAL = ["hello [MASK] world", "Hello [mask] x", "[CLS][SEP]", "a [UNK] b", "[pad]"]
 WHITESPACE_AND_CONTROL = ["tab\there\nnew\rline", "vertical\x0btab", "form\x0cfeed", "del\x7fete", "nul\x00l",
@@ -65,10 +66,20 @@ def test_ids_equal_the_shipped_tokenizer(minilm_tokenizer_path, max_length):
     texts = prose() + SPECIAL + WHITESPACE_AND_CONTROL + NON_ASCII + MIXED_CASE
     ours = TextTokenizer.from_file(minilm_tokenizer_path, max_length)
     assert_same_encodings(ours, shipped(minilm_tokenizer_path, max_length), texts)
-    # one text at a time too (the batch-1 serving path), mixed batches keep their order
-    for text in texts[::25] + SPECIAL[:2]:
-        assert_same_encodings(ours, shipped(minilm_tokenizer_path, max_length), [text])
-    assert_same_encodings(ours, shipped(minilm_tokenizer_path, max_length), NON_ASCII + MIXED_CASE[::-1] + SPECIAL)
+    # small batches take the word cache (twice: cold, then warm), mixed ones keep their order
+    reference = shipped(minilm_tokenizer_path, max_length)
+    for _ in range(2):
+        for start in range(0, len(texts), MAX_WORD_CACHE_TEXTS):
+            assert_same_encodings(ours, reference, texts[start:start + MAX_WORD_CACHE_TEXTS])
+    assert_same_encodings(ours, reference, NON_ASCII + MIXED_CASE[::-1] + SPECIAL)
+    assert_same_encodings(ours, reference, [NON_ASCII[0], MIXED_CASE[0]])
+
+
+def test_small_batches_skip_tokenizers_and_large_ones_use_it(minilm_tokenizer_path):
+    ours = TextTokenizer.from_file(minilm_tokenizer_path, 128)
+    assert {type(e) for e in ours.encode(MIXED_CASE[:MAX_WORD_CACHE_TEXTS])} == {Tokens}
+    assert {type(e) for e in ours.encode(MIXED_CASE * 2)} == {Encoding}
+    assert [type(e) for e in ours.encode([MIXED_CASE[0], NON_ASCII[0]])] == [Tokens, Encoding]
 
 
 def test_cased_vocabulary_keeps_case(minilm_tokenizer_path, tmp_path):
