@@ -109,14 +109,25 @@ def hf_model(name: str, smoke: bool) -> tuple[BertModel, str]:
     return BertModel(config).eval(), "random weights of the real shape"
 
 
-def ours(hf: BertModel, precision: str, device: str, use_cuda_graphs: bool, int8_gemm: str = "triton") -> TorchRuntime:
+# --variants: our runtime with one of its speed-ups switched back, to measure what each buys.
+VARIANTS = {
+    "fp16 flash attention": ("fp16", {"attention": "flash"}),
+    "int8 flash attention": ("int8", {"attention": "flash"}),
+    "int8 per-row ffn": ("int8", {"is_ffn_grouped": False}),
+    "int8 erf gelu": ("int8", {"int8_gelu": "erf"}),
+    "int8 session 2": ("int8", {"attention": "flash", "is_ffn_grouped": False, "int8_gelu": "erf"}),
+}
+
+
+def ours(hf: BertModel, precision: str, device: str, use_cuda_graphs: bool, int8_gemm: str = "triton",
+         **options) -> TorchRuntime:
     c = hf.config
     shape = BertShape(c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
                       c.intermediate_size, c.max_position_embeddings, c.type_vocab_size, c.layer_norm_eps)
     model = PackedBert(shape)
     model.load_state_dict(hf_state_dict(hf.state_dict(), shape))
     options = TorchRuntimeOptions(precision=precision, device=device, use_cuda_graphs=use_cuda_graphs,
-                                  int8_gemm=int8_gemm)
+                                  int8_gemm=int8_gemm, **options)
     return TorchRuntime(prepare(model.eval(), options), options, max_seqlen=128)
 
 
@@ -180,6 +191,9 @@ def bench_model(name: str, args) -> tuple[list[Result], dict]:
         runners["ours int8"] = ours(hf, "int8", "cuda", use_cuda_graphs=True, int8_gemm="fused")
         for gemm in args.int8_gemms:  # the alternatives that bert/int8_linear.py was measured against
             runners[f"ours int8 ({gemm} gemm)"] = ours(hf, "int8", "cuda", use_cuda_graphs=True, int8_gemm=gemm)
+        for variant in args.variants:
+            precision, options = VARIANTS[variant]
+            runners[f"ours {variant}"] = ours(hf, precision, "cuda", use_cuda_graphs=True, int8_gemm="fused", **options)
         runners["HF eager fp16"] = HfRunner(hf, "cuda", torch.float16)
     else:
         runners["ours fp32"] = ours(hf, "fp32", "cpu", use_cuda_graphs=False)
@@ -611,6 +625,8 @@ def parse_args(argv=None):
     p.add_argument("--num-singles", type=int, default=200)
     p.add_argument("--int8-gemms", nargs="*", default=["triton"], choices=["triton", "cublas"],
                    help="INT8 GEMMs to measure besides the default fused one")
+    p.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS),
+                   help="in-process: our runtime with one speed-up switched back, each")
     p.add_argument("--cases", nargs="+", default=["inprocess", "triton"], choices=["inprocess", "triton"])
     p.add_argument("--num-clients", type=int, default=8, help="Triton: gRPC client processes")
     p.add_argument("--client-threads", type=int, default=6, help="Triton: closed-loop threads per client")

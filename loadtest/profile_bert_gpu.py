@@ -2,6 +2,7 @@
 
     PYTHONPATH=backends:. python3 loadtest/profile_bert_gpu.py                  # fp16, int8 (and HF) tables
     PYTHONPATH=backends:. python3 loadtest/profile_bert_gpu.py --knobs --json $OUT/profile_bert.json
+    PYTHONPATH=backends:. python3 loadtest/profile_bert_gpu.py --precisions int8 --gemm-sweep   # + GEMM tiles
 
 1. Kernel table: one eager forward of a batch of 128 sequences x 128 tokens (BERT-base shape, random
    weights: values do not change speed) under ``torch.profiler``; CUDA time summed per kernel name,
@@ -9,10 +10,13 @@
    Eager, because a graph replay shows as one event; the kernels are the same ones the graph replays.
 2. Batch time: the batch's CUDA graph replayed alone (GPU ms from CUDA events) against
    ``TorchRuntime.run`` end to end (host packing, copies, the sync on the result) and ``pack`` alone.
-3. ``--knobs``: attention at [128, 12, 128, 64] fp16 (varlen FlashAttention as the runtime calls it,
-   SDPA's flash / efficient / cuDNN backends on the dense batch) and the four W8A8 GEMMs at M = 16384
-   with tile variants (Triton's warp specialization, wider tiles) and the GELU epilogue's erf variants
-   (``int8_kernels.GELU_IMPLS``); GPU time from CUDA-graph replays (loadtest/bench_int8_gemm_gpu.py).
+3. ``--knobs``: attention at [128, 12, 128, 64] fp16 (varlen FlashAttention as the runtime called it,
+   SDPA's flash / efficient / cuDNN backends on the dense batch, our ``attention_quantize`` with and
+   without its int8 rows against FlashAttention + ``quantize_rows``), the GELU epilogue's erf variants
+   (``int8_kernels.GELU_IMPLS``) and the FFN's int8 hand-off (up projection -> down projection: fp16 +
+   ``quantize_rows`` per row vs the epilogue's 128-column groups). ``--gemm-sweep``: the four W8A8 GEMMs
+   at M = 16384 with tile variants (Triton's warp specialization, wider tiles). GPU time from
+   CUDA-graph replays (loadtest/bench_int8_gemm_gpu.py).
 """
 from __future__ import annotations
 
@@ -38,10 +42,11 @@ from trident.models import int8_kernels  # noqa: E402
 from trident.models.int8_kernels import LARGE_M_TILES, W8A8Tiles  # noqa: E402
 
 BATCH, SEQLEN = 128, 128
-CATEGORIES = [  # first match wins; kernel names lower-cased
-    ("gemm", r"w8a8|nvjet|gemm|cutlass|xmma|_int_mm"),
+CATEGORIES = [  # first match wins; kernel names lower-cased (FlashAttention's name mentions cutlass)
     ("attention", r"flash|fmha|attention|cudnn"),
+    ("gemm", r"w8a8|nvjet|gemm|cutlass|xmma|_int_mm"),
     ("layernorm (+quantize)", r"layer_norm"),
+    ("pooling", r"mean_pool"),
     ("quantize", r"quantize"),
     ("gelu", r"gelu"),
     ("embedding / gather", r"embedding|index_select|gather|index_add|indexing|scatter"),
@@ -146,6 +151,12 @@ def attention_variants(heads: int = 12, head_dim: int = 64) -> dict[str, float]:
     cu_seqlens = torch.arange(0, num_tokens + 1, SEQLEN, device="cuda", dtype=torch.int32)   # [batch + 1]
     q, k, v = (t.contiguous() for t in qkv.unbind(1))
     dense = qkv.view(BATCH, SEQLEN, 3, heads, head_dim).permute(2, 0, 3, 1, 4)  # [3, batch, heads, seq, head_dim]
+    ones = torch.ones(heads * head_dim, device="cuda", dtype=torch.float16)
+
+    def flash_then_quantize():
+        out = varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, SEQLEN).reshape(num_tokens, -1)
+        int8_kernels.quantize_rows(out, ones)
+        return out
 
     def sdpa(backend):
         def call():
@@ -160,13 +171,16 @@ def attention_variants(heads: int = 12, head_dim: int = 64) -> dict[str, float]:
         "sdpa flash, dense": sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa efficient, dense": sdpa(SDPBackend.EFFICIENT_ATTENTION),
         "sdpa cudnn, dense": sdpa(SDPBackend.CUDNN_ATTENTION),
+        "ours (attention_quantize), fp16 out": lambda: int8_kernels.attention_quantize(qkv, cu_seqlens, SEQLEN)[0],
+        "ours + int8 rows for the out-projection": lambda: int8_kernels.attention_quantize(qkv, cu_seqlens, SEQLEN, ones)[0],
+        "flash varlen + quantize_rows (session 2)": lambda: flash_then_quantize(),
     }
-    reference = variants["flash varlen, views of qkv (the runtime)"]().float()
+    reference = variants["flash varlen, views of qkv (the runtime)"]().float().reshape(num_tokens, -1)  # [num_tokens, hidden]
     result = {}
     print(f"\n### attention, one layer: {BATCH} x {SEQLEN} tokens, {heads} heads x {head_dim}, fp16\n")
     for label, call in variants.items():
         try:
-            error = (call().float() - reference).abs().max().item()
+            error = (call().float().reshape(num_tokens, -1) - reference).abs().max().item()
             us = gpu_ms(call) * 1e3
         except Exception as e:  # a backend this build or GPU lacks is a result too
             print(f"  {label:44s} FAILED {type(e).__name__}: {str(e).splitlines()[0][:100]}")
@@ -179,7 +193,6 @@ def attention_variants(heads: int = 12, head_dim: int = 64) -> dict[str, float]:
 GEMM_VARIANTS = [
     LARGE_M_TILES,
     W8A8Tiles(128, 128, 128, 8, 3, 8, is_tma=True, is_subtiled=True, is_warp_specialized=True),
-    W8A8Tiles(128, 128, 128, 4, 4, 8, is_tma=True, is_subtiled=True, is_warp_specialized=True),
     W8A8Tiles(128, 256, 128, 8, 3, 8, is_tma=True, is_subtiled=True),
     W8A8Tiles(128, 256, 128, 8, 3, 8, is_tma=True, is_subtiled=True, is_warp_specialized=True),
 ]
@@ -211,6 +224,57 @@ def gelu_variants(tiles: list[W8A8Tiles]) -> dict[str, dict[str, float]]:
     return result
 
 
+def ffn_hand_off() -> dict[str, float]:
+    """GPU us of the FFN's int8 path at M = 16384 (tanh GELU): up (fp16 out) + quantize_rows + down per
+    row, against up quantizing per 128-column group in its epilogue + down rescaling per group."""
+    up_n, up_k = SHAPES["up"]
+    up, down = operands(up_n, up_k), operands(*SHAPES["down"])
+    ones = torch.ones(up_n, device="cuda", dtype=torch.float16)
+
+    def per_row():
+        h = int8_kernels.w8a8_matmul(up["qx"], up["x_scale"], up["qw"], up["w_scale"], torch.float16,
+                                     bias=up["bias"], gelu=True, gelu_impl="tanh")  # [M, 3072]
+        q, scale = int8_kernels.quantize_rows(h, ones)
+        return int8_kernels.w8a8_matmul(q, scale, down["qw"], down["w_scale"], torch.float16, bias=down["bias"],
+                                        residual=down["residual"])
+
+    def grouped():
+        q, scale = int8_kernels.w8a8_matmul_quantized(up["qx"], up["x_scale"], up["qw"], up["w_scale"],
+                                                      bias=up["bias"], gelu=True, gelu_impl="tanh")
+        return int8_kernels.w8a8_matmul(q, scale, down["qw"], down["w_scale"], torch.float16, bias=down["bias"],
+                                        residual=down["residual"])
+
+    h = int8_kernels.w8a8_matmul(up["qx"], up["x_scale"], up["qw"], up["w_scale"], torch.float16,
+                                 bias=up["bias"], gelu=True, gelu_impl="tanh")
+    q_row, scale_row = int8_kernels.quantize_rows(h, ones)
+    q, scale = int8_kernels.w8a8_matmul_quantized(up["qx"], up["x_scale"], up["qw"], up["w_scale"],
+                                                  bias=up["bias"], gelu=True, gelu_impl="tanh")
+    parts = {
+        "per row: up, fp16 out": lambda: int8_kernels.w8a8_matmul(up["qx"], up["x_scale"], up["qw"], up["w_scale"],
+                                                                  torch.float16, bias=up["bias"], gelu=True, gelu_impl="tanh"),
+        "per row: quantize_rows [M, 3072]": lambda: int8_kernels.quantize_rows(h, ones),
+        "per row: down": lambda: int8_kernels.w8a8_matmul(q_row, scale_row, down["qw"], down["w_scale"], torch.float16,
+                                                          bias=down["bias"], residual=down["residual"]),
+        "per row: total": per_row,
+        "grouped: up, int8 out": lambda: int8_kernels.w8a8_matmul_quantized(
+            up["qx"], up["x_scale"], up["qw"], up["w_scale"], bias=up["bias"], gelu=True, gelu_impl="tanh"),
+        "grouped: down": lambda: int8_kernels.w8a8_matmul(q, scale, down["qw"], down["w_scale"], torch.float16,
+                                                          bias=down["bias"], residual=down["residual"]),
+        "grouped: total": grouped,
+    }
+    difference = (grouped().float() - per_row().float()).abs().max().item()
+    print(f"\n### FFN int8 hand-off at M = {up['qx'].shape[0]} (max |grouped - per row| {difference:.1e})\n")
+    result = {}
+    for label, call in parts.items():
+        try:
+            result[label] = gpu_ms(call) * 1e3
+        except Exception as e:
+            print(f"  {label:36s} FAILED {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+            continue
+        print(f"  {label:36s} {result[label]:7.1f} us   x12 {result[label] * 12 / 1e3:.2f} ms", flush=True)
+    return result
+
+
 def _label(t: W8A8Tiles) -> str:
     return (f"{t.block_m}x{t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages}"
             f"{' tma' if t.is_tma else ''}{' persistent' if t.is_persistent else ''}"
@@ -230,7 +294,8 @@ def gemm_variants() -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--precisions", nargs="+", default=["fp16", "int8", "hf"], choices=["fp16", "int8", "bf16", "hf"])
-    p.add_argument("--knobs", action="store_true", help="attention and GEMM variants too")
+    p.add_argument("--knobs", action="store_true", help="attention, GELU and FFN hand-off variants too")
+    p.add_argument("--gemm-sweep", action="store_true", help="the four GEMMs over tile variants too")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--json", type=Path, help="write the figures here")
     args = p.parse_args()
@@ -251,7 +316,9 @@ def main() -> None:
         torch.cuda.empty_cache()
     if args.knobs:
         record["attention_us"] = attention_variants()
-        record["gelu"] = gelu_variants([LARGE_M_TILES, GEMM_VARIANTS[1]])
+        record["ffn_hand_off_us"] = ffn_hand_off()
+        record["gelu"] = gelu_variants([LARGE_M_TILES])
+    if args.gemm_sweep:
         record["gemms"] = gemm_variants()
     if args.json:
         args.json.write_text(json.dumps(record, indent=1, default=str))

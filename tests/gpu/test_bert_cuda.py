@@ -164,7 +164,8 @@ def test_our_attention_kernel_matches_flash_attention_in_the_runtime(tmp_path, p
     checkpoint, _ = _tiny_checkpoint(tmp_path)
     ours = _runtime(checkpoint, precision, use_cuda_graphs=True, attention="triton")
     flash = _runtime(checkpoint, precision, use_cuda_graphs=True, attention="flash")
-    for seed, lengths in enumerate([LENGTHS, [128] * 8, [5]]):
+    # Few sequences: a program per head; 200: programs walk all heads (and quantize, for int8).
+    for seed, lengths in enumerate([LENGTHS, [128] * 8, [5], [20] * 200]):
         sequences = _sequences(lengths, seed)
         np.testing.assert_allclose(ours.run(sequences), flash.run(sequences), atol=atol)
 
