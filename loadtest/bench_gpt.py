@@ -47,6 +47,8 @@ sys.path.insert(0, str(REPO_ROOT / "backends"))
 sys.path.insert(0, str(REPO_ROOT / "loadtest"))
 
 from triton_server import TritonServer, site_dir, triton_python  # noqa: E402
+
+PHASES_ENV = "TRIDENT_GPT_PHASES"   # trident.triton.gpt_model's profiling switch
 HBM_BYTES_PER_S = 3.35e12   # H100 SXM datasheet (reference.md); 3.03e12 measured copy
 
 # Real shapes (random weights: values do not change speed). SmolLM2-135M and GPT-2 124M.
@@ -439,7 +441,8 @@ def _client_worker(url: str, texts: list[str], max_tokens: int, stream: bool, go
     queue.put({"records": list(records.values())})
 
 
-def run_triton(server, case: Case, texts: list[str], stream: bool, num_clients: int) -> Result:
+def run_triton(server, case: Case, texts: list[str], stream: bool, num_clients: int,
+               phases_dir: Path | None = None) -> Result:
     ctx = mp.get_context("spawn")
     python = triton_python()
     ctx.set_executable(python)   # the one with tritonclient
@@ -463,12 +466,14 @@ def run_triton(server, case: Case, texts: list[str], stream: bool, num_clients: 
         if "ready" in message:
             num_ready += 1
             if num_ready == len(procs):
+                wall_start = time.time()
                 go.set()
         elif "error" in message:
             errors.append(message["error"])
         else:
             records += message["records"]
             num_reports += 1
+    wall_end = time.time()
     for p in procs:
         p.join(timeout=30)
     complete = [r for r in records if "end" in r]
@@ -484,7 +489,29 @@ def run_triton(server, case: Case, texts: list[str], stream: bool, num_clients: 
              "e2e_p50_ms": _ms(_pct(e2e, 50)),
              "send_spread_ms": _ms(max(r["sent"] for r in records) - t0),
              "mean_responses_per_request": round(statistics.mean(r["chunks"] for r in complete), 2)}
+    if phases_dir is not None:
+        time.sleep(1.5)   # the model flushes its phase log every second
+        notes["stub_phases"] = stub_phases(phases_dir, wall_start, wall_end)
+        print(f"{'':>16}stub: {json.dumps(notes['stub_phases'])}", flush=True)
     return Result("triton_stream" if stream else "triton", case.name, len(texts), total, elapsed, ttft, tpot, notes)
+
+
+def stub_phases(directory: Path, start: float, end: float) -> dict:
+    """What the gpt model's threads did between ``start`` and ``end`` (wall clock), from the phase
+    logs it writes under TRIDENT_GPT_PHASES: per log, the records, their counts and phase seconds
+    summed (execute: one record per request; router: per batch of engine steps; senders: per
+    batch of responses, all shards)."""
+    summary: dict = {}
+    for log in ("execute", "router", "senders"):
+        rows = [json.loads(line) for f in directory.glob(f"gpt-{log}.*.jsonl") for line in f.read_text().splitlines()]
+        rows = [r for r in rows if start <= r["start"] <= end]
+        summary[log] = {"records": len(rows)}
+        if rows:
+            summary[log]["span_s"] = round(max(r["start"] for r in rows) - min(r["start"] for r in rows), 3)
+            for key in rows[0]:
+                if key != "start":
+                    summary[log][key] = round(sum(r[key] for r in rows), 3)
+    return summary
 
 
 # -- driver --------------------------------------------------------------------------------------
@@ -558,11 +585,19 @@ def run_case(case: Case, args, work: Path, tokenizers: Path | None) -> list[Resu
             texts = [tokenizer.decode(p) for p in prompts]
             server_work = work / f"triton-{case.shape}-{case.input_len}"
             server_work.mkdir()
-            server = TritonServer(gpt_repository(model_dir, values, server_work), server_work)
+            # Random ids decoded to text re-tokenize to a few more tokens (134 on average for 128):
+            # room for them, so that no request is refused for its length.
+            values["max_model_len"] = 2 * case.input_len + case.output_len
+            phases = server_work / "phases"
+            os.environ[PHASES_ENV] = str(phases)   # the server's stub inherits it
+            try:
+                server = TritonServer(gpt_repository(model_dir, values, server_work), server_work)
+            finally:
+                os.environ.pop(PHASES_ENV, None)
             if "triton" in systems:
-                attempt("triton", lambda: run_triton(server, case, texts, False, args.clients))
+                attempt("triton", lambda: run_triton(server, case, texts, False, args.clients, phases))
             if "triton_stream" in systems:
-                attempt("triton_stream", lambda: run_triton(server, case, texts, True, args.clients))
+                attempt("triton_stream", lambda: run_triton(server, case, texts, True, args.clients, phases))
         except Exception as e:
             logging.exception("Triton run failed")
             results.append(Result("triton", case.name, len(prompts), 0, 0.0, notes={"error": str(e)}))

@@ -3,13 +3,18 @@
 vLLM V1's frontend / engine-core split (trident.engine.engine_process): this stub process parses and
 tokenizes requests, sends token ids to the engine process, and turns the engine's per-step outputs
 into Triton responses; the engine process does nothing but schedule, run the model and detokenize,
-on a GIL no serving thread competes for. Threads here: Triton's execute() (parse, tokenize, submit),
-one response thread (every call on a response sender: sends and cancellation polls, so none can
-race a request's FINAL response; Triton frees a request's response factory once that is sent, and
-an ``is_cancelled()`` racing it crashed the server), the engine process's pipe reader and the
-metrics thread (trident.triton.gpt_metrics). When a stream falls behind, the response thread sends
-all of a request's pending tokens in one response, so streaming keeps up under load. Every request
-gets exactly one FINAL response, errors, a dead engine process and shutdown included.
+on a GIL no serving thread competes for.
+
+Threads here: Triton's execute() (parse, tokenize, submit); the router (takes the engine's steps,
+records metrics, hands each request's new outputs to its sender shard); ``response_threads`` sender
+shards; the engine process's pipe reader and the metrics thread (trident.triton.gpt_metrics).
+A response send is an IPC round trip to the server process that releases the GIL while it waits,
+so shards overlap those waits. Each request belongs to one shard, and every call on its response
+sender (sends and ``is_cancelled()`` polls) is made by that shard's thread, so none can race the
+request's FINAL response (Triton frees a request's response factory once that is sent; an
+``is_cancelled()`` racing it crashed the server). When a stream falls behind, its shard sends all of
+its pending tokens in one response, so streaming keeps up under load. Every request gets exactly
+one FINAL response, errors, a dead engine process and shutdown included.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import dataclasses
 import faulthandler
 import itertools
 import json
+import queue
 import signal
 import sys
 import threading
@@ -35,16 +41,22 @@ from trident.engine.tokenizer import load_tokenizer
 from trident.triton.gpt_metrics import GptMetrics
 from trident.triton.gpt_request import GenerateRequest, parse_request
 from trident.triton.io import RequestError, string_array
+from trident.triton.phase_log import PhaseLog
 from trident.triton.shutdown import on_sigterm
 
 INPUT_NAMES = ("text_input", "max_tokens", "min_tokens", "stream", "temperature", "top_k", "top_p", "min_p",
                "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop", "ignore_eos",
                "exclude_input_in_output", "return_logprobs", "sampling_parameters")
 CANCEL_CHECK_INTERVAL_S = 0.02   # cancelled requests free their KV blocks well within 100 ms
-CANCEL_CHECKS_PER_PASS = 64
+CANCEL_CHECKS_PER_PASS = 64     # shared by the shards: ~3,200 IPC round trips a second at most
+RESPONSE_THREADS = 4            # default of the model config parameter `response_threads`
 GIL_SWITCH_INTERVAL_S = 0.0002
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 SHUTDOWN_MESSAGE = "the server is shutting down; the request was not completed"
+# Profiling: with TRIDENT_GPT_PHASES=<directory> in the server's environment, execute() and the
+# response thread record where their time goes (trident.triton.phase_log); bench_gpt.py reads it.
+PHASES_ENV = "TRIDENT_GPT_PHASES"
+PHASES_FLUSH_S = 1.0
 
 
 @dataclass
@@ -53,6 +65,7 @@ class Active:
     request_id: str
     request: GenerateRequest
     sender: object
+    shard: int                   # the sender shard that makes every call on `sender`
     detokenizer: StreamDetokenizer | None = None   # a stream's text is built here (see execute)
     num_output_tokens: int = 0   # tokens already sent (streaming)
     prompt_sent: bool = False
@@ -90,8 +103,17 @@ class TritonPythonModel:
         # `kill -USR1 <stub pid>` prints every thread's Python stack to the server log: the way to
         # see what a busy or stuck model is doing without stopping it.
         faulthandler.register(signal.SIGUSR1, all_threads=True)
-        self.response_thread = threading.Thread(target=self._response_loop, name="gpt-responses", daemon=True)
-        self.response_thread.start()
+        name = args["model_name"]
+        self.execute_log = PhaseLog.from_env(PHASES_ENV, f"{name}-execute", (), ("inputs", "parse", "tokenize", "submit"))
+        self.router_log = PhaseLog.from_env(PHASES_ENV, f"{name}-router", ("steps", "outputs", "requests"),
+                                            ("wait", "take", "dispatch"))
+        self.sender_log = PhaseLog.from_env(PHASES_ENV, f"{name}-senders", ("responses",), ("send", "poll"))
+        num_shards = int(params.get("response_threads") or RESPONSE_THREADS)
+        if num_shards < 1:
+            raise pb_utils.TritonModelException(f"response_threads must be >= 1, got {num_shards}")
+        self.shards = [SenderShard(self, k) for k in range(num_shards)]
+        self.router = threading.Thread(target=self._route_loop, name="gpt-router", daemon=True)
+        self.router.start()
 
     @staticmethod
     def _engine_config(path: Path, version_dir: Path) -> EngineConfig:
@@ -109,6 +131,7 @@ class TritonPythonModel:
     # -- Triton entry points ------------------------------------------------------------------------
     def execute(self, requests):
         for request in requests:
+            started, marks = time.time(), [time.perf_counter()]
             sender = request.get_response_sender()
             refusal = SHUTDOWN_MESSAGE if self.shutting_down.is_set() else self.engine_error
             if refusal:
@@ -116,12 +139,16 @@ class TritonPythonModel:
                 continue
             try:
                 inputs = {name: _input(request, name) for name in INPUT_NAMES}
+                marks.append(time.perf_counter())
                 parsed = parse_request(inputs, self.max_tokens_limit)
+                marks.append(time.perf_counter())
                 token_ids = self.tokenizer.encode(parsed.prompt)
+                marks.append(time.perf_counter())
             except RequestError as e:
                 _send_error(sender, str(e))
                 continue
-            item = Active(f"{next(self.ids)}", parsed, sender)
+            number = next(self.ids)
+            item = Active(f"{number}", parsed, sender, shard=number % len(self.shards))
             params = parsed.sampling_params
             if parsed.stream and not params.stop:
                 # The engine sends this stream's token ids only and its text is decoded here, once
@@ -135,43 +162,61 @@ class TritonPythonModel:
             except OSError:   # the engine process is gone; the response thread reports it to the others
                 self.active.pop(item.request_id, None)
                 _send_error(sender, self.engine_error or "the engine process is not running")
+            if self.execute_log:
+                self.execute_log.record(started, (), marks + [time.perf_counter()])
         return None
 
     def finalize(self) -> None:
         self.logger.log_info("gpt: finalize: stopping the engine")
         self.stopping.set()
-        self.response_thread.join(timeout=30)
+        self.router.join(timeout=30)
+        for shard in self.shards:
+            shard.thread.join(timeout=30)
+        for log in (self.execute_log, self.router_log, self.sender_log):
+            if log:
+                log.flush()
         self.core.shutdown()
         self.metrics.close()
         self.logger.log_info("gpt: finalize: done")
 
-    # -- response thread ----------------------------------------------------------------------------
-    def _response_loop(self) -> None:
-        next_poll, cursor = 0.0, 0
-        shutdown_handled = False
+    # -- router thread ------------------------------------------------------------------------------
+    def _route_loop(self) -> None:
+        shutdown_handled, next_flush = False, 0.0
         while not self.stopping.is_set():
             pending: dict[str, list] = {}
-            for message in self.core.get(timeout=CANCEL_CHECK_INTERVAL_S):
+            marks = [time.perf_counter()]
+            messages = self.core.get(timeout=CANCEL_CHECK_INTERVAL_S)
+            started = time.time()
+            marks.append(time.perf_counter())
+            for message in messages:
                 if isinstance(message, CoreStep):
                     self._take_step(message, pending)
                 elif isinstance(message, EngineDied):
                     self.engine_error = f"gpt: {message.message}; the model must be reloaded"
                     self.logger.log_error(self.engine_error)
-                    self._fail_all(self.engine_error)
+            marks.append(time.perf_counter())
             for request_id, chunks in pending.items():
                 item = self.active.get(request_id)
                 if item is not None:
-                    self._send(item, chunks)
-            if self.engine_error:   # requests that came in while the engine died
+                    self.shards[item.shard].put(item, chunks)
+            if self.engine_error:   # every request in flight, and any that came in meanwhile
                 self._fail_all(self.engine_error)
             if self.shutting_down.is_set() and not shutdown_handled:
                 shutdown_handled = True
                 self._fail_all(SHUTDOWN_MESSAGE)
                 self._tell_engine(self.core.abort_all, SHUTDOWN_MESSAGE)
-            if time.monotonic() >= next_poll:
-                cursor = self._poll_cancelled(cursor)
-                next_poll = time.monotonic() + CANCEL_CHECK_INTERVAL_S
+            if self.router_log:
+                if messages:
+                    marks.append(time.perf_counter())
+                    num_outputs = sum(len(m.outputs) for m in messages if isinstance(m, CoreStep))
+                    self.router_log.record(started, (len(messages), num_outputs, len(pending)), marks)
+                if time.monotonic() >= next_flush:   # so that a profiler sees a run soon after it ends
+                    for log in (self.execute_log, self.router_log, self.sender_log):
+                        log.flush()
+                    next_flush = time.monotonic() + PHASES_FLUSH_S
         self._fail_all(SHUTDOWN_MESSAGE)
+        for shard in self.shards:
+            shard.stop()
 
     def _take_step(self, step: CoreStep, pending: dict[str, list]) -> None:
         """Group a step's outputs and errors by request; record its metrics. Inter-token latencies
@@ -187,16 +232,17 @@ class TritonPythonModel:
             pending.setdefault(request_id, []).append(RequestError(message))
         self.metrics.record_stats(step.stats)
 
-    def _poll_cancelled(self, cursor: int) -> int:
-        """``is_cancelled()`` for at most CANCEL_CHECKS_PER_PASS requests, round robin. Each call is an
-        IPC round trip to the server (~50-80 us), so a thousand running requests are not all polled
-        every pass: a cancelled request is aborted within ~20 ms plus one engine step while few are
-        in flight, and within ~0.3 s with a thousand."""
-        items = list(self.active.values())   # a snapshot: execute() adds to the dict meanwhile
+    def _poll_cancelled(self, shard: int, cursor: int) -> int:
+        """``is_cancelled()`` for at most CANCEL_CHECKS_PER_PASS of a shard's requests, round robin.
+        Each call is an IPC round trip to the server (~50-80 us), so a thousand running requests
+        are not all polled every pass: a cancelled request is aborted within ~20 ms plus one engine
+        step while few are in flight, and within ~0.3 s with a thousand."""
+        items = [item for item in list(self.active.values()) if item.shard == shard]   # a snapshot
         if not items:
             return 0
         cursor %= len(items)
-        for item in (items[cursor:] + items[:cursor])[:CANCEL_CHECKS_PER_PASS]:
+        checks = max(1, CANCEL_CHECKS_PER_PASS // len(self.shards))
+        for item in (items[cursor:] + items[:cursor])[:checks]:
             if item.cancel_reported or item.final_sent:
                 continue
             try:
@@ -207,7 +253,7 @@ class TritonPythonModel:
             if is_cancelled:
                 item.cancel_reported = True   # its final output ("abort") comes back from the engine
                 self._tell_engine(self.core.abort, item.request_id)
-        return cursor + CANCEL_CHECKS_PER_PASS
+        return cursor + checks
 
     def _tell_engine(self, call, arg) -> None:
         try:
@@ -217,12 +263,15 @@ class TritonPythonModel:
 
     def _fail_all(self, message: str) -> None:
         for item in list(self.active.values()):
-            self._send(item, [RequestError(message)])
+            if not item.final_sent:
+                self.shards[item.shard].put(item, [RequestError(message)])
 
     def _send(self, item: Active, chunks: list) -> None:
-        """chunks: a request's CoreOutputs since its last response, oldest first, or an error last."""
-        last = chunks[-1]
-        finished = isinstance(last, Exception) or last.finished
+        """chunks: a request's CoreOutputs since its last response, oldest first; an error (which
+        ends the request) anywhere among them wins. Called by the request's shard only."""
+        error = next((c for c in chunks if isinstance(c, Exception)), None)
+        last = error if error is not None else chunks[-1]
+        finished = error is not None or last.finished
         if finished:
             self.active.pop(item.request_id, None)
         if item.final_sent:
@@ -264,6 +313,55 @@ class TritonPythonModel:
             tensors.append(pb_utils.Tensor("cumulative_logprob",
                                            np.array([last.cumulative_logprob or 0.0], dtype=np.float32)))
         return tensors
+
+
+class SenderShard:
+    """A thread that makes every response-sender call of its requests: their responses, in order,
+    and their cancellation polls. Chunks queued for a request while the shard was busy go out as
+    one response."""
+
+    def __init__(self, model: TritonPythonModel, index: int):
+        self.model = model
+        self.index = index
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name=f"gpt-sender-{index}", daemon=True)
+        self.thread.start()
+
+    def put(self, item: Active, chunks: list) -> None:
+        self.queue.put((item, chunks))
+
+    def stop(self) -> None:
+        self.queue.put(None)
+
+    def _loop(self) -> None:
+        model, log = self.model, self.model.sender_log
+        next_poll, cursor, stopping = 0.0, 0, False
+        while not stopping:
+            try:
+                batch = [self.queue.get(timeout=CANCEL_CHECK_INTERVAL_S)]
+            except queue.Empty:
+                batch = []
+            while True:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            started, marks = time.time(), [time.perf_counter()]
+            grouped: dict[str, tuple[Active, list]] = {}
+            for entry in batch:
+                if entry is None:
+                    stopping = True
+                    continue
+                item, chunks = entry
+                grouped.setdefault(item.request_id, (item, []))[1].extend(chunks)
+            for item, chunks in grouped.values():
+                model._send(item, chunks)
+            marks.append(time.perf_counter())
+            if time.monotonic() >= next_poll:
+                cursor = model._poll_cancelled(self.index, cursor)
+                next_poll = time.monotonic() + CANCEL_CHECK_INTERVAL_S
+            if log and grouped:
+                log.record(started, (len(grouped),), marks + [time.perf_counter()])
 
 
 def _input(request, name: str):
