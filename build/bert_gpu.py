@@ -16,13 +16,18 @@ two, the graph buckets). It does not wait for them (`max_queue_delay_microsecond
 requests pile up while every instance is busy and the next free one takes them all (H200, BERT-base
 fp16: mean batch 66 and 13.4k seq/s at 0 µs, 67.8 and 13.2k at 100 µs), while a lone request would
 wait out the whole delay (the no-work `floor` model: batch-1 p50 0.81 ms at 100 µs, 0.59 ms at 0).
-Several instances let some tokenize (HF tokenizers: ~5 ms per 128 texts of 128 tokens on the H200
-host, as long as BERT-base's fp16 forward) while another's batch runs on the GPU: the Python backend
-runs one execute() per instance at a time. Measured on the H200 (loadtest/bench_bert.py): BERT-base
-fp16 s128 9.1k seq/s with 2 instances, 12.3k with 4. At batch 1 more instances cost latency: Triton
-hands sequential requests to its instances in turn, so each one wakes up cold (caches, clocks, a
-GPU context switch): batch-1 p50 2.05 ms with 1 instance, 2.41 with 2, 2.59 with 4
-(loadtest/profile_bert_latency.py); `--num-instances 1` is the latency configuration.
+Several instances let some tokenize (4.4 ms per 128 texts of 128 tokens on the H200 host, on all
+its cores) while another's batch runs on the GPU: the Python backend runs one execute() per
+instance at a time. At batch 1 more instances cost latency: Triton hands
+sequential requests to its instances in turn, so each one wakes up cold (caches, clocks, a GPU
+context switch). Measured on the H200 (loadtest/bench_bert.py, BERT-base fp16, 128-token texts):
+
+    instances   seq/s (closed loop, 1-16 texts a request)   batch-1 gRPC p50 / p99
+    4           13.2k                                       2.32 / 3.14 ms
+    2           10.7k                                       2.15 / 3.00 ms
+    1            7.2k                                       1.99 / 2.63 ms
+
+Four is the default (throughput); `--num-instances 1` is the latency configuration.
 """
 from __future__ import annotations
 

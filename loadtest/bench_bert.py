@@ -20,18 +20,19 @@ INT8 is W8A8: ``ours int8`` uses bert/int8_linear.py (bias, GELU, residual in th
 ``--int8-gemms triton cublas`` adds the INT8 engine's Triton GEMM and cuBLAS ``_int_mm`` for comparison.
 
 Triton case (``--cases triton``): both models built with ``python -m build.bert --torch-only`` and
-served by one tritonserver as GPU models written by ``build/bert_gpu.py`` (fp16 and int8, 4 instances,
-dynamic batching to 128). Texts are strings of whole-word vocabulary entries that tokenize to exactly
-128 tokens ([CLS] and [SEP] included). (a) Throughput: ``--num-clients`` gRPC client processes, each
-with ``--client-threads`` threads sending `infer` requests of 1..``--max-texts-per-request`` texts in a
-closed loop; texts finished inside the measuring window / its length. Against: ``BertEncoder`` (the
-same runtime) in this process on batches of 128 of the same texts. Tokenization (HF ``tokenizers``
-``encode_batch``) is counted on both sides: the Triton model gets strings too. (b) Batch-1 latency:
-one client, one text per `infer`, one call at a time, p50 / p99 over ``--latency-calls`` calls after
-``--latency-warmup``, against ``encode([text])`` in-process; printed with Triton's server-side split
-(queue / execute) and the stub's own execute() phases (decode, tokenize, model, respond: see
-trident/triton/bert_model.py), beside a `floor` model that answers zeros at once. The mean batch
-the dynamic batcher formed comes from Triton's metrics (inference count / execution count).
+served by one tritonserver as GPU models written by ``build/bert_gpu.py`` (fp16 and int8, one model
+per ``--num-instances`` count, default 4, dynamic batching to 128). Texts are strings of whole-word
+vocabulary entries that tokenize to exactly 128 tokens ([CLS] and [SEP] included). (a) Throughput:
+``--num-clients`` gRPC client processes, each with ``--client-threads`` threads sending `infer`
+requests of 1..``--max-texts-per-request`` texts in a closed loop; texts finished inside the
+measuring window / its length. Against: ``BertEncoder`` (the same runtime) in this process on
+batches of 128 of the same texts. Tokenization (HF ``tokenizers`` ``encode_batch``) is counted on
+both sides: the Triton model gets strings too. (b) Batch-1 latency: one client, one text per
+`infer`, one call at a time, p50 / p99 over ``--latency-calls`` calls after ``--latency-warmup``,
+against ``encode([text])`` in-process; printed with Triton's server-side split (queue / execute) and
+the stub's own execute() phases (decode, tokenize, model, respond: see
+trident/triton/bert_model.py), beside a `floor` model that answers zeros at once. The mean batch the
+dynamic batcher formed comes from Triton's metrics (inference count / execution count).
 """
 from __future__ import annotations
 

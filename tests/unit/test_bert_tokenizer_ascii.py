@@ -3,6 +3,7 @@ against the shipped tokenizer file."""
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from pydoc_data.topics import topics
@@ -37,6 +38,13 @@ def shipped(path, max_length: int, edit=None) -> Tokenizer:
     return tokenizer
 
 
+def vocabulary_texts(path, count: int = 40) -> list[str]:
+    """Random ASCII vocabulary entries ("##" pieces, "[unused7]", digits, punctuation) joined by spaces."""
+    vocabulary = sorted(w for w in Tokenizer.from_file(str(path)).get_vocab() if w.isascii())
+    rng = random.Random(0)
+    return [" ".join(rng.choice(vocabulary) for _ in range(rng.randint(1, 150))) for _ in range(count)]
+
+
 @pytest.fixture(scope="module")
 def minilm_tokenizer_path():
     return minilm_dir(verify=False) / "tokenizer.json"
@@ -63,7 +71,7 @@ def test_ascii_texts_take_the_fast_path_and_others_do_not(minilm_tokenizer_path)
 
 @pytest.mark.parametrize("max_length", [16, 128])
 def test_ids_equal_the_shipped_tokenizer(minilm_tokenizer_path, max_length):
-    texts = prose() + SPECIAL + WHITESPACE_AND_CONTROL + NON_ASCII + MIXED_CASE
+    texts = prose() + vocabulary_texts(minilm_tokenizer_path) + SPECIAL + WHITESPACE_AND_CONTROL + NON_ASCII + MIXED_CASE
     ours = TextTokenizer.from_file(minilm_tokenizer_path, max_length)
     assert_same_encodings(ours, shipped(minilm_tokenizer_path, max_length), texts)
     # small batches take the word cache (twice: cold, then warm), mixed ones keep their order

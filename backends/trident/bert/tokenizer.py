@@ -37,7 +37,7 @@ ASCII_WORDS = re.compile(r"[A-Za-z0-9]+|\S")
 # Batches up to this many texts take WordCache (one core, ~0.1 ms a text on the H200 host), larger
 # ones tokenizers' encode_batch_fast (all cores; its fixed cost is paid back from a few texts on).
 MAX_WORD_CACHE_TEXTS = 4
-MAX_CACHED_WORDS = 1 << 17  # chunks; a few tens of MB at most, cleared when full
+MAX_CACHED_WORDS = 1 << 17  # chunks; a few tens of MB at most, back to the vocabulary's words when full
 
 
 @dataclass(frozen=True)
@@ -154,11 +154,18 @@ class WordCache:
     tokens follow the tokenizer's settings (the same ids as ``tokenizer.encode``:
     tests/unit/test_bert_tokenizer_ascii.py)."""
 
-    def __init__(self, tokenizer: Tokenizer, prefix: Tokens, suffix: Tokens, type_id: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, prefix: Tokens, suffix: Tokens, type_id: int,
+                 max_input_chars_per_word: int) -> None:
         self.model = tokenizer.model
         self.max_body = tokenizer.truncation["max_length"] - len(prefix) - len(suffix)
         self.prefix, self.suffix, self.type_id = prefix, suffix, type_id
-        self.pieces: dict[str, list[int]] = {}
+        # WordPiece takes the longest vocabulary entry that starts a word: a word that is an entry
+        # is that one token. So the cache starts with every entry that is a chunk of its own, and a
+        # fresh instance (or text made of common words) asks the model only for the rest.
+        self.vocabulary_words = {word: [token_id] for word, token_id in tokenizer.get_vocab().items()
+                                 if word.isascii() and len(word) <= max_input_chars_per_word
+                                 and ASCII_WORDS.fullmatch(word)}
+        self.pieces: dict[str, list[int]] = dict(self.vocabulary_words)
 
     @classmethod
     def of(cls, tokenizer: Tokenizer) -> "WordCache | None":
@@ -177,12 +184,13 @@ class WordCache:
         at = body[0]
         prefix = Tokens(probe.ids[:at], probe.type_ids[:at])
         suffix = Tokens(probe.ids[at + 1:], probe.type_ids[at + 1:])
-        return cls(tokenizer, prefix, suffix, probe.type_ids[at])
+        return cls(tokenizer, prefix, suffix, probe.type_ids[at], config["model"].get("max_input_chars_per_word", 100))
 
     def encode(self, text: str) -> Tokens:
         pieces = self.pieces
         if len(pieces) > MAX_CACHED_WORDS:
             pieces.clear()
+            pieces.update(self.vocabulary_words)
         ids = list(self.prefix.ids)
         for chunk in text.split():  # whitespace-separated chunks repeat as they are ("food.", "the")
             chunk_ids = pieces.get(chunk)
