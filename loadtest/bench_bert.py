@@ -32,7 +32,9 @@ both sides: the Triton model gets strings too. (b) Batch-1 latency: one client, 
 against ``encode([text])`` in-process; printed with Triton's server-side split (queue / execute) and
 the stub's own execute() phases (decode, tokenize, model, respond: see
 trident/triton/bert_model.py), beside a `floor` model that answers zeros at once. The mean batch the
-dynamic batcher formed comes from Triton's metrics (inference count / execution count).
+dynamic batcher formed comes from Triton's metrics (inference count / execution count). The server runs
+with ``--rate-limit=execution_count``, under which build/bert_gpu.py's preferred instance takes the
+sequential calls (``--round-robin``: without it, the instances take turns).
 """
 from __future__ import annotations
 
@@ -63,6 +65,7 @@ from trident.bert.torch_runtime import TorchRuntime, TorchRuntimeOptions, prepar
 # reads, and the keys of its records that are not phases.
 PHASES_ENV = "TRIDENT_BERT_PHASES"
 PHASE_RECORD_KEYS = ("start", "num_requests", "num_texts")
+RATE_LIMIT = "--rate-limit=execution_count"
 
 MINILM = {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536}
 
@@ -114,9 +117,9 @@ def hf_model(name: str, smoke: bool) -> tuple[BertModel, str]:
 VARIANTS = {
     "fp16 flash attention": ("fp16", {"attention": "flash"}),
     "int8 flash attention": ("int8", {"attention": "flash"}),
-    "int8 per-row ffn": ("int8", {"is_ffn_grouped": False}),
+    "fp16 our attention": ("fp16", {"attention": "triton"}),
     "int8 erf gelu": ("int8", {"int8_gelu": "erf"}),
-    "int8 session 2": ("int8", {"attention": "flash", "is_ffn_grouped": False, "int8_gelu": "erf"}),
+    "int8 session 2": ("int8", {"attention": "flash", "int8_gelu": "erf"}),
 }
 
 
@@ -511,7 +514,8 @@ def bench_triton(args) -> tuple[list[TritonResult], dict]:
     phases_dir = work / "phases"  # the stubs record their execute() phases there (bert_model.PhaseLog)
     os.environ[PHASES_ENV] = str(phases_dir)
     started = time.perf_counter()
-    server = TritonServer(work / "model_repository", work)
+    # build/bert_gpu.py's preferred instance takes sequential requests only under the rate limiter
+    server = TritonServer(work / "model_repository", work, extra=[] if args.round_robin else [RATE_LIMIT])
     print(f"triton: {len(served)} models ready in {time.perf_counter() - started:.0f} s", flush=True)
     results, windows = [], {}
     try:
@@ -636,6 +640,8 @@ def parse_args(argv=None):
                    help="Triton: model instances on the GPU (several: one served model per count)")
     p.add_argument("--max-queue-delay-us", type=int, default=GpuModelOptions().max_queue_delay_us,
                    help="Triton: dynamic batcher delay")
+    p.add_argument("--round-robin", action="store_true",
+                   help=f"Triton: serve without {RATE_LIMIT} (the instances take turns; no preferred one)")
     p.add_argument("--precisions", nargs="+", default=["fp16", "int8"], choices=["fp16", "int8", "bf16", "fp32"],
                    help="Triton: runtime torch precisions served")
     p.add_argument("--warmup-s", type=float, default=3.0)
@@ -672,8 +678,8 @@ def main(argv=None) -> int:
         triton_results, weights = bench_triton(args)
         print_triton_table(triton_results, args.batch)
         settings = {k: getattr(args, k) for k in ("batch", "num_clients", "client_threads", "max_texts_per_request",
-                                                  "num_instances", "max_queue_delay_us", "warmup_s", "measure_s",
-                                                  "latency_calls", "latency_warmup", "floor_p50_ms",
+                                                  "num_instances", "max_queue_delay_us", "round_robin", "warmup_s",
+                                                  "measure_s", "latency_calls", "latency_warmup", "floor_p50_ms",
                                                   "floor_p99_ms", "floor_server")}
         record = {"machine": machine(), "command": " ".join(sys.argv), "settings": settings, "weights": weights,
                   "results": [asdict(r) | {"fraction": r.fraction} for r in triton_results]}

@@ -12,9 +12,8 @@
    ``TorchRuntime.run`` end to end (host packing, copies, the sync on the result) and ``pack`` alone.
 3. ``--knobs``: attention at [128, 12, 128, 64] fp16 (varlen FlashAttention as the runtime called it,
    SDPA's flash / efficient / cuDNN backends on the dense batch, our ``attention_quantize`` with and
-   without its int8 rows against FlashAttention + ``quantize_rows``), the GELU epilogue's erf variants
-   (``int8_kernels.GELU_IMPLS``) and the FFN's int8 hand-off (up projection -> down projection: fp16 +
-   ``quantize_rows`` per row vs the epilogue's 128-column groups). ``--gemm-sweep``: the four W8A8 GEMMs
+   without its int8 rows against FlashAttention + ``quantize_rows``) and the GELU epilogue's erf
+   variants (``int8_kernels.GELU_IMPLS``). ``--gemm-sweep``: the four W8A8 GEMMs
    at M = 16384 with tile variants (Triton's warp specialization, wider tiles). GPU time from
    CUDA-graph replays (loadtest/bench_int8_gemm_gpu.py).
 """
@@ -224,57 +223,6 @@ def gelu_variants(tiles: list[W8A8Tiles]) -> dict[str, dict[str, float]]:
     return result
 
 
-def ffn_hand_off() -> dict[str, float]:
-    """GPU us of the FFN's int8 path at M = 16384 (tanh GELU): up (fp16 out) + quantize_rows + down per
-    row, against up quantizing per 128-column group in its epilogue + down rescaling per group."""
-    up_n, up_k = SHAPES["up"]
-    up, down = operands(up_n, up_k), operands(*SHAPES["down"])
-    ones = torch.ones(up_n, device="cuda", dtype=torch.float16)
-
-    def per_row():
-        h = int8_kernels.w8a8_matmul(up["qx"], up["x_scale"], up["qw"], up["w_scale"], torch.float16,
-                                     bias=up["bias"], gelu=True, gelu_impl="tanh")  # [M, 3072]
-        q, scale = int8_kernels.quantize_rows(h, ones)
-        return int8_kernels.w8a8_matmul(q, scale, down["qw"], down["w_scale"], torch.float16, bias=down["bias"],
-                                        residual=down["residual"])
-
-    def grouped():
-        q, scale = int8_kernels.w8a8_matmul_quantized(up["qx"], up["x_scale"], up["qw"], up["w_scale"],
-                                                      bias=up["bias"], gelu=True, gelu_impl="tanh")
-        return int8_kernels.w8a8_matmul(q, scale, down["qw"], down["w_scale"], torch.float16, bias=down["bias"],
-                                        residual=down["residual"])
-
-    h = int8_kernels.w8a8_matmul(up["qx"], up["x_scale"], up["qw"], up["w_scale"], torch.float16,
-                                 bias=up["bias"], gelu=True, gelu_impl="tanh")
-    q_row, scale_row = int8_kernels.quantize_rows(h, ones)
-    q, scale = int8_kernels.w8a8_matmul_quantized(up["qx"], up["x_scale"], up["qw"], up["w_scale"],
-                                                  bias=up["bias"], gelu=True, gelu_impl="tanh")
-    parts = {
-        "per row: up, fp16 out": lambda: int8_kernels.w8a8_matmul(up["qx"], up["x_scale"], up["qw"], up["w_scale"],
-                                                                  torch.float16, bias=up["bias"], gelu=True, gelu_impl="tanh"),
-        "per row: quantize_rows [M, 3072]": lambda: int8_kernels.quantize_rows(h, ones),
-        "per row: down": lambda: int8_kernels.w8a8_matmul(q_row, scale_row, down["qw"], down["w_scale"], torch.float16,
-                                                          bias=down["bias"], residual=down["residual"]),
-        "per row: total": per_row,
-        "grouped: up, int8 out": lambda: int8_kernels.w8a8_matmul_quantized(
-            up["qx"], up["x_scale"], up["qw"], up["w_scale"], bias=up["bias"], gelu=True, gelu_impl="tanh"),
-        "grouped: down": lambda: int8_kernels.w8a8_matmul(q, scale, down["qw"], down["w_scale"], torch.float16,
-                                                          bias=down["bias"], residual=down["residual"]),
-        "grouped: total": grouped,
-    }
-    difference = (grouped().float() - per_row().float()).abs().max().item()
-    print(f"\n### FFN int8 hand-off at M = {up['qx'].shape[0]} (max |grouped - per row| {difference:.1e})\n")
-    result = {}
-    for label, call in parts.items():
-        try:
-            result[label] = gpu_ms(call) * 1e3
-        except Exception as e:
-            print(f"  {label:36s} FAILED {type(e).__name__}: {str(e).splitlines()[0][:100]}")
-            continue
-        print(f"  {label:36s} {result[label]:7.1f} us   x12 {result[label] * 12 / 1e3:.2f} ms", flush=True)
-    return result
-
-
 def _label(t: W8A8Tiles) -> str:
     return (f"{t.block_m}x{t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages}"
             f"{' tma' if t.is_tma else ''}{' persistent' if t.is_persistent else ''}"
@@ -294,7 +242,7 @@ def gemm_variants() -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--precisions", nargs="+", default=["fp16", "int8", "hf"], choices=["fp16", "int8", "bf16", "hf"])
-    p.add_argument("--knobs", action="store_true", help="attention, GELU and FFN hand-off variants too")
+    p.add_argument("--knobs", action="store_true", help="attention and GELU variants too")
     p.add_argument("--gemm-sweep", action="store_true", help="the four GEMMs over tile variants too")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--json", type=Path, help="write the figures here")
@@ -316,7 +264,6 @@ def main() -> None:
         torch.cuda.empty_cache()
     if args.knobs:
         record["attention_us"] = attention_variants()
-        record["ffn_hand_off_us"] = ffn_hand_off()
         record["gelu"] = gelu_variants([LARGE_M_TILES])
     if args.gemm_sweep:
         record["gemms"] = gemm_variants()

@@ -171,17 +171,6 @@ def test_our_attention_kernel_matches_flash_attention_in_the_runtime(tmp_path, p
 
 
 @needs_cuda
-def test_grouped_ffn_hand_off_agrees_with_per_row_quantization(tmp_path):
-    # The up projection's epilogue quantizes per 128 columns (finer than a row): close to the per-row pass.
-    checkpoint, _ = _tiny_checkpoint(tmp_path)
-    grouped = _runtime(checkpoint, "int8", use_cuda_graphs=True, is_ffn_grouped=True)
-    per_row = _runtime(checkpoint, "int8", use_cuda_graphs=True, is_ffn_grouped=False)
-    for seed, lengths in enumerate([LENGTHS, [128] * 8]):
-        sequences = _sequences(lengths, seed)
-        np.testing.assert_allclose(grouped.run(sequences), per_row.run(sequences), atol=5e-3)
-
-
-@needs_cuda
 def test_classifier_logits_match_hf_fp32_under_graphs(tmp_path):
     checkpoint, hf = _tiny_checkpoint(tmp_path, num_labels=3)
     sequences = _sequences(LENGTHS, seed=2)
@@ -266,32 +255,6 @@ def test_w8a8_epilogue_flags_match_torch(variant, dtype, has_bias, gelu, has_res
     tol = 1e-5 if dtype == torch.float32 else 4e-3
     assert out.dtype == dtype
     torch.testing.assert_close(out.cpu().double(), reference, rtol=tol, atol=tol)
-
-
-@needs_kernels
-@pytest.mark.parametrize("variant", ["rule", "pointers", "tma_persistent", "large_m_rule"])
-def test_w8a8_hands_its_output_to_the_next_gemm_in_int8_groups(variant):
-    # The up projection's GELU output quantized per row and 128 columns in its epilogue, then the down
-    # projection's K steps rescaled by those groups: each step against its exact reference.
-    ops = _int8_operands(150, 256, 256, seed=3)
-    down_w = torch.randint(-127, 128, (96, 256), generator=torch.Generator().manual_seed(4), dtype=torch.int8)
-    down_scale = torch.rand(96, generator=torch.Generator().manual_seed(5)) * 1e-2
-    dev = {k: v.to(KERNEL_DEVICE) for k, v in ops.items()}
-    q, scale = int8_kernels.w8a8_matmul_quantized(dev["qx"], dev["x_scale"], dev["qw"], dev["w_scale"],
-                                                  bias=dev["bias"], gelu=True, tiles=TILE_VARIANTS[variant])
-    v = torch.nn.functional.gelu((ops["qx"].double() @ ops["qw"].double().T) * ops["x_scale"].double()
-                                 * ops["w_scale"].double() + ops["bias"].double())             # [150, 256]
-    groups = v.view(150, 2, 128)                                                                # [rows, groups, 128]
-    ref_scale = groups.abs().amax(-1).clamp(min=1e-8) / 127                                     # [rows, groups]
-    torch.testing.assert_close(scale.cpu().double(), ref_scale, rtol=1e-5, atol=0)
-    ref_q = torch.round(groups / ref_scale[..., None]).view(150, 256)
-    assert q.dtype == torch.int8 and (q.cpu().double() - ref_q).abs().max() <= 1
-    out = int8_kernels.w8a8_matmul(q, scale, down_w.to(KERNEL_DEVICE), down_scale.to(KERNEL_DEVICE), torch.float32,
-                                   tiles=TILE_VARIANTS[variant])                               # [150, 96]
-    partial = torch.stack([q.cpu().double()[:, g * 128:(g + 1) * 128] @ down_w.double()[:, g * 128:(g + 1) * 128].T
-                           for g in range(2)])                                                  # [groups, 150, 96]
-    reference = (partial * scale.cpu().double().T[..., None]).sum(0) * down_scale.double()
-    torch.testing.assert_close(out.cpu().double(), reference, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernels
@@ -403,8 +366,7 @@ def test_int8_runtime_quantizes_in_the_layer_norms_and_matches_the_unfused_linea
     torch LayerNorm, GELU and adds: same quantization, so the embeddings agree closely."""
     from trident.bert.int8_linear import QuantizingLayerNorm
     checkpoint, _ = _tiny_checkpoint(tmp_path)
-    # The unfused GELU is erf and its down projection quantizes per row.
-    fused = _runtime(checkpoint, "int8", use_cuda_graphs=False, int8_gelu="erf", is_ffn_grouped=False)
+    fused = _runtime(checkpoint, "int8", use_cuda_graphs=False, int8_gelu="erf")  # the unfused GELU is erf
     options = TorchRuntimeOptions(precision="int8", use_cuda_graphs=False, int8_gemm="triton")
     unfused = TorchRuntime(prepare(load_packed_bert(checkpoint), options), options, max_seqlen=128)
     norms = [m for m in fused.model.modules() if isinstance(m, QuantizingLayerNorm)]

@@ -23,16 +23,14 @@ from trident.models.quant import Int8Linear, int8_matmul, quantize_per_token
 
 @dataclass(frozen=True)
 class QuantizedRows:
-    """A layer's output quantized for the one linear that reads it: ``q`` int8 [tokens, width] and
-    ``scale`` fp32 [tokens, 1] per row, or [tokens, width / QUANT_GROUP] per row and group of columns
-    (the up projection's output); ``hidden`` the same rows in the model dtype where something else
-    reads them (a LayerNorm's output is the next residual), else None."""
-    hidden: torch.Tensor | None
+    """A LayerNorm's output twice: ``hidden`` in the model dtype (the next residual) and its rows
+    quantized for the one linear that reads it (``q`` int8 [tokens, hidden], ``scale`` fp32 [tokens, 1])."""
+    hidden: torch.Tensor
     q: torch.Tensor
     scale: torch.Tensor
 
 
-def hidden_of(x: torch.Tensor | QuantizedRows) -> torch.Tensor | None:
+def hidden_of(x: torch.Tensor | QuantizedRows) -> torch.Tensor:
     return x.hidden if isinstance(x, QuantizedRows) else x
 
 
@@ -62,32 +60,24 @@ class FusedInt8Linear(Int8Linear):
     already quantized (``QuantizedRows`` from a ``QuantizingLayerNorm`` or the attention kernel).
     ``gelu_impl``: "erf" (BERT's GELU) or "tanh" (its tanh form on the hardware tanh: within ~1.5e-3
     of erf GELU, some 20x below the int8 step of the down projection's input; the up projection
-    then takes 106 us instead of 151 us on the H200 at 16k tokens). ``is_output_quantized`` (the up
-    projection, on CUDA): the output is ``QuantizedRows`` per 128-column group for the next int8
-    linear, quantized in the epilogue (``w8a8_matmul_quantized``; the next linear must not smooth)."""
+    then takes 106 us instead of 151 us on the H200 at 16k tokens)."""
 
     fuses_epilogue = True
     gelu_impl = "erf"
-    is_output_quantized = False
 
     def forward(self, x: torch.Tensor | QuantizedRows, residual: torch.Tensor | None = None,
-                gelu: bool = False) -> torch.Tensor | QuantizedRows:
-        if isinstance(x, QuantizedRows):
-            qx, x_scale = x.q, x.scale
-        elif not int8_kernels.supports(x):  # the CPU reference: per-row quantization everywhere
-            out = super().forward(x.reshape(-1, self.in_features))  # [tokens, out]
+                gelu: bool = False) -> torch.Tensor:
+        rows = hidden_of(x).reshape(-1, self.in_features)  # [tokens, in]
+        if not int8_kernels.supports(rows):
+            out = super().forward(rows)  # [tokens, out]
             out = F.gelu(out, approximate="tanh" if self.gelu_impl == "tanh" else "none") if gelu else out
             return out if residual is None else out + residual
+        if isinstance(x, QuantizedRows):
+            qx, x_scale = x.q, x.scale
         else:
-            qx, x_scale = int8_kernels.quantize_rows(x.reshape(-1, self.in_features), self.inv_smooth)  # [tokens, in], [tokens, 1]
-        if not int8_kernels.supports(qx):  # a CPU LayerNorm's QuantizedRows
-            return self.forward(x.hidden, residual, gelu)
-        if self.is_output_quantized and residual is None:
-            q, scale = int8_kernels.w8a8_matmul_quantized(qx, x_scale, self.weight, self.weight_scale, bias=self.bias,
-                                                          gelu=gelu, gelu_impl=self.gelu_impl)  # [tokens, out], [tokens, out / 128]
-            return QuantizedRows(None, q, scale)
+            qx, x_scale = int8_kernels.quantize_rows(rows, self.inv_smooth)  # [tokens, in] int8, [tokens, 1]
         res = None if residual is None else residual.reshape(-1, self.out_features).contiguous()
-        return int8_kernels.w8a8_matmul(qx, x_scale, self.weight, self.weight_scale, self.inv_smooth.dtype,
+        return int8_kernels.w8a8_matmul(qx, x_scale, self.weight, self.weight_scale, rows.dtype,
                                         bias=self.bias, residual=res, gelu=gelu, gelu_impl=self.gelu_impl)
 
 

@@ -4,9 +4,8 @@ The batch's tokens are concatenated into one ``[num_tokens, hidden]`` tensor; ``
 where each sequence starts. Linears, LayerNorm and GELU are row-wise, so they run on the packed rows
 as they are; attention is the only op that mixes rows, and it runs per sequence through
 FlashAttention's varlen kernel on CUDA (``cu_seqlens``, no mask, no padded ``[batch, seq, seq]``
-scores). With ``attention_kernel = "triton"`` (what the runtime sets on CUDA) sequences of up to 128
-tokens run ``int8_kernels.attention_quantize`` instead, which for an INT8 out-projection also writes
-its int8 rows. Pooling (mean, or the [CLS] row for classifiers) is a segment sum on the packed rows.
+scores). Before an INT8 out-projection (or with ``attention_kernel = "triton"``), sequences of up to
+128 tokens run ``int8_kernels.attention_quantize`` instead, which also writes the projection's int8 rows. Pooling (mean, or the [CLS] row for classifiers) is a segment sum on the packed rows.
 
 Weights load from a Hugging Face ``BertModel`` / ``BertForSequenceClassification`` safetensors file.
 """
@@ -92,13 +91,17 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 def attention(qkv: torch.Tensor, batch: PackedBatch, kernel: str, out_linear: nn.Module) -> torch.Tensor | QuantizedRows:
     """Attention of a layer: qkv [num_tokens, 3, num_heads, head_dim] -> [num_tokens, hidden].
 
-    ``kernel`` "triton" on CUDA for sequences of at most 128 tokens: our kernel, which also quantizes
-    the rows for an int8 ``out_linear`` (then returns ``QuantizedRows``); else FlashAttention varlen
-    (or the CPU reference)."""
+    ``kernel`` "triton" (or "auto" before a fused int8 ``out_linear``) on CUDA for sequences of at
+    most 128 tokens: our kernel, which also quantizes the rows for a fused int8 ``out_linear`` (then
+    returns ``QuantizedRows``); else FlashAttention varlen (or the CPU reference). "auto" keeps
+    FlashAttention for fp16: on the H200 (BERT-base, batches of 128) ours was 2% faster at 128 tokens
+    each but 5% slower on lengths 16..128, while before an int8 projection it was faster on both
+    (41 + quantize fused = 61 us vs 51 + 18 us for FlashAttention + quantize_rows at 128 x 128)."""
     num_tokens = qkv.shape[0]
-    if (kernel == "triton" and int8_kernels.supports(qkv) and qkv.dtype in (torch.float16, torch.bfloat16)
-            and batch.max_seqlen <= int8_kernels.MAX_ATTENTION_SEQLEN):
-        inv_smooth = out_linear.inv_smooth if getattr(out_linear, "fuses_epilogue", False) else None
+    quantizes = getattr(out_linear, "fuses_epilogue", False)
+    if ((kernel == "triton" or (kernel == "auto" and quantizes)) and int8_kernels.supports(qkv)
+            and qkv.dtype in (torch.float16, torch.bfloat16) and batch.max_seqlen <= int8_kernels.MAX_ATTENTION_SEQLEN):
+        inv_smooth = out_linear.inv_smooth if quantizes else None
         out, q, scale = int8_kernels.attention_quantize(qkv, batch.cu_seqlens, batch.max_seqlen, inv_smooth)
         return out if q is None else QuantizedRows(out, q, scale)
     out = varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], batch.cu_seqlens, batch.max_seqlen)  # [num_tokens, num_heads, head_dim]
@@ -127,7 +130,7 @@ class EncoderLayer(nn.Module):
         self.up = nn.Linear(h, i)
         self.down = nn.Linear(i, h)
         self.ffn_norm = nn.LayerNorm(h, eps=shape.layer_norm_eps)
-        self.attention_kernel = "flash"  # "triton" | "flash": torch_runtime.prepare picks
+        self.attention_kernel = "auto"  # "auto" | "triton" | "flash" (see attention); torch_runtime.prepare sets it
 
     def forward(self, x: torch.Tensor | QuantizedRows, batch: PackedBatch) -> torch.Tensor | QuantizedRows:
         # INT8: the norms may hand over QuantizedRows (hidden + the next linear's int8 rows).

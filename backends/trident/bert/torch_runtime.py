@@ -11,9 +11,10 @@ INT8 is W8A8: dynamic per-token int8 activations, per-channel int8 weights, int3
 the four linears of every layer (embeddings, LayerNorms, attention and the heads stay fp16). The
 GEMM is ``trident.bert.int8_linear`` (default: bias, GELU and residual in the epilogue, and the
 kernels that produce a linear's input quantize its rows as they write them: the LayerNorms for QKV
-and the up projection, the attention kernel for the out-projection, and the up projection's epilogue
-for the down projection — per row and 128-column group there, since no output tile holds a whole
-row; ``is_ffn_grouped=False``: fp16 out and a per-row quantize pass), the INT8 engine's Triton kernel
+and the up projection, the attention kernel for the out-projection; only the GELU output feeding
+the down projection is quantized in a pass of its own: a row's scale needs the whole row, which no
+output tile holds, and quantizing per 128-column group in the up projection's epilogue instead, with
+the down projection rescaling each K step, took 311 us per layer against 234 on the H200), the INT8 engine's Triton kernel
 (``trident.models.int8_kernels``: rescale in the epilogue, bias added after), or cuBLAS
 ``torch._int_mm`` with a column-major weight; bench_bert measures all three.
 """
@@ -37,7 +38,7 @@ from trident.models.quant import Int8Linear
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float16}
 INT8_GEMMS = ("fused", "triton", "cublas")
-ATTENTION_KERNELS = ("triton", "flash")
+ATTENTION_KERNELS = ("auto", "triton", "flash")
 GELU_IMPLS = ("tanh", "erf")
 LINEARS = ("qkv", "attn_out", "up", "down")
 WEIGHTS = "model.safetensors"
@@ -50,10 +51,9 @@ class TorchRuntimeOptions:
     use_cuda_graphs: bool = True
     max_graph_tokens: int = 16384      # larger batches run eagerly
     int8_gemm: str = "fused"           # fused (bias/GELU/residual epilogue) | triton (engine's) | cublas
-    attention: str = "triton"          # triton (ours, <= 128 tokens, quantizes for int8) | flash (varlen)
+    attention: str = "auto"            # triton (ours, <= 128 tokens, quantizes for int8) | flash (varlen)
+                                       # | auto: ours before int8 linears, flash for fp16 (torch_model.attention)
     int8_gelu: str = "tanh"            # the fused int8 up projection's GELU: tanh form | erf (see FusedInt8Linear)
-    is_ffn_grouped: bool = True        # fused int8: the up projection hands the down projection int8 rows
-                                       # quantized per 128 columns in its epilogue (else fp16 + quantize_rows)
 
     def __post_init__(self) -> None:
         if self.precision not in DTYPES:
@@ -66,20 +66,16 @@ class TorchRuntimeOptions:
             raise ValueError(f"int8_gelu must be one of {GELU_IMPLS}, got {self.int8_gelu!r}")
 
 
-def quantize_int8(model: PackedBert, int8_gemm: str = "fused", gelu_impl: str = "erf",
-                  is_ffn_grouped: bool = False) -> PackedBert:
+def quantize_int8(model: PackedBert, int8_gemm: str = "fused", gelu_impl: str = "erf") -> PackedBert:
     """Swaps every layer's linears for W8A8 ones in place (no SmoothQuant: per-token activation
     scales already absorb BERT's per-token outliers; measured in tests/gpu/test_bert_cuda.py).
-    ``gelu_impl`` and ``is_ffn_grouped`` set the fused up projection's ``gelu_impl`` and
-    ``is_output_quantized`` (its int8 output per row and 128 columns feeds the down projection)."""
+    ``gelu_impl`` is the fused up projection's GELU (``FusedInt8Linear.gelu_impl``)."""
     cls = {"fused": FusedInt8Linear, "triton": Int8Linear, "cublas": CublasInt8Linear}[int8_gemm]
     for layer in model.layers:
         for name in LINEARS:
             setattr(layer, name, cls.from_linear(getattr(layer, name)))
         if int8_gemm == "fused":
             layer.up.gelu_impl = gelu_impl
-            # Grouped hand-off quantizes for the down projection without its inv_smooth: none here (all ones).
-            layer.up.is_output_quantized = is_ffn_grouped
     if int8_gemm == "fused":
         quantize_norm_outputs(model)
     return model
@@ -103,7 +99,7 @@ def prepare(model: PackedBert, options: TorchRuntimeOptions) -> PackedBert:
     for layer in model.layers:
         layer.attention_kernel = options.attention
     if options.precision == "int8":
-        quantize_int8(model, options.int8_gemm, options.int8_gelu, options.is_ffn_grouped)
+        quantize_int8(model, options.int8_gemm, options.int8_gelu)
     return model
 
 

@@ -132,10 +132,6 @@ def w8a8_tiles(m: int, n: int, k: int) -> W8A8Tiles:
 GELU_IMPLS = ("erf", "erf_poly", "tanh")
 GELU_IMPL = "erf"
 
-# Columns per activation scale when a GEMM hands its output to the next one in int8
-# (``w8a8_matmul_quantized``): one output tile's width, and the next GEMM's K step.
-QUANT_GROUP = 128
-
 LARGE_M_TILES = W8A8Tiles(128, 128, 128, num_warps=8, num_stages=3, group_m=8, is_tma=True, is_subtiled=True)
 
 
@@ -144,49 +140,19 @@ def w8a8_matmul(qx: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, 
                 gelu: bool = False, tiles: W8A8Tiles | None = None, gelu_impl: str | None = None) -> torch.Tensor:
     """``gelu?(qx @ qweight.T * x_scale * w_scale + bias) + residual`` -> [M, N] in ``dtype``.
 
-    qx [M, K] int8 (row stride free), x_scale fp32 [M, 1] (one scale per row) or [M, K / QUANT_GROUP]
-    (per row and group of QUANT_GROUP columns, as ``w8a8_matmul_quantized`` writes it), qweight [N, K]
-    int8, w_scale [N] fp32, bias [N], residual [M, N] with the output's strides (contiguous). The int32
-    accumulator is exact (per group: rescaled into fp32 after each group's K step); the epilogue works
-    in fp32 and rounds once at the store. ``tiles`` overrides the rule and ``gelu_impl`` (one of
-    ``GELU_IMPLS``) the GELU's erf (benchmarks).
+    qx [M, K] int8 (row stride free), x_scale [M, 1] fp32, qweight [N, K] int8, w_scale [N] fp32,
+    bias [N], residual [M, N] with the output's strides (contiguous). The int32 accumulator is exact;
+    the epilogue works in fp32 and rounds once at the store. ``tiles`` overrides the rule and
+    ``gelu_impl`` (one of ``GELU_IMPLS``) the GELU's erf (benchmarks).
     """
-    m, n = qx.shape[0], qweight.shape[0]
-    out = torch.empty(m, n, dtype=dtype, device=qx.device)  # [M, N]
-    if residual is not None:
-        assert residual.shape == (m, n) and residual.stride() == out.stride(), "residual must be [M, N] contiguous"
-    _launch_w8a8(qx, x_scale, qweight, w_scale, out, None, bias, residual, gelu, tiles, gelu_impl)
-    return out
-
-
-def w8a8_matmul_quantized(qx: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
-                          bias: torch.Tensor | None = None, gelu: bool = False, tiles: W8A8Tiles | None = None,
-                          gelu_impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w8a8_matmul`` whose output is the next W8A8 GEMM's operand: ``gelu?(qx @ qweight.T * scales + bias)``
-    quantized per row and group of QUANT_GROUP columns in the epilogue -> (int8 [M, N], fp32 scale
-    [M, N / QUANT_GROUP]). A per-row scale would need the whole row, which no output tile holds: per
-    group, each tile's rows are complete, and no fp16 [M, N] is written or read back to quantize it.
-    """
-    m, n = qx.shape[0], qweight.shape[0]
-    assert n % QUANT_GROUP == 0, f"N must be a multiple of {QUANT_GROUP}"
-    out = torch.empty(m, n, dtype=torch.int8, device=qx.device)                      # [M, N]
-    scale = torch.empty(m, n // QUANT_GROUP, dtype=torch.float32, device=qx.device)  # [M, N / QUANT_GROUP]
-    _launch_w8a8(qx, x_scale, qweight, w_scale, out, scale, bias, None, gelu, tiles, gelu_impl)
-    return out, scale
-
-
-def _launch_w8a8(qx, x_scale, qweight, w_scale, out, out_scale, bias, residual, gelu, tiles, gelu_impl) -> None:
     gelu_impl = gelu_impl or GELU_IMPL
     assert gelu_impl in GELU_IMPLS, f"gelu_impl must be one of {GELU_IMPLS}"
     m, k = qx.shape
     n = qweight.shape[0]
-    is_x_grouped = x_scale.shape[1] > 1
+    out = torch.empty(m, n, dtype=dtype, device=qx.device)  # [M, N]
+    if residual is not None:
+        assert residual.shape == (m, n) and residual.stride() == out.stride(), "residual must be [M, N] contiguous"
     t = tiles or w8a8_tiles(m, n, k)
-    if is_x_grouped:  # one K step per scale group
-        assert x_scale.shape == (m, k // QUANT_GROUP) and k % QUANT_GROUP == 0, "x_scale must be [M, K / QUANT_GROUP]"
-        t = replace(t, block_k=QUANT_GROUP)
-    if out_scale is not None:  # one output tile (unsplit) per scale group
-        t = replace(t, block_n=QUANT_GROUP, is_subtiled=False)
     if t.is_tma and not _is_tma_ready(qx, qweight, out, residual):
         t = replace(t, is_tma=False)
     num_tiles = triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n)
@@ -201,13 +167,12 @@ def _launch_w8a8(qx, x_scale, qweight, w_scale, out, out_scale, bias, residual, 
             r_arg = TensorDescriptor(residual, [m, n], [n, 1], epilogue_block)
     _w8a8_kernel[(num_programs,)](
         x_arg, x_scale, w_arg, w_scale, out if bias is None else bias, out_arg if residual is None else r_arg,
-        out_arg, x_scale if out_scale is None else out_scale, m, n, k, qx.stride(0), qweight.stride(0),
-        out.stride(0), num_programs,
+        out_arg, m, n, k, qx.stride(0), qweight.stride(0), out.stride(0), num_programs,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, GELU=gelu_impl if gelu else "",
-        X_GROUPED=is_x_grouped, QUANTIZE_OUT=out_scale is not None,
         IS_TMA=t.is_tma, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
         FLATTEN=t.is_persistent, SUBTILE=t.is_subtiled, WARP_SPECIALIZE=t.is_warp_specialized,
         num_warps=t.num_warps, num_stages=t.num_stages)
+    return out
 
 
 def _is_tma_ready(*tensors: torch.Tensor | None) -> bool:
@@ -347,15 +312,12 @@ if IS_AVAILABLE:
         return pid_m, pid_n
 
     @triton.jit
-    def _w8a8_kernel(x, xs_ptr, w, ws_ptr, b_ptr, r_ptr, out_ptr, qs_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+    def _w8a8_kernel(x, xs_ptr, w, ws_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                      NUM_PROGRAMS, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
-                     X_GROUPED: tl.constexpr, QUANTIZE_OUT: tl.constexpr,
                      IS_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, SUBTILE: tl.constexpr,
                      WARP_SPECIALIZE: tl.constexpr):
         # IS_TMA: x, w, r_ptr, out_ptr are TMA descriptors of [M, K], [N, K], [M, N], [M, N], else pointers.
-        # X_GROUPED: xs_ptr holds [M, K / BLOCK_K] scales; QUANTIZE_OUT: out_ptr is int8 and qs_ptr gets
-        # [M, N / BLOCK_N] scales.
         num_pid_m = tl.cdiv(M, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
         # Persistent launches flatten the tile and K loops into one software pipeline, so the next
@@ -363,7 +325,6 @@ if IS_AVAILABLE:
         for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=FLATTEN):
             pid_m, pid_n = _tile_position(tile, num_pid_m, num_pid_n, GROUP_M)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-            acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in tl.range(0, K, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
                 if IS_TMA:  # out-of-bounds rows and columns arrive as zeros
                     a = x.load([pid_m * BLOCK_M, k0])  # [BLOCK_M, BLOCK_K] int8
@@ -376,53 +337,33 @@ if IS_AVAILABLE:
                                 mask=(rm[:, None] < M) & (kk[None, :] < K), other=0)  # [BLOCK_M, BLOCK_K] int8
                     b = tl.load(w + rn[:, None] * stride_wn + kk[None, :],
                                 mask=(rn[:, None] < N) & (kk[None, :] < K), other=0)  # [BLOCK_N, BLOCK_K] int8
-                if X_GROUPED:  # each K step has its own row scales: its exact int32 sum is rescaled into fp32
-                    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-                    xs = tl.load(xs_ptr + rows * (K // BLOCK_K) + k0 // BLOCK_K, mask=rows < M, other=0.0)  # [BLOCK_M]
-                    acc_f += tl.dot(a, b.T, out_dtype=tl.int32).to(tl.float32) * xs[:, None]
-                else:
-                    acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)  # int8 x int8 accumulates in int32, exactly
-            if X_GROUPED:
-                result = acc_f
-            else:
-                result = acc
+                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)  # int8 x int8 accumulates in int32, exactly
             if SUBTILE:  # two [BLOCK_M, BLOCK_N / 2] halves, one after the other
-                halves = tl.permute(tl.reshape(result, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))  # [BLOCK_M, BLOCK_N / 2, 2]
+                halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))  # [BLOCK_M, BLOCK_N / 2, 2]
                 left, right = tl.split(halves)
-                _epilogue(left, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, b_ptr, r_ptr, out_ptr, qs_ptr, M, N,
-                          stride_om, HAS_BIAS, HAS_RESIDUAL, GELU, X_GROUPED, QUANTIZE_OUT, IS_TMA)
+                _epilogue(left, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, b_ptr, r_ptr, out_ptr, M, N,
+                          stride_om, HAS_BIAS, HAS_RESIDUAL, GELU, IS_TMA)
                 _epilogue(right, pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2, xs_ptr, ws_ptr, b_ptr, r_ptr,
-                          out_ptr, qs_ptr, M, N, stride_om, HAS_BIAS, HAS_RESIDUAL, GELU, X_GROUPED, QUANTIZE_OUT, IS_TMA)
+                          out_ptr, M, N, stride_om, HAS_BIAS, HAS_RESIDUAL, GELU, IS_TMA)
             else:
-                _epilogue(result, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, b_ptr, r_ptr, out_ptr, qs_ptr, M, N,
-                          stride_om, HAS_BIAS, HAS_RESIDUAL, GELU, X_GROUPED, QUANTIZE_OUT, IS_TMA)
+                _epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, b_ptr, r_ptr, out_ptr, M, N,
+                          stride_om, HAS_BIAS, HAS_RESIDUAL, GELU, IS_TMA)
 
     @triton.jit
-    def _epilogue(acc, off_m, off_n, xs_ptr, ws_ptr, b_ptr, r, out, qs_ptr, M, N, stride_om,
-                  HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, X_GROUPED: tl.constexpr,
-                  QUANTIZE_OUT: tl.constexpr, IS_TMA: tl.constexpr):
-        # acc [BM, BN] of the output block at (off_m, off_n): int32, or fp32 with the row scales applied
-        # (X_GROUPED); r and out: pointers or TMA descriptors.
+    def _epilogue(acc, off_m, off_n, xs_ptr, ws_ptr, b_ptr, r, out, M, N, stride_om,
+                  HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, IS_TMA: tl.constexpr):
+        # acc [BM, BN] int32 of the output block at (off_m, off_n); r and out: pointers or TMA descriptors.
         BM: tl.constexpr = acc.shape[0]
         BN: tl.constexpr = acc.shape[1]
         rm = off_m + tl.arange(0, BM)
         rn = off_n + tl.arange(0, BN)
+        xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)  # [BM]
         ws = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)  # [BN]
-        if X_GROUPED:
-            v = acc * ws[None, :]  # [BM, BN]
-        else:
-            xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)  # [BM]
-            v = acc.to(tl.float32) * xs[:, None] * ws[None, :]  # [BM, BN]
+        v = acc.to(tl.float32) * xs[:, None] * ws[None, :]  # [BM, BN]
         if HAS_BIAS:
             v += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         if GELU != "":  # BERT's hidden_act "gelu" is the erf form
             v = _gelu(v, GELU)
-        if QUANTIZE_OUT:  # this block's rows are whole scale groups; columns past N are zeros
-            scale = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-8) / 127.0  # [BM]
-            v = v / scale[:, None]
-            v = tl.where(v >= 0, tl.floor(v + 0.5), tl.ceil(v - 0.5))  # as _quantize_store rounds
-            v = tl.minimum(tl.maximum(v, -127.0), 127.0)
-            tl.store(qs_ptr + rm * tl.cdiv(N, BN) + off_n // BN, scale, mask=rm < M)
         if IS_TMA:  # rows and columns past the edges are neither read nor written
             if HAS_RESIDUAL:
                 v += r.load([off_m, off_n]).to(tl.float32)
