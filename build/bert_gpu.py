@@ -2,7 +2,7 @@
 
     python -m build.bert --torch-only                      # or a full build: both serve
     python -m build.bert_gpu --repository /srv/models --precision fp16
-    python -m trident.server.launch --model-repository /srv/models
+    python -m trident.server.launch --model-repository /srv/models -- --rate-limit=execution_count
 
 The default `model_repository/bert` serves ONNX Runtime INT8 on the CPU, so a CPU-only machine
 loads it; this writes `<repository>/<name>/` beside it for GPU machines: the same Python model
@@ -18,16 +18,22 @@ fp16: mean batch 66 and 13.4k seq/s at 0 µs, 67.8 and 13.2k at 100 µs), while 
 wait out the whole delay (the no-work `floor` model: batch-1 p50 0.81 ms at 100 µs, 0.59 ms at 0).
 Several instances let some tokenize (4.4 ms per 128 texts of 128 tokens on the H200 host, on all
 its cores) while another's batch runs on the GPU: the Python backend runs one execute() per
-instance at a time. At batch 1 more instances cost latency: Triton hands
-sequential requests to its instances in turn, so each one wakes up cold (caches, clocks, a GPU
-context switch). Measured on the H200 (loadtest/bench_bert.py, BERT-base fp16, 128-token texts):
+instance at a time. At batch 1 more instances cost latency: Triton hands sequential requests to its
+instances in turn, so each one wakes up cold (caches, clocks, a GPU context switch). Measured on
+the H200 (loadtest/bench_bert.py, BERT-base fp16, 128-token texts, all instances equal):
 
     instances   seq/s (closed loop, 1-16 texts a request)   batch-1 gRPC p50 / p99
     4           13.2k                                       2.32 / 3.14 ms
     2           10.7k                                       2.15 / 3.00 ms
     1            7.2k                                       1.99 / 2.63 ms
 
-Four is the default (throughput); `--num-instances 1` is the latency configuration.
+So one instance is preferred: under tritonserver's `--rate-limit=execution_count` the rate limiter
+gives work to the available instance with the fewest executions x priority, and the overflow
+instances' priority (`OVERFLOW_PRIORITY`) keeps them idle while the preferred one is free.
+Sequential requests then stay on one warm instance and bursts still spread over all of them (CPU
+check, 4 ONNX Runtime instances: 292 of 300 sequential calls on one instance, p50 2.90 -> 1.67 ms,
+a burst ran on all four; tests/e2e/test_bert_instance_routing.py). Without that option the
+priorities are ignored and the instances take turns, as in the table.
 """
 from __future__ import annotations
 
@@ -66,7 +72,9 @@ dynamic_batching {{
   max_queue_delay_microseconds: {max_queue_delay_us}
 }}
 
-instance_group [ {{ count: {num_instances}, kind: KIND_GPU, gpus: [ {gpu} ] }} ]
+instance_group [
+{instance_groups}
+]
 
 parameters {{ key: "artifacts"  value: {{ string_value: "artifacts" }} }}
 parameters {{ key: "runtime"    value: {{ string_value: "torch" }} }}
@@ -82,6 +90,11 @@ EMBEDDING_OUTPUT = """\
     data_type: TYPE_FP32
     dims: [ {hidden_size} ]
   }}"""
+# One instance that Triton's rate limiter prefers, the others taking work only while it is busy
+# (module doc); without --rate-limit=execution_count the priorities are ignored.
+INSTANCE_GROUP = "  {{ count: {count}, kind: KIND_GPU, gpus: [ {gpu} ], rate_limiter {{ priority: {priority} }} }}"
+PREFERRED_PRIORITY = 1
+OVERFLOW_PRIORITY = 1000  # an idle overflow instance is picked once per ~1000 executions of the preferred one
 CLASSIFIER_OUTPUTS = """\
   {{ name: "logits" data_type: TYPE_FP32 dims: [ {num_labels} ] }},
   {{ name: "label" data_type: TYPE_STRING dims: [ 1 ] }}"""
@@ -121,8 +134,17 @@ def config_pbtxt(artifacts: BertArtifacts, options: GpuModelOptions) -> str:
         name=options.name, description=description, precision=options.precision,
         max_batch_size=options.max_batch_size, outputs=outputs,
         preferred=", ".join(str(size) for size in options.preferred_batch_sizes),
-        max_queue_delay_us=options.max_queue_delay_us, num_instances=options.num_instances, gpu=options.gpu,
+        max_queue_delay_us=options.max_queue_delay_us, instance_groups=instance_groups(options),
         max_length="" if options.max_length is None else options.max_length)
+
+
+def instance_groups(options: GpuModelOptions) -> str:
+    """The preferred instance, then the overflow ones (if any), as instance_group entries."""
+    groups = [INSTANCE_GROUP.format(count=1, gpu=options.gpu, priority=PREFERRED_PRIORITY)]
+    if options.num_instances > 1:
+        groups.append(INSTANCE_GROUP.format(count=options.num_instances - 1, gpu=options.gpu,
+                                            priority=OVERFLOW_PRIORITY))
+    return ",\n".join(groups)
 
 
 def write_gpu_model(repository: Path, artifacts_dir: Path, options: GpuModelOptions,
@@ -173,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bert_gpu] error: {e}", file=sys.stderr)
         return 2
     print(f"[bert_gpu] wrote {model_dir} (runtime torch, cuda:{options.gpu}, {options.precision}, "
-          f"{options.num_instances} instances, max_batch_size {options.max_batch_size})")
+          f"{options.num_instances} instances, max_batch_size {options.max_batch_size}); serve it with tritonserver "
+          "--rate-limit=execution_count so that one instance takes sequential requests (module doc)")
     return 0
 
 

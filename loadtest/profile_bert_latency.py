@@ -162,7 +162,7 @@ def through_triton(artifacts: Path, texts_file: Path, work: Path, args) -> list[
     phases_dir = work / "phases"
     os.environ[bench_bert.PHASES_ENV] = str(phases_dir)
     started = time.perf_counter()
-    server = TritonServer(work / "repository", work)
+    server = TritonServer(work / "repository", work, extra=[bench_bert.RATE_LIMIT] if args.rate_limit else [])
     print(f"triton: {len(VARIANTS) + len(FLOORS)} models ready in {time.perf_counter() - started:.0f} s", flush=True)
     rows = []
     try:
@@ -214,6 +214,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup-s", type=float, default=2.0)
     p.add_argument("--measure-s", type=float, default=4.0)
     p.add_argument("--cases", nargs="+", default=["inprocess", "triton"], choices=["inprocess", "triton"])
+    p.add_argument("--rate-limit", action="store_true",
+                   help=f"serve with {bench_bert.RATE_LIMIT}: build/bert_gpu.py's preferred instance takes sequential "
+                        "calls (default: the instances take turns)")
     p.add_argument("--smoke", action="store_true", help="CPU check: tiny ONNX model, few calls, no in-process part")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "loadtest" / "results")))
     args = p.parse_args(argv)

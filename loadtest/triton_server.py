@@ -60,9 +60,11 @@ def add_stub_path(python: str) -> Path:
 
 
 class TritonServer:
-    """tritonserver over ``repository`` via ``python -m trident.server.launch``; log in ``work``."""
+    """tritonserver over ``repository`` via ``python -m trident.server.launch``; log in ``work``;
+    ``extra``: further tritonserver options (``--rate-limit=execution_count``...)."""
 
-    def __init__(self, repository: Path, work: Path, ready_timeout_s: float = 600) -> None:
+    def __init__(self, repository: Path, work: Path, ready_timeout_s: float = 600,
+                 extra: list[str] | None = None) -> None:
         self.python = triton_python()
         self.pth = add_stub_path(self.python)
         self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
@@ -71,7 +73,8 @@ class TritonServer:
         env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT / 'backends'}:{REPO_ROOT}"}
         self.process = subprocess.Popen(
             [self.python, "-m", "trident.server.launch", "--model-repository", str(repository),
-             "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics)],
+             "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics),
+             *(["--", *extra] if extra else [])],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=REPO_ROOT)
         sys.path.insert(0, str(REPO_ROOT / "backends"))
         from trident.server import launch

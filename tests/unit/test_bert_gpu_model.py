@@ -26,8 +26,10 @@ def test_embedding_model_serves_torch_on_the_gpu_with_batches_sized_for_it(bert_
     assert [(o.name, list(o.dims)) for o in config.output] == [("embedding", [32])]  # hidden size of the build
     assert list(config.dynamic_batching.preferred_batch_size) == [32, 64, 128]
     assert config.dynamic_batching.max_queue_delay_microseconds == 0  # a lone request never waits
-    group = config.instance_group[0]
-    assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and group.count == 4 and list(group.gpus) == [0]
+    # one preferred instance (priority 1) and three that the rate limiter picks only while it is busy
+    groups = [(g.kind, g.count, list(g.gpus), g.rate_limiter.priority) for g in config.instance_group]
+    gpu = model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert groups == [(gpu, 1, [0], 1), (gpu, 3, [0], 1000)]
     assert parameters(config) == {"artifacts": "artifacts", "runtime": "torch", "precision": "int8",
                                   "device": "cuda", "max_length": "", "max_num_seqs": "128"}
     assert (model_dir / "1" / "model.py").read_text() == MODEL_PY.read_text()
@@ -38,6 +40,7 @@ def test_embedding_model_serves_torch_on_the_gpu_with_batches_sized_for_it(bert_
 def test_classifier_declares_logits_and_labels(bert_tiny_classifier_built, tmp_path):
     options = GpuModelOptions(name="cls", max_batch_size=256, num_instances=1, max_length=48)
     config = parse_config(write_gpu_model(tmp_path, bert_tiny_classifier_built.out, options, copy_artifacts=True))
+    assert [(g.count, g.rate_limiter.priority) for g in config.instance_group] == [(1, 1)]
     assert [(o.name, list(o.dims)) for o in config.output] == [("logits", [len(BERT_TINY_LABELS)]), ("label", [1])]
     assert list(config.dynamic_batching.preferred_batch_size) == [64, 128, 256]
     assert parameters(config)["max_length"] == "48" and parameters(config)["precision"] == "fp16"
