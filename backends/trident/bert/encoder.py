@@ -18,7 +18,7 @@ from trident.bert.artifacts import BertArtifacts
 from trident.bert.batching import plan_micro_batches
 from trident.bert.options import EncoderOptions
 from trident.bert.pooling import l2_normalize, mean_pool
-from trident.bert.tokenizer import TextTokenizer, TokenBatch
+from trident.bert.tokenizer import TextTokenizer, TokenBatch, Tokens
 
 
 class BertEncoder:
@@ -61,11 +61,12 @@ class BertEncoder:
     def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         return self.encode_tokens(self.tokenize(texts))
 
-    def tokenize(self, texts: Sequence[str]) -> list[Encoding]:
-        """The first half of ``encode``: each text's token ids, truncated to ``max_length``, unpadded."""
+    def tokenize(self, texts: Sequence[str]) -> list[Encoding | Tokens]:
+        """The first half of ``encode``: each text's ids and token types (``.ids``, ``.type_ids``),
+        truncated to ``max_length``, unpadded."""
         return self._tokenizer.encode(list(texts))
 
-    def encode_tokens(self, encodings: list[Encoding]) -> dict[str, np.ndarray]:
+    def encode_tokens(self, encodings: list[Encoding | Tokens]) -> dict[str, np.ndarray]:
         """The second half of ``encode``: the model on ``tokenize``'s output, in its order."""
         result = np.zeros((len(encodings), self._width()), dtype=np.float32)  # [N, hidden | num_labels]
         lengths = [len(e) for e in encodings]  # len() builds no list; each .ids builds a new one
