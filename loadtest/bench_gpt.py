@@ -499,10 +499,10 @@ def run_triton(server, case: Case, texts: list[str], stream: bool, num_clients: 
 def stub_phases(directory: Path, start: float, end: float) -> dict:
     """What the gpt model's threads did between ``start`` and ``end`` (wall clock), from the phase
     logs it writes under TRIDENT_GPT_PHASES: per log, the records, their counts and phase seconds
-    summed (execute: one record per request; router: per batch of engine steps; senders: per
-    batch of responses, all shards)."""
+    summed (execute: one record per request; admit: per batch tokenized; router: per batch of
+    engine steps; senders: per batch of responses, all shards)."""
     summary: dict = {}
-    for log in ("execute", "router", "senders"):
+    for log in ("execute", "admit", "router", "senders"):
         rows = [json.loads(line) for f in directory.glob(f"gpt-{log}.*.jsonl") for line in f.read_text().splitlines()]
         rows = [r for r in rows if start <= r["start"] <= end]
         summary[log] = {"records": len(rows)}

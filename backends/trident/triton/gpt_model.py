@@ -5,8 +5,9 @@ tokenizes requests, sends token ids to the engine process, and turns the engine'
 into Triton responses; the engine process does nothing but schedule, run the model and detokenize,
 on a GIL no serving thread competes for.
 
-Threads here: Triton's execute() (parse, tokenize, submit); the router (takes the engine's steps,
-records metrics, hands each request's new outputs to its sender shard); ``response_threads`` sender
+Threads here: Triton's execute() (parse, queue); the admission thread (tokenizes what has queued
+in one batch, submits to the engine); the router (takes the engine's steps, records metrics, hands
+each request's new outputs to its sender shard); ``response_threads`` sender
 shards; the engine process's pipe reader and the metrics thread (trident.triton.gpt_metrics).
 A response send is an IPC round trip to the server process that releases the GIL while it waits,
 so shards overlap those waits. Each request belongs to one shard, and every call on its response
@@ -37,7 +38,7 @@ from trident.engine.config import EngineConfig
 from trident.engine.detokenizer import StreamDetokenizer, fast_decoder
 from trident.engine.engine_process import CoreOutput, CoreStep, EngineDied, EngineProcess
 from trident.engine.outputs import RequestTimings
-from trident.engine.tokenizer import load_tokenizer
+from trident.engine.tokenizer import encode_batch, load_tokenizer
 from trident.triton.gpt_metrics import GptMetrics
 from trident.triton.gpt_request import GenerateRequest, parse_request
 from trident.triton.io import RequestError, string_array
@@ -50,6 +51,7 @@ INPUT_NAMES = ("text_input", "max_tokens", "min_tokens", "stream", "temperature"
 CANCEL_CHECK_INTERVAL_S = 0.02   # cancelled requests free their KV blocks well within 100 ms
 CANCEL_CHECKS_PER_PASS = 64     # shared by the shards: ~3,200 IPC round trips a second at most
 RESPONSE_THREADS = 4            # default of the model config parameter `response_threads`
+ADMIT_BATCH_MAX = 256           # prompts tokenized in one call
 GIL_SWITCH_INTERVAL_S = 0.0002
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 SHUTDOWN_MESSAGE = "the server is shutting down; the request was not completed"
@@ -66,6 +68,7 @@ class Active:
     request: GenerateRequest
     sender: object
     shard: int                   # the sender shard that makes every call on `sender`
+    arrival: float               # time.monotonic() when execute() took it
     detokenizer: StreamDetokenizer | None = None   # a stream's text is built here (see execute)
     num_output_tokens: int = 0   # tokens already sent (streaming)
     prompt_sent: bool = False
@@ -104,15 +107,20 @@ class TritonPythonModel:
         # see what a busy or stuck model is doing without stopping it.
         faulthandler.register(signal.SIGUSR1, all_threads=True)
         name = args["model_name"]
-        self.execute_log = PhaseLog.from_env(PHASES_ENV, f"{name}-execute", (), ("inputs", "parse", "tokenize", "submit"))
+        self.execute_log = PhaseLog.from_env(PHASES_ENV, f"{name}-execute", (), ("inputs", "parse", "queue"))
+        self.admit_log = PhaseLog.from_env(PHASES_ENV, f"{name}-admit", ("requests",), ("tokenize", "submit"))
         self.router_log = PhaseLog.from_env(PHASES_ENV, f"{name}-router", ("steps", "outputs", "requests"),
                                             ("wait", "take", "dispatch"))
         self.sender_log = PhaseLog.from_env(PHASES_ENV, f"{name}-senders", ("responses",), ("send", "poll"))
+        self._logs = (self.execute_log, self.admit_log, self.router_log, self.sender_log)
         num_shards = int(params.get("response_threads") or RESPONSE_THREADS)
         if num_shards < 1:
             raise pb_utils.TritonModelException(f"response_threads must be >= 1, got {num_shards}")
         self.shards = [SenderShard(self, k) for k in range(num_shards)]
+        self.admissions: queue.Queue = queue.Queue()
+        self.admitter = threading.Thread(target=self._admit_loop, name="gpt-admission", daemon=True)
         self.router = threading.Thread(target=self._route_loop, name="gpt-router", daemon=True)
+        self.admitter.start()
         self.router.start()
 
     @staticmethod
@@ -130,6 +138,9 @@ class TritonPythonModel:
 
     # -- Triton entry points ------------------------------------------------------------------------
     def execute(self, requests):
+        """Parse and queue: tokenizing is left to the admission thread, which encodes whatever has
+        queued up in one batch (on all cores, GIL released), so a burst of requests is not
+        tokenized one by one on this thread, through which Triton hands over every request."""
         for request in requests:
             started, marks = time.time(), [time.perf_counter()]
             sender = request.get_response_sender()
@@ -142,26 +153,12 @@ class TritonPythonModel:
                 marks.append(time.perf_counter())
                 parsed = parse_request(inputs, self.max_tokens_limit)
                 marks.append(time.perf_counter())
-                token_ids = self.tokenizer.encode(parsed.prompt)
-                marks.append(time.perf_counter())
             except RequestError as e:
                 _send_error(sender, str(e))
                 continue
             number = next(self.ids)
-            item = Active(f"{number}", parsed, sender, shard=number % len(self.shards))
-            params = parsed.sampling_params
-            if parsed.stream and not params.stop:
-                # The engine sends this stream's token ids only and its text is decoded here, once
-                # per response rather than once per token on the engine's thread. (Stop strings are
-                # matched on text, so those streams are still detokenized by the engine.)
-                params = dataclasses.replace(params, detokenize=False)
-                item.detokenizer = StreamDetokenizer(self.decoder, token_ids, params)
-            self.active[item.request_id] = item    # before the engine can answer for it
-            try:
-                self.core.add_request(item.request_id, token_ids, params, time.monotonic())
-            except OSError:   # the engine process is gone; the response thread reports it to the others
-                self.active.pop(item.request_id, None)
-                _send_error(sender, self.engine_error or "the engine process is not running")
+            self.admissions.put(Active(f"{number}", parsed, sender, shard=number % len(self.shards),
+                                       arrival=time.monotonic()))
             if self.execute_log:
                 self.execute_log.record(started, (), marks + [time.perf_counter()])
         return None
@@ -169,15 +166,60 @@ class TritonPythonModel:
     def finalize(self) -> None:
         self.logger.log_info("gpt: finalize: stopping the engine")
         self.stopping.set()
+        self.admissions.put(None)
+        self.admitter.join(timeout=30)
         self.router.join(timeout=30)
         for shard in self.shards:
             shard.thread.join(timeout=30)
-        for log in (self.execute_log, self.router_log, self.sender_log):
+        for log in self._logs:
             if log:
                 log.flush()
         self.core.shutdown()
         self.metrics.close()
         self.logger.log_info("gpt: finalize: done")
+
+    # -- admission thread ---------------------------------------------------------------------------
+    def _admit_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            batch = [self.admissions.get()]
+            while len(batch) < ADMIT_BATCH_MAX:
+                try:
+                    batch.append(self.admissions.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = None in batch
+            items = [item for item in batch if item is not None]
+            if items:
+                self._admit(items)
+
+    def _admit(self, items: list[Active]) -> None:
+        """Tokenize a batch and hand it to the engine. Until then no other thread knows these
+        requests, so errors are answered from here."""
+        refusal = SHUTDOWN_MESSAGE if self.shutting_down.is_set() or self.stopping.is_set() else self.engine_error
+        if refusal:
+            for item in items:
+                _send_error(item.sender, refusal)
+            return
+        started, marks = time.time(), [time.perf_counter()]
+        all_ids = encode_batch(self.tokenizer, [item.request.prompt for item in items])
+        marks.append(time.perf_counter())
+        for item, token_ids in zip(items, all_ids):
+            params = item.request.sampling_params
+            if item.request.stream and not params.stop:
+                # The engine sends this stream's token ids only and its text is decoded here, once
+                # per response rather than once per token on the engine's thread. (Stop strings are
+                # matched on text, so those streams are still detokenized by the engine.)
+                params = dataclasses.replace(params, detokenize=False)
+                item.detokenizer = StreamDetokenizer(self.decoder, token_ids, params)
+            self.active[item.request_id] = item    # before the engine can answer for it
+            try:
+                self.core.add_request(item.request_id, token_ids, params, item.arrival)
+            except OSError:   # the engine process is gone; the router reports it to the others
+                self.active.pop(item.request_id, None)
+                _send_error(item.sender, self.engine_error or "the engine process is not running")
+        if self.admit_log:
+            self.admit_log.record(started, (len(items),), marks + [time.perf_counter()])
 
     # -- router thread ------------------------------------------------------------------------------
     def _route_loop(self) -> None:
@@ -211,7 +253,7 @@ class TritonPythonModel:
                     num_outputs = sum(len(m.outputs) for m in messages if isinstance(m, CoreStep))
                     self.router_log.record(started, (len(messages), num_outputs, len(pending)), marks)
                 if time.monotonic() >= next_flush:   # so that a profiler sees a run soon after it ends
-                    for log in (self.execute_log, self.router_log, self.sender_log):
+                    for log in self._logs:
                         log.flush()
                     next_flush = time.monotonic() + PHASES_FLUSH_S
         self._fail_all(SHUTDOWN_MESSAGE)
