@@ -6,6 +6,7 @@ exactly once, through aborts, bad requests and its own death.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -46,7 +47,7 @@ def collect(core: EngineProcess, request_ids: set[str], timeout_s: float = 120) 
         assert time.monotonic() < deadline, f"no final answer for {sorted(open_ids)}"
         for message in core.get(timeout=0.5):
             assert not isinstance(message, EngineDied), message
-            for out in message.outputs:
+            for out in message.outputs():
                 seen[out.request_id].append(out)
                 if out.finished:
                     open_ids.discard(out.request_id)
@@ -140,10 +141,22 @@ def test_steps_carry_stats_and_inter_token_latencies(core):
     core.add_request("timed", [1, 2, 3], SamplingParams(max_tokens=6, ignore_eos=True), time.monotonic())
     latencies, steps = [], []
     deadline = time.monotonic() + 60
-    while not any(o.request_id == "timed" and o.finished for s in steps for o in s.outputs):
+    while not any(o.request_id == "timed" and o.finished for s in steps for o in s.outputs()):
         assert time.monotonic() < deadline
         batch = [m for m in core.get(timeout=0.5) if isinstance(m, CoreStep)]
         steps += batch
         latencies += [x for s in batch for x in s.inter_token_latencies]
     assert len(latencies) == 5 and all(x >= 0 for x in latencies)   # one per token after the first
     assert steps[-1].stats.generation_tokens_total >= 6
+
+
+def test_logprobs_cross_the_pipe_where_requested(core, config):
+    params = SamplingParams(max_tokens=5, ignore_eos=True, temperature=0.0, logprobs=True)
+    (expected,) = LLMEngine(config).generate([[1, 2, 3]], params)
+    core.add_request("with", [1, 2, 3], dataclasses.replace(params, output_kind=RequestOutputKind.DELTA),
+                     time.monotonic())
+    core.add_request("without", [1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True), time.monotonic())
+    seen = collect(core, {"with", "without"})
+    assert [out.cumulative_logprob for out in seen["with"]][-1] == pytest.approx(expected.cumulative_logprob)
+    assert all(out.cumulative_logprob is not None for out in seen["with"])
+    assert all(out.cumulative_logprob is None for out in seen["without"])

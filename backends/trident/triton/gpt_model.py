@@ -69,6 +69,7 @@ class Active:
     sender: object
     shard: int                   # the sender shard that makes every call on `sender`
     arrival: float               # time.monotonic() when execute() took it
+    num_prompt_tokens: int = 0
     detokenizer: StreamDetokenizer | None = None   # a stream's text is built here (see execute)
     num_output_tokens: int = 0   # tokens already sent (streaming)
     prompt_sent: bool = False
@@ -205,6 +206,7 @@ class TritonPythonModel:
         all_ids = encode_batch(self.tokenizer, [item.request.prompt for item in items])
         marks.append(time.perf_counter())
         for item, token_ids in zip(items, all_ids):
+            item.num_prompt_tokens = len(token_ids)
             params = item.request.sampling_params
             if item.request.stream and not params.stop:
                 # The engine sends this stream's token ids only and its text is decoded here, once
@@ -237,10 +239,7 @@ class TritonPythonModel:
                     self.engine_error = f"gpt: {message.message}; the model must be reloaded"
                     self.logger.log_error(self.engine_error)
             marks.append(time.perf_counter())
-            for request_id, chunks in pending.items():
-                item = self.active.get(request_id)
-                if item is not None:
-                    self.shards[item.shard].put(item, chunks)
+            self._dispatch(pending)
             if self.engine_error:   # every request in flight, and any that came in meanwhile
                 self._fail_all(self.engine_error)
             if self.shutting_down.is_set() and not shutdown_handled:
@@ -250,7 +249,7 @@ class TritonPythonModel:
             if self.router_log:
                 if messages:
                     marks.append(time.perf_counter())
-                    num_outputs = sum(len(m.outputs) for m in messages if isinstance(m, CoreStep))
+                    num_outputs = sum(len(m.request_ids) for m in messages if isinstance(m, CoreStep))
                     self.router_log.record(started, (len(messages), num_outputs, len(pending)), marks)
                 if time.monotonic() >= next_flush:   # so that a profiler sees a run soon after it ends
                     for log in self._logs:
@@ -264,7 +263,7 @@ class TritonPythonModel:
         """Group a step's outputs and errors by request; record its metrics. Inter-token latencies
         go first, so that a request's last latencies land before its finish counts."""
         self.metrics.record_inter_tokens(step.inter_token_latencies)
-        for out in step.outputs:
+        for out in step.outputs():
             pending.setdefault(out.request_id, []).append(out)
             if out.finished:
                 t = RequestTimings(*out.times)
@@ -303,10 +302,21 @@ class TritonPythonModel:
         except OSError:   # the engine process is gone: its reader reports that to every request
             pass
 
+    def _dispatch(self, pending: dict[str, list]) -> None:
+        """Hand each shard its requests' new chunks, one queue item per shard."""
+        work: list[list] = [[] for _ in self.shards]
+        active = self.active
+        for request_id, chunks in pending.items():
+            item = active.get(request_id)
+            if item is not None:
+                work[item.shard].append((item, chunks))
+        for shard, entries in zip(self.shards, work):
+            if entries:
+                shard.put(entries)
+
     def _fail_all(self, message: str) -> None:
-        for item in list(self.active.values()):
-            if not item.final_sent:
-                self.shards[item.shard].put(item, [RequestError(message)])
+        self._dispatch({item.request_id: [RequestError(message)]
+                        for item in list(self.active.values()) if not item.final_sent})
 
     def _send(self, item: Active, chunks: list) -> None:
         """chunks: a request's CoreOutputs since its last response, oldest first; an error (which
@@ -348,7 +358,7 @@ class TritonPythonModel:
             pb_utils.Tensor("text_output", string_array([text], (1,))),
             pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int32)),
             pb_utils.Tensor("finish_reason", string_array([last.finish_reason or ""] if last.finished else [""], (1,))),
-            pb_utils.Tensor("num_input_tokens", np.array([last.num_prompt_tokens], dtype=np.int32)),
+            pb_utils.Tensor("num_input_tokens", np.array([item.num_prompt_tokens], dtype=np.int32)),
             pb_utils.Tensor("num_output_tokens", np.array([item.num_output_tokens], dtype=np.int32)),
         ]
         if request.sampling_params.logprobs:
@@ -369,8 +379,8 @@ class SenderShard:
         self.thread = threading.Thread(target=self._loop, name=f"gpt-sender-{index}", daemon=True)
         self.thread.start()
 
-    def put(self, item: Active, chunks: list) -> None:
-        self.queue.put((item, chunks))
+    def put(self, entries: list[tuple[Active, list]]) -> None:
+        self.queue.put(entries)
 
     def stop(self) -> None:
         self.queue.put(None)
@@ -390,12 +400,12 @@ class SenderShard:
                     break
             started, marks = time.time(), [time.perf_counter()]
             grouped: dict[str, tuple[Active, list]] = {}
-            for entry in batch:
-                if entry is None:
+            for entries in batch:
+                if entries is None:
                     stopping = True
                     continue
-                item, chunks = entry
-                grouped.setdefault(item.request_id, (item, []))[1].extend(chunks)
+                for item, chunks in entries:
+                    grouped.setdefault(item.request_id, (item, []))[1].extend(chunks)
             for item, chunks in grouped.values():
                 model._send(item, chunks)
             marks.append(time.perf_counter())
