@@ -556,17 +556,21 @@ def run_case(case: Case, args, work: Path, tokenizers: Path | None) -> list[Resu
 
     systems = args.case_systems[case]
 
-    def attempt(system: str, fn):
+    def attempt(system: str, fn, label: str | None = None):
+        """Run one system (``label`` names its result: a variant of ``system``)."""
         if system not in systems:
-            return
+            return None
+        label = label or system
         try:
             result = fn()
         except Exception as e:  # a peer that fails must not lose the others' numbers
-            logging.exception("%s failed on %s", system, case.name)
-            result = Result(system, case.name, len(prompts), 0, 0.0, notes={"error": f"{type(e).__name__}: {e}"})
+            logging.exception("%s failed on %s", label, case.name)
+            result = Result(label, case.name, len(prompts), 0, 0.0, notes={"error": f"{type(e).__name__}: {e}"})
+        result.system = label
         result.notes["roofline_fraction"] = round(result.output_tok_s / roofline["roofline_tok_s"], 4)
         results.append(result)
         _print(result)
+        return result
 
     econfig = engine_config(model_dir, case, args.device, args.dtype, args.max_num_seqs,
                             args.max_num_batched_tokens, args.kv_fraction)
@@ -579,39 +583,53 @@ def run_case(case: Case, args, work: Path, tokenizers: Path | None) -> list[Resu
     attempt("hf_static", lambda: run_hf_static(model_dir, case, prompts, args.device, dtype, args.hf_batch))
     if {"triton", "triton_stream"} & set(systems) and case.shape in args.triton_shapes:
         values = {k: v for k, v in asdict(econfig).items() if v is not None and k not in ("model", "tokenizer")}
-        server = None
-        try:
-            tokenizer = _load_tokenizer(model_dir)
-            texts = [tokenizer.decode(p) for p in prompts]
-            server_work = work / f"triton-{case.shape}-{case.input_len}"
-            server_work.mkdir()
-            # Random ids decoded to text re-tokenize to a few more tokens (134 on average for 128):
-            # room for them, so that no request is refused for its length.
-            values["max_model_len"] = 2 * case.input_len + case.output_len
-            phases = server_work / "phases"
-            os.environ[PHASES_ENV] = str(phases)   # the server's stub inherits it
-            try:
-                server = TritonServer(gpt_repository(model_dir, values, server_work), server_work)
-            finally:
-                os.environ.pop(PHASES_ENV, None)
-            if "triton" in systems:
-                attempt("triton", lambda: run_triton(server, case, texts, False, args.clients, phases))
-            if "triton_stream" in systems:
-                attempt("triton_stream", lambda: run_triton(server, case, texts, True, args.clients, phases))
-        except Exception as e:
-            logging.exception("Triton run failed")
-            results.append(Result("triton", case.name, len(prompts), 0, 0.0, notes={"error": str(e)}))
-        finally:
-            if server is not None:
-                server.stop()
-                log = server.log_path
-                if args.out:
-                    shutil.copy(log, Path(args.out).with_name(f"tritonserver-{case.shape}-{case.input_len}.log"))
+        # Random ids decoded to text re-tokenize to a few more tokens (134 on average for 128):
+        # room for them, so that no request is refused for its length.
+        values["max_model_len"] = 2 * case.input_len + case.output_len
+        tokenizer = _load_tokenizer(model_dir)
+        texts = [tokenizer.decode(p) for p in prompts]
+        for threads in args.response_threads:
+            suffix = "" if len(args.response_threads) == 1 else f"_rt{threads}"
+            run_triton_systems(case, systems, texts, model_dir, values, work / f"triton-{case.shape}-{case.input_len}{suffix}",
+                               threads, suffix, args, attempt, results)
     # Last: the slowest peer, and the one most likely to stall
     attempt("hf_cb", lambda: run_hf_cb(model_dir, case, prompts, args.device, dtype))
     for r in results:
         r.notes.setdefault("roofline", roofline)
     return results
+
+
+def run_triton_systems(case: Case, systems: list[str], texts: list[str], model_dir: Path, values: dict, server_work: Path,
+                       response_threads: int | None, suffix: str, args, attempt, results: list) -> None:
+    """One Triton server for this case (engine settings ``values``), then its non-streaming and
+    streaming runs, named ``triton{suffix}`` / ``triton_stream{suffix}``."""
+    server = None
+    try:
+        server_work.mkdir()
+        repository = gpt_repository(model_dir, values, server_work)
+        if response_threads is not None:
+            with open(repository / "gpt" / "config.pbtxt", "a") as f:
+                f.write(f'parameters {{ key: "response_threads" value: {{ string_value: "{response_threads}" }} }}\n')
+        phases = server_work / "phases"
+        os.environ[PHASES_ENV] = str(phases)   # the server's stub inherits it
+        try:
+            server = TritonServer(repository, server_work)
+        finally:
+            os.environ.pop(PHASES_ENV, None)
+        for system, stream in (("triton", False), ("triton_stream", True)):
+            if system in systems:
+                result = attempt(system, lambda: run_triton(server, case, texts, stream, args.clients, phases),
+                                 system + suffix)
+                if result is not None and response_threads is not None:
+                    result.notes["response_threads"] = response_threads
+    except Exception as e:
+        logging.exception("Triton run failed")
+        results.append(Result("triton" + suffix, case.name, len(texts), 0, 0.0, notes={"error": str(e)}))
+    finally:
+        if server is not None:
+            server.stop()
+            if args.out:
+                shutil.copy(server.log_path, Path(args.out).with_name(f"tritonserver-{case.shape}-{case.input_len}{suffix}.log"))
 
 
 def _load_tokenizer(model_dir: Path):
@@ -645,6 +663,8 @@ def parse_args(argv=None):
                    help="kv_cache_free_gpu_mem_fraction (the HF peers need room afterwards)")
     p.add_argument("--hf-batch", type=int, default=256)
     p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--response-threads", type=int, nargs="+", default=[None],
+                   help="the gpt model's response_threads; several values: one server each (triton_rtN)")
     p.add_argument("--tokenizers", default=str(REPO_ROOT / ".bench/tokenizers"),
                    help="folder with smollm2/ and gpt2/ tokenizer files (else a byte-level one)")
     p.add_argument("--profile-dir", help="write a torch.profiler summary of 20 engine steps here")

@@ -9,7 +9,7 @@ the engine keeps a GIL to itself; the serving side sends it token ids and receiv
 the outputs of that step.
 
 Wire protocol (``multiprocessing`` pipe, pickled tuples; order is preserved):
-    serving -> engine   ("add", request_id, prompt_token_ids, SamplingParams, arrival_time)
+    serving -> engine   ("add", [(request_id, prompt_token_ids, SamplingParams, arrival_time), ...])
                         ("abort", request_id)        the request's final output ("abort") follows,
                                                      unless it finished before the abort arrived
                         ("abort_all", message)       every live request ends with that error
@@ -131,7 +131,11 @@ class EngineProcess:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: float) -> None:
-        self._send(("add", request_id, prompt_token_ids, params, arrival_time))
+        self.add_requests([(request_id, prompt_token_ids, params, arrival_time)])
+
+    def add_requests(self, requests: list[tuple[str, list[int], SamplingParams, float]]) -> None:
+        """(request_id, prompt_token_ids, params, arrival_time) each, in one message."""
+        self._send(("add", requests))
 
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
@@ -277,7 +281,8 @@ class _Core:
                 return False
             kind = message[0]
             if kind == "add":
-                self._add(*message[1:])
+                for request in message[1]:
+                    self._add(*request)
             elif kind == "abort":
                 self._collect(self.engine.abort(message[1]))
             elif kind == "abort_all":

@@ -45,9 +45,6 @@ from trident.triton.io import RequestError, string_array
 from trident.triton.phase_log import PhaseLog
 from trident.triton.shutdown import on_sigterm
 
-INPUT_NAMES = ("text_input", "max_tokens", "min_tokens", "stream", "temperature", "top_k", "top_p", "min_p",
-               "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop", "ignore_eos",
-               "exclude_input_in_output", "return_logprobs", "sampling_parameters")
 CANCEL_CHECK_INTERVAL_S = 0.02   # cancelled requests free their KV blocks well within 100 ms
 CANCEL_CHECKS_PER_PASS = 64     # shared by the shards: ~3,200 IPC round trips a second at most
 RESPONSE_THREADS = 4            # default of the model config parameter `response_threads`
@@ -150,7 +147,8 @@ class TritonPythonModel:
                 _send_error(sender, refusal)
                 continue
             try:
-                inputs = {name: _input(request, name) for name in INPUT_NAMES}
+                # One pass: get_input_tensor_by_name would list the inputs again for each name.
+                inputs = {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
                 marks.append(time.perf_counter())
                 parsed = parse_request(inputs, self.max_tokens_limit)
                 marks.append(time.perf_counter())
@@ -205,6 +203,7 @@ class TritonPythonModel:
         started, marks = time.time(), [time.perf_counter()]
         all_ids = encode_batch(self.tokenizer, [item.request.prompt for item in items])
         marks.append(time.perf_counter())
+        submissions = []
         for item, token_ids in zip(items, all_ids):
             item.num_prompt_tokens = len(token_ids)
             params = item.request.sampling_params
@@ -215,11 +214,11 @@ class TritonPythonModel:
                 params = dataclasses.replace(params, detokenize=False)
                 item.detokenizer = StreamDetokenizer(self.decoder, token_ids, params)
             self.active[item.request_id] = item    # before the engine can answer for it
-            try:
-                self.core.add_request(item.request_id, token_ids, params, item.arrival)
-            except OSError:   # the engine process is gone; the router reports it to the others
-                self.active.pop(item.request_id, None)
-                _send_error(item.sender, self.engine_error or "the engine process is not running")
+            submissions.append((item.request_id, token_ids, params, item.arrival))
+        try:
+            self.core.add_requests(submissions)
+        except OSError:   # the engine process is gone; the router reports it to them with the others
+            pass
         if self.admit_log:
             self.admit_log.record(started, (len(items),), marks + [time.perf_counter()])
 
@@ -415,10 +414,6 @@ class SenderShard:
             if log and grouped:
                 log.record(started, (len(grouped),), marks + [time.perf_counter()])
 
-
-def _input(request, name: str):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
 
 
 def _send_error(sender, message: str) -> None:
