@@ -78,7 +78,7 @@ def test_graph_logits_match_eager_logits(model_dir, num_seqs):
     assert graph_logits.shape == (num_seqs, VOCAB)
     torch.testing.assert_close(graph_logits, eager_logits, rtol=1e-5, atol=1e-5)
     runner.use_cuda_graphs = True
-    assert runner.execute_greedy(seqs, ones) == eager_logits.argmax(dim=-1).tolist()
+    assert runner.launch_greedy(seqs, ones).result() == eager_logits.argmax(dim=-1).tolist()
 
 
 @needs_cuda
