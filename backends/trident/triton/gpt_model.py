@@ -48,10 +48,11 @@ from trident.triton.shutdown import on_sigterm
 
 CANCEL_CHECK_INTERVAL_S = 0.02   # cancelled requests free their KV blocks well within 100 ms
 CANCEL_CHECKS_PER_PASS = 64     # shared by the shards: ~3,200 IPC round trips a second at most
-# Default of the model config parameter `response_threads`. H200, 1000 requests at once: non-
-# streaming (all final at once) gains from parallel sends, streaming loses (more, smaller responses
-# and more GIL contention); 2 was within a few % of the best of 1 / 2 / 4 on both.
-RESPONSE_THREADS = 2
+# Default of the model config parameter `response_threads`. H200, 1000 requests at once (docs/
+# benchmarks.md): non-streaming, whose thousand final responses come within a few steps, gains
+# from parallel sends (4 threads: 72-80% of in-process in four runs, 1-2 threads: 53-74%);
+# streaming loses (more, smaller responses and more GIL contention: 1 thread 40-50%, 4: 31-40%).
+RESPONSE_THREADS = 4
 ADMIT_BATCH_MAX = 256           # prompts tokenized in one call
 SENDS_PER_ROUND = 32            # responses a sender shard sends between looks at its queue
 GIL_SWITCH_INTERVAL_S = 0.0002
