@@ -672,6 +672,7 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, 24 requests, every system")
     p.add_argument("--plot", help="only draw the plots of this results JSON")
     p.add_argument("--img-dir", default=str(REPO_ROOT / "docs/img"))
+    p.add_argument("--plot-name", default="bench_gpt", help="file name prefix of the plots")
     args = p.parse_args(argv)
     if args.smoke:
         args.cases = ["tiny-llama:32:16"]
@@ -694,7 +695,7 @@ def main(argv=None) -> int:
     logging.getLogger("trident").setLevel(logging.INFO)
     args = parse_args(argv)
     if args.plot:
-        plot(json.loads(Path(args.plot).read_text()), Path(args.img_dir))
+        plot(json.loads(Path(args.plot).read_text()), Path(args.img_dir), args.plot_name)
         return 0
     tokenizers = Path(args.tokenizers) if Path(args.tokenizers).is_dir() else None
     machine = _machine()
@@ -733,7 +734,12 @@ COLORS = {"engine": "#1f77b4", "engine_w8a16": "#aec7e8", "triton": "#2ca02c", "
           "hf_cb": "#d62728"}
 
 
-def plot(payload: dict, img_dir: Path) -> None:
+def _color(system: str) -> str:
+    """A variant (``triton_rt4``) takes its system's colour."""
+    return COLORS.get(system) or COLORS.get(system.rsplit("_rt", 1)[0], "#7f7f7f")
+
+
+def plot(payload: dict, img_dir: Path, name: str = "bench_gpt") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -742,7 +748,7 @@ def plot(payload: dict, img_dir: Path) -> None:
     img_dir.mkdir(parents=True, exist_ok=True)
     rows = [r for r in payload["results"] if r["output_tok_s"]]
     cases = list(dict.fromkeys(r["case"] for r in rows))
-    systems = [s for s in COLORS if any(r["system"] == s for r in rows)]
+    systems = list(dict.fromkeys(r["system"] for r in rows))
     gpu = payload["machine"].get("gpu", "CPU")
 
     fig, ax = plt.subplots(figsize=(10, 4.8))
@@ -750,14 +756,14 @@ def plot(payload: dict, img_dir: Path) -> None:
     for j, system in enumerate(systems):
         values = [next((r["output_tok_s"] for r in rows if r["case"] == c and r["system"] == system), 0)
                   for c in cases]
-        bars = ax.bar([i + j * width for i in range(len(cases))], values, width, label=system, color=COLORS[system])
+        bars = ax.bar([i + j * width for i in range(len(cases))], values, width, label=system, color=_color(system))
         ax.bar_label(bars, labels=[f"{v / 1e3:.0f}k" if v else "" for v in values], fontsize=7)
     ax.set_xticks([i + width * (len(systems) - 1) / 2 for i in range(len(cases))], cases, fontsize=8)
     ax.set_ylabel("output tokens / s")
     ax.set_title(f"GPT throughput, 1000 requests at once, {payload['dtype']}, {gpu}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(img_dir / "bench_gpt_throughput.png", dpi=120)
+    fig.savefig(img_dir / f"{name}_throughput.png", dpi=120)
     plt.close(fig)
 
     timed = [r for r in rows if r.get("ttft_p50_ms") is not None]
@@ -767,14 +773,14 @@ def plot(payload: dict, img_dir: Path) -> None:
         p50 = [r[f"{metric}_p50_ms"] or 0 for r in timed]
         p99 = [r[f"{metric}_p99_ms"] or 0 for r in timed]
         x = range(len(timed))
-        ax.bar([i - 0.2 for i in x], p50, 0.4, label="p50", color=[COLORS[r["system"]] for r in timed])
-        ax.bar([i + 0.2 for i in x], p99, 0.4, label="p99", color=[COLORS[r["system"]] for r in timed], alpha=0.5)
+        ax.bar([i - 0.2 for i in x], p50, 0.4, label="p50", color=[_color(r["system"]) for r in timed])
+        ax.bar([i + 0.2 for i in x], p99, 0.4, label="p99", color=[_color(r["system"]) for r in timed], alpha=0.5)
         ax.set_xticks(list(x), labels, fontsize=6, rotation=30, ha="right")
         ax.set_ylabel(f"{metric.upper()} ms")
         ax.set_yscale("log")
         ax.set_title(f"{metric.upper()} p50 (solid) / p99 (light)")
     fig.tight_layout()
-    fig.savefig(img_dir / "bench_gpt_latency.png", dpi=120)
+    fig.savefig(img_dir / f"{name}_latency.png", dpi=120)
     plt.close(fig)
     print(f"plots in {img_dir}")
 
