@@ -46,8 +46,12 @@ from trident.triton.io import RequestError, string_array
 from trident.triton.phase_log import PhaseLog
 from trident.triton.shutdown import on_sigterm
 
-CANCEL_CHECK_INTERVAL_S = 0.02   # cancelled requests free their KV blocks well within 100 ms
-CANCEL_CHECKS_PER_PASS = 64     # shared by the shards: ~3,200 IPC round trips a second at most
+CANCEL_CHECK_INTERVAL_S = 0.02
+# is_cancelled() calls per interval, shared by the shards: ~800 IPC round trips a second at most.
+# Each costs 0.3-1 ms of a sender's time under load (64 per interval took 3.1 of the 4 shards'
+# 14 busy seconds in an H200 stream run), so with a thousand requests in flight a cancelled one
+# is found within ~1.3 s; with up to 16 in flight, within one interval.
+CANCEL_CHECKS_PER_PASS = 16
 # Default of the model config parameter `response_threads`. H200, 1000 requests at once (docs/
 # benchmarks.md): non-streaming, whose thousand final responses come within a few steps, gains
 # from parallel sends (4 threads: 72-80% of in-process in four runs, 1-2 threads: 53-74%);
@@ -279,10 +283,9 @@ class TritonPythonModel:
         self.metrics.record_stats(step.stats)
 
     def _poll_cancelled(self, shard: int, cursor: int) -> int:
-        """``is_cancelled()`` for at most CANCEL_CHECKS_PER_PASS of a shard's requests, round robin.
-        Each call is an IPC round trip to the server (~50-80 us), so a thousand running requests
-        are not all polled every pass: a cancelled request is aborted within ~20 ms plus one engine
-        step while few are in flight, and within ~0.3 s with a thousand."""
+        """``is_cancelled()`` for the shard's share of CANCEL_CHECKS_PER_PASS of its requests,
+        round robin: each call is an IPC round trip to the server, so a thousand running requests
+        are not all polled every pass (see CANCEL_CHECKS_PER_PASS)."""
         items = [item for item in list(self.active.values()) if item.shard == shard]   # a snapshot
         if not items:
             return 0
