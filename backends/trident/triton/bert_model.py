@@ -18,14 +18,13 @@ The GPU configuration (runtime torch, KIND_GPU, batcher sized for the GPU) is wr
 
 Where execute() spends its time: with ``TRIDENT_BERT_PHASES=<directory>`` in the server's
 environment every instance records, per execute(), the wall time of decoding the inputs,
-tokenizing, running the model and building the responses (``PhaseLog``), and writes them to
-``<directory>/<model>.<pid>.jsonl`` (every ``PhaseLog.FLUSH_EVERY`` calls and at unload);
+tokenizing, running the model and building the responses (trident.triton.phase_log), and writes
+them to ``<directory>/<model>.<pid>.jsonl`` (every ``PhaseLog.FLUSH_EVERY`` calls and at unload);
 loadtest/bench_bert.py sets it and prints the breakdown beside Triton's own queue/compute split.
 """
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -34,42 +33,12 @@ import triton_python_backend_utils as pb_utils
 
 from trident.bert.encoder import BertEncoder
 from trident.triton.io import RequestError, decode_texts, string_array
+from trident.triton.phase_log import PhaseLog
 from trident.triton.shutdown import on_sigterm
 
 OUTPUTS_BY_TASK = {"embedding": {"embedding"}, "classification": {"logits", "label"}}
 PHASES_ENV = "TRIDENT_BERT_PHASES"
 PHASES = ("decode", "tokenize", "model", "respond")
-
-
-class PhaseLog:
-    """Per execute(): its wall-clock start, request and text counts, and the seconds of each of
-    ``PHASES``. Kept in memory and appended to ``path`` in blocks, off the timed phases."""
-
-    FLUSH_EVERY = 512
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.records: list[list] = []
-
-    def record(self, started: float, num_requests: int, num_texts: int, marks: list[float]) -> None:
-        phases = [round(end - start, 7) for start, end in zip(marks, marks[1:])]
-        self.records.append([started, num_requests, num_texts, *phases])
-        if len(self.records) >= self.FLUSH_EVERY:
-            self.flush()
-
-    def flush(self) -> None:
-        with open(self.path, "a") as f:
-            f.writelines(json.dumps(dict(zip(("start", "num_requests", "num_texts", *PHASES), r))) + "\n"
-                         for r in self.records)
-        self.records.clear()
-
-
-def _phase_log(model_name: str) -> PhaseLog | None:
-    directory = os.environ.get(PHASES_ENV)
-    if not directory:
-        return None
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    return PhaseLog(Path(directory) / f"{model_name}.{os.getpid()}.jsonl")
 
 
 def _parameters(model_config: dict) -> dict[str, str]:
@@ -116,7 +85,7 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"artifacts in {artifacts} are a {self.encoder.task} model with outputs {sorted(expected)}, "
                 f"but config.pbtxt declares {sorted(declared)}")
-        self.phases = _phase_log(args["model_name"])
+        self.phases = PhaseLog.from_env(PHASES_ENV, args["model_name"], ("num_requests", "num_texts"), PHASES)
         options = self.encoder.options
         self.logger.log_info(f"bert: {self.encoder.task} model from {artifacts}, runtime={options.runtime} "
                              f"device={options.device} precision={options.precision}, "
@@ -152,7 +121,7 @@ class TritonPythonModel:
             responses[index] = pb_utils.InferenceResponse(self._tensors(outputs, start, end))
         if self.phases is not None:
             marks.append(time.perf_counter())
-            self.phases.record(started, len(requests), len(texts), marks)
+            self.phases.record(started, (len(requests), len(texts)), marks)
         return responses
 
     def _tensors(self, outputs: dict[str, np.ndarray], start: int, end: int) -> list:
