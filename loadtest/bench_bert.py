@@ -511,11 +511,12 @@ def bench_triton(args) -> tuple[list[TritonResult], dict]:
     inprocess = {(m, p): measure_inprocess(artifacts[m], p, texts, args) for m in artifacts for p in precisions}
     served = write_repository(work / "model_repository", artifacts, precisions, args)
     write_floor_model(work / "model_repository", args)
-    phases_dir = work / "phases"  # the stubs record their execute() phases there (bert_model.PhaseLog)
+    phases_dir = work / "phases"  # the stubs record their execute() phases there (trident.triton.phase_log)
     os.environ[PHASES_ENV] = str(phases_dir)
     started = time.perf_counter()
     # build/bert_gpu.py's preferred instance takes sequential requests only under the rate limiter
-    server = TritonServer(work / "model_repository", work, extra=[] if args.round_robin else [RATE_LIMIT])
+    server = TritonServer(work / "model_repository", work,
+                          extra=["--rate-limit=off"] if args.round_robin else [RATE_LIMIT])
     print(f"triton: {len(served)} models ready in {time.perf_counter() - started:.0f} s", flush=True)
     results, windows = [], {}
     try:
