@@ -1,6 +1,10 @@
-"""Server shutdown while requests are in flight: each gets a final error response, none is lost."""
+"""Server shutdown, or the engine process dying, while requests are in flight: each gets a final
+error response, none is lost."""
 from __future__ import annotations
 
+import os
+import re
+import signal
 import time
 
 import pytest
@@ -42,5 +46,34 @@ def test_in_flight_requests_get_a_final_error_on_shutdown(tmp_path, gpt_model_di
         # one; a client that got its final responses closes the stream, and the server exits.
         stream.close()
         assert process.wait(60) == 0, (tmp_path / "server.log").read_text()[-3000:]
+    finally:
+        launch.stop(process)
+
+
+def test_a_dead_engine_process_fails_in_flight_and_later_requests_and_the_server_stays_up(tmp_path, gpt_model_dir):
+    repository = tmp_path / "repository"
+    repository.mkdir()
+    (repository / "gpt").symlink_to(gpt_model_dir)
+    http_port, grpc_port, metrics_port = free_ports(3)
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log:
+        process = launch.start(repository, http_port, grpc_port, metrics_port, stdout=log)
+    try:
+        launch.wait_ready(http_port, process, timeout_s=300)
+        found = re.search(r"gpt: engine process (\d+):", log_path.read_text())
+        assert found, log_path.read_text()[-3000:]
+        stream = Stream(f"127.0.0.1:{grpc_port}")
+        stream.send("long", "Count to ten thousand:", stream=True, max_tokens=1500, ignore_eos=True, temperature=0.0)
+        deadline = time.monotonic() + 120
+        while not stream.responses["long"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(int(found.group(1)), signal.SIGKILL)   # e.g. the OOM killer, or a crash in a kernel
+        errors = [r for r in stream.wait("long", timeout=60) if isinstance(r, Exception)]
+        assert len(errors) == 1 and "engine process exited" in str(errors[0]), errors
+        stream.send("later", "Hello", max_tokens=4)
+        (later,) = stream.wait("later", timeout=60)
+        assert isinstance(later, Exception) and "engine process exited" in str(later), later
+        stream.close()
+            assert process.poll() is None   # the server itself is still up
     finally:
         launch.stop(process)
