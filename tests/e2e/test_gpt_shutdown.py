@@ -74,6 +74,6 @@ def test_a_dead_engine_process_fails_in_flight_and_later_requests_and_the_server
         (later,) = stream.wait("later", timeout=60)
         assert isinstance(later, Exception) and "engine process exited" in str(later), later
         stream.close()
-            assert process.poll() is None   # the server itself is still up
+        assert process.poll() is None   # the server itself is still up
     finally:
         launch.stop(process)
