@@ -223,7 +223,13 @@ class TritonPythonModel:
                 _send_error(item.sender, refusal)
             return
         started, marks = time.time(), [time.perf_counter()]
-        all_ids = encode_batch(self.tokenizer, [item.request.prompt for item in items])
+        try:
+            all_ids = encode_batch(self.tokenizer, [item.request.prompt for item in items])
+        except Exception as e:   # this thread must outlive any prompt: answer the batch, keep admitting
+            self.logger.log_error(f"gpt: tokenizing {len(items)} prompts failed: {type(e).__name__}: {e}")
+            for item in items:
+                _send_error(item.sender, f"tokenizing the prompt failed: {type(e).__name__}: {e}")
+            return
         marks.append(time.perf_counter())
         submissions = []
         for item, token_ids in zip(items, all_ids):
