@@ -347,20 +347,29 @@ class TritonPythonModel:
     def _send(self, item: Active, chunks: list) -> None:
         """chunks: a request's CoreOutputs since its last response, oldest first; an error (which
         ends the request) anywhere among them wins. Called by the request's shard only."""
+        if item.final_sent:
+            self.active.pop(item.request_id, None)
+            return
         error = next((c for c in chunks if isinstance(c, Exception)), None)
-        last = error if error is not None else chunks[-1]
-        finished = error is not None or last.finished
+        finished = error is not None or chunks[-1].finished
+        response = None
+        if error is None:
+            try:
+                response = pb_utils.InferenceResponse(self._tensors(item, chunks))
+            except Exception as e:   # a bug here must still end the request with an answer
+                self.logger.log_error(f"gpt: building a response for request {item.request_id} failed: {e!r}")
+                error = RuntimeError(f"building the response failed: {type(e).__name__}: {e}")
+                if not finished:
+                    self._tell_engine(self.core.abort, item.request_id)
+                finished = True
         if finished:
             self.active.pop(item.request_id, None)
-        if item.final_sent:
-            return
         item.final_sent = finished
         try:
-            if isinstance(last, Exception):
-                item.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(last))), flags=FINAL)
+            if error is not None:
+                item.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))), flags=FINAL)
             else:
-                item.sender.send(pb_utils.InferenceResponse(self._tensors(item, chunks)),
-                                 flags=FINAL if finished else 0)
+                item.sender.send(response, flags=FINAL if finished else 0)
         except Exception as e:   # e.g. the client went away; nothing else to tell it
             self.logger.log_warn(f"gpt: could not send response for request {item.request_id}: {e}")
 
