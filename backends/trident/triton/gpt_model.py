@@ -261,7 +261,13 @@ class TritonPythonModel:
             marks.append(time.perf_counter())
             for message in messages:
                 if isinstance(message, CoreStep):
-                    self._take_step(message, pending)
+                    try:
+                        self._take_step(message, pending)
+                    except Exception as e:   # a bug here must not stop routing; its step's requests end
+                        self.logger.log_error(f"gpt: routing an engine step failed: {e!r}")
+                        for request_id in message.request_ids:
+                            pending[request_id] = [RequestError(f"internal error routing the output: {e!r}")]
+                            self._tell_engine(self.core.abort, request_id)
                 elif isinstance(message, EngineDied):
                     self.engine_error = f"gpt: {message.message}; the model must be reloaded"
                     self.logger.log_error(self.engine_error)
