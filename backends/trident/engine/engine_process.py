@@ -298,8 +298,11 @@ class _Core:
         try:
             self.engine.add_request(request_id, token_ids, params, arrival_time=arrival)
             self.live.add(request_id)
-        except (self._queue_full, ValueError) as e:
+        except (self._queue_full, ValueError) as e:   # the request's fault: tell its client why
             self.errors.append((request_id, str(e)))
+        except Exception as e:   # ours: the request still gets an answer, and the engine goes on
+            logger.exception("adding request %s failed", request_id)
+            self.errors.append((request_id, f"engine error: {type(e).__name__}: {e}"))
 
     def _step(self) -> None:
         try:
