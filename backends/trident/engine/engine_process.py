@@ -60,7 +60,8 @@ class CoreOutput(NamedTuple):
 
     ``text`` / ``token_ids`` are what the request's output kind holds: the new part for DELTA,
     everything for FINAL_ONLY and CUMULATIVE (``RequestOutput.text`` / ``.output_token_ids``);
-    ``text`` is "" for a request run with ``detokenize=False``.
+    ``text`` is "" for a request run with ``detokenize=False``; ``num_prompt_tokens`` and ``times``
+    are set on a request's final output only (0 and None before).
     """
     request_id: str
     text: str
@@ -69,7 +70,7 @@ class CoreOutput(NamedTuple):
     finish_reason: str | None
     num_prompt_tokens: int
     cumulative_logprob: float | None
-    times: tuple | None    # RequestTimings fields, on the final output only
+    times: tuple | None    # RequestTimings fields
 
 
 class CoreStep(NamedTuple):

@@ -63,8 +63,9 @@ ADMISSION_YIELD_S = 0.002       # how long a sender holding stream updates waits
 GIL_SWITCH_INTERVAL_S = 0.0002
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 SHUTDOWN_MESSAGE = "the server is shutting down; the request was not completed"
-# Profiling: with TRIDENT_GPT_PHASES=<directory> in the server's environment, execute() and the
-# response thread record where their time goes (trident.triton.phase_log); bench_gpt.py reads it.
+# Profiling: with TRIDENT_GPT_PHASES=<directory> in the server's environment, execute(), the
+# admission thread, the router and the senders record where their time goes
+# (trident.triton.phase_log); bench_gpt.py reads it.
 PHASES_ENV = "TRIDENT_GPT_PHASES"
 PHASES_FLUSH_S = 1.0
 
@@ -78,7 +79,7 @@ class Active:
     shard: int                   # the sender shard that makes every call on `sender`
     arrival: float               # time.monotonic() when execute() took it
     num_prompt_tokens: int = 0
-    detokenizer: StreamDetokenizer | None = None   # a stream's text is built here (see execute)
+    detokenizer: StreamDetokenizer | None = None   # a stream's text is built here (see _admit_batch)
     num_output_tokens: int = 0   # tokens already sent (streaming)
     prompt_sent: bool = False
     cancel_reported: bool = False
@@ -357,7 +358,7 @@ class TritonPythonModel:
             self.active.pop(item.request_id, None)
             return
         error = next((c for c in chunks if isinstance(c, Exception)), None)
-        finished = error is not None or chunks[-1].finished
+        finished = _ends(chunks)
         response = None
         if error is None:
             try:
@@ -481,24 +482,20 @@ class SenderShard:
         then (unless ``ends_only``) the longest waiting (``pending`` is in order of arrival; a
         request sent is put back at the end when it gets more)."""
         pending = self.pending
-        if ends_only:
-            ids = [rid for rid, (item, chunks) in pending.items() if _ends(chunks)][:SENDS_PER_ROUND]
-            return [pending.pop(rid) for rid in ids]
-        if len(pending) <= SENDS_PER_ROUND:
+        if not ends_only and len(pending) <= SENDS_PER_ROUND:
             chosen = list(pending.values())
             pending.clear()
             return chosen
-        urgent = [rid for rid, (item, chunks) in pending.items() if _ends(chunks)]
-        if len(urgent) < SENDS_PER_ROUND:
-            chosen = set(urgent)
-            urgent += [rid for rid in pending if rid not in chosen][:SENDS_PER_ROUND - len(urgent)]
-        ids = urgent[:SENDS_PER_ROUND]
+        ids = [rid for rid, (item, chunks) in pending.items() if _ends(chunks)][:SENDS_PER_ROUND]
+        if not ends_only and len(ids) < SENDS_PER_ROUND:
+            taken = set(ids)
+            ids += [rid for rid in pending if rid not in taken][:SENDS_PER_ROUND - len(ids)]
         return [pending.pop(rid) for rid in ids]
 
 
 def _ends(chunks: list) -> bool:
-    last = chunks[-1]
-    return isinstance(last, Exception) or last.finished or any(isinstance(c, Exception) for c in chunks)
+    """Whether these chunks end their request: an error among them, or a finished last output."""
+    return any(isinstance(c, Exception) for c in chunks) or chunks[-1].finished
 
 
 def _send_error(sender, message: str) -> None:
