@@ -1,37 +1,59 @@
-"""``LLMEngine`` in a child process, driven through a pipe: vLLM V1's frontend / engine-core split.
+"""The serving side of the engine process: vLLM V1's frontend / engine-core split.
 
 The engine is host-bound (scheduling, staging, detokenizing a thousand sequences a step) and is
 driven by one Python thread. Inside a serving process that thread shares the GIL with everything
 else the server does per request and per response (parsing, tokenizing, building and sending
 responses, polling cancellation), and each of those takes the GIL away from the engine between two
-GPU steps: in Triton's Python stub the same engine ran 1.8x slower than alone. In its own process
-the engine keeps a GIL to itself; the serving side sends it token ids and receives, once per step,
-the outputs of that step.
+GPU steps: in Triton's Python stub the same engine ran 1.8x slower than alone. So the engine runs in
+a process of its own (``trident.engine.engine_core``) and the serving side sends it token ids and
+receives, once per step, the outputs of that step.
 
-Wire protocol (``multiprocessing`` pipe, pickled tuples; order is preserved):
-    serving -> engine   ("add", [(request_id, prompt_token_ids, SamplingParams, arrival_time), ...])
+One engine, several frontends: ``EngineProcess(config, key=...)`` connects to the engine that
+others with the same key (and the same config) started, or starts it. Triton's model instances are
+separate stub processes, each with one interpreter; with ``count: N`` in the model's
+``instance_group`` they split the per-request and per-response work N ways while the model, its
+weights and its KV cache exist once (vLLM's ``--api-server-count``). The engine lives while any
+frontend is attached, and exits when the last one detaches or when the process it watches (the
+server) is gone.
+
+Wire protocol (a Unix socket per engine, ``multiprocessing.connection`` framing, pickled tuples;
+order is preserved per connection):
+    frontend -> engine  ("add", [(request_id, prompt_token_ids, SamplingParams, arrival_time), ...])
                         ("abort", request_id)        the request's final output ("abort") follows,
                                                      unless it finished before the abort arrived
-                        ("abort_all", message)       every live request ends with that error
-                        ("stop",)                    exit after failing what is live
-    engine -> serving   EngineInfo once at start (or StartupError), then one CoreStep per engine
-                        step that produced anything.
+                        ("abort_all", message)       every live request of this frontend ends with
+                                                     that error
+                        ("detach",)                  this frontend's requests are dropped; answered
+                                                     with ("detached", frontends_left)
+    engine -> frontend  EngineInfo once on connecting (or StartupError), then one CoreStep per
+                        engine step that produced anything for this frontend (or, for the lead
+                        frontend, engine-wide stats).
 
-``time.monotonic()`` reads the same clock in both processes (CLOCK_MONOTONIC), so arrival times
-set by the serving side and token times set by the engine subtract correctly.
+Request ids are the frontends' own and must be unique across them (the engine refuses a duplicate).
+``time.monotonic()`` reads the same clock in every process (CLOCK_MONOTONIC), so arrival times set
+by a frontend and token times set by the engine subtract correctly.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
 import logging
-import multiprocessing
 import os
 import pickle
 import queue
+import re
+import secrets
 import signal
+import subprocess
 import sys
+import tempfile
 import threading
-import traceback
+import time
 from dataclasses import dataclass
+from multiprocessing.connection import Client, Connection
 from pathlib import Path
 from typing import NamedTuple
 
@@ -40,6 +62,9 @@ from .metrics import EngineStats
 from .sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+STATS_FIELDS_TOTAL = ("prefix_cache_queries", "prefix_cache_hits", "num_preemptions_total",
+                      "prompt_tokens_total", "generation_tokens_total")
 
 
 @dataclass(frozen=True)
@@ -83,7 +108,11 @@ class CoreStep(NamedTuple):
     logprobs: dict[int, float]           # column index -> cumulative logprob, where requested
     errors: list[tuple[str, str]]        # (request_id, message): the request's final answer
     inter_token_latencies: list[float]
-    stats: EngineStats
+    # Engine-wide, for the lead frontend only (None for the others), so that N frontends exporting
+    # shared metrics count each token once: the snapshot, and what its totals grew by since the
+    # last snapshot sent to any frontend (STATS_FIELDS_TOTAL -> increment).
+    stats: EngineStats | None
+    stat_increments: dict[str, int] | None
 
     def outputs(self):
         """The step's outputs, one ``CoreOutput`` each."""
@@ -102,33 +131,50 @@ class EngineDied(NamedTuple):
 
 
 class EngineProcess:
-    """Starts ``LLMEngine(config)`` in a spawned process and talks to it.
+    """A frontend's handle on an engine process: starts it, or attaches to the one already running
+    under ``key`` with the same config.
 
-    ``add_request`` / ``abort`` may be called from any thread; ``get`` from one consumer thread.
-    Construction blocks until the engine has loaded its model (or raises ``RuntimeError`` with the
-    engine's traceback).
+    ``key=None`` starts a private engine. With a key (Triton's gpt model uses the server's pid, the
+    model name and version), the first caller starts the engine and later callers, in any process,
+    attach to it; a different config (weights rebuilt, engine.json edited) gets an engine of its
+    own. The engine exits once nobody is attached, or once ``watch_pid`` (default: this process)
+    is gone. ``add_requests`` / ``abort`` may be called from any thread; ``get`` from one consumer
+    thread. Construction blocks until the engine has loaded its model (or raises ``RuntimeError``
+    with the engine's traceback).
     """
 
-    def __init__(self, config: EngineConfig, start_timeout_s: float = 900.0):
-        ctx = multiprocessing.get_context("spawn")
-        # Under Triton's Python stub sys.executable is the stub binary, not an interpreter.
-        ctx.set_executable(python_executable())
-        self._conn, child_conn = ctx.Pipe(duplex=True)
-        self._process = ctx.Process(target=serve, args=(config, child_conn), name="trident-engine", daemon=True)
-        self._process.start()
-        child_conn.close()   # so that the child's exit reads as EOF here
+    def __init__(self, config: EngineConfig, key: str | None = None, watch_pid: int | None = None,
+                 start_timeout_s: float = 900.0):
+        name = f"{key}-{config_fingerprint(config)}" if key else f"private-{os.getpid()}-{secrets.token_hex(4)}"
+        self.address, lock_path = engine_paths(name)
+        self._popen: subprocess.Popen | None = None
+        # Under the lock: whether an engine is there, starting one, and the handshake, so that two
+        # frontends never start two engines and an engine never exits under a frontend attaching.
+        with file_lock(lock_path):
+            conn = connect(self.address)
+            if conn is None:
+                self._popen = spawn(config, self.address, lock_path, watch_pid or os.getpid())
+                conn = self._connect_spawned(start_timeout_s)
+            self.info = self._handshake(conn, start_timeout_s)
+        self._conn = conn
         self._send_lock = threading.Lock()
         self._outputs: queue.Queue = queue.Queue()
-        self.info = self._wait_started(start_timeout_s)
+        self._detached = threading.Event()
+        self._frontends_left: int | None = None
         self._reader = threading.Thread(target=self._read_loop, name="trident-engine-reader", daemon=True)
         self._reader.start()
 
     @property
     def pid(self) -> int:
-        return self._process.pid
+        return self.info.pid
+
+    @property
+    def started_here(self) -> bool:
+        """Whether this frontend started the engine (the others attached to it)."""
+        return self._popen is not None
 
     def is_alive(self) -> bool:
-        return self._process.is_alive()
+        return pid_alive(self.pid)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: float) -> None:
@@ -142,6 +188,7 @@ class EngineProcess:
         self._send(("abort", request_id))
 
     def abort_all(self, message: str) -> None:
+        """End every live request of this frontend with ``message``."""
         self._send(("abort_all", message))
 
     def get(self, timeout: float) -> list[CoreStep | EngineDied]:
@@ -157,15 +204,16 @@ class EngineProcess:
                 return items
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
-        """Ask the engine to exit; kill it if it does not within ``timeout_s``."""
+        """Detach; the last frontend out also waits for the engine to exit (its GPU memory is free
+        when this returns), and kills it if it does not exit within ``timeout_s``."""
         try:
-            self._send(("stop",))
+            self._send(("detach",))
         except (OSError, EOFError, BrokenPipeError):
             pass   # already gone
-        self._process.join(timeout_s)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join(5)
+        acknowledged = self._detached.wait(timeout_s)
+        if not acknowledged or self._frontends_left == 0:
+            # Unacknowledged: the engine is stuck or dead, and of no use to anyone.
+            self._wait_exit(timeout_s if acknowledged else 0.0)
         self._conn.close()
 
     # -- internals ---------------------------------------------------------------------------------
@@ -173,29 +221,149 @@ class EngineProcess:
         with self._send_lock:
             self._conn.send(message)
 
-    def _wait_started(self, timeout_s: float) -> EngineInfo:
-        if not self._conn.poll(timeout_s):
-            self._process.kill()
-            raise RuntimeError(f"the engine process did not start within {timeout_s:.0f} s")
+    def _connect_spawned(self, timeout_s: float) -> Connection:
+        deadline = time.monotonic() + timeout_s
+        while (conn := connect(self.address)) is None:
+            if self._popen.poll() is not None:
+                raise RuntimeError(f"the engine process exited while starting (exit code {self._popen.returncode})")
+            if time.monotonic() > deadline:
+                self._popen.kill()
+                raise RuntimeError(f"the engine process did not start within {timeout_s:.0f} s")
+            time.sleep(0.05)
+        return conn
+
+    def _handshake(self, conn: Connection, timeout_s: float) -> EngineInfo:
+        deadline = time.monotonic() + timeout_s
+        while not conn.poll(1.0):
+            if self._popen is not None and self._popen.poll() is not None:
+                break   # exited: recv() below reads EOF
+            if time.monotonic() > deadline:
+                if self._popen is not None:
+                    self._popen.kill()
+                raise RuntimeError(f"the engine process did not start within {timeout_s:.0f} s")
         try:
-            first = self._conn.recv()
-        except EOFError:
-            self._process.join(5)
-            raise RuntimeError(f"the engine process exited while starting (exit code {self._process.exitcode})") from None
+            first = conn.recv()
+        except (EOFError, OSError):
+            code = f" (exit code {self._popen.wait(5)})" if self._popen is not None else ""
+            raise RuntimeError(f"the engine process exited while starting{code}") from None
         if isinstance(first, StartupError):
-            self._process.join(30)
+            if self._popen is not None:
+                self._popen.wait(30)
             raise RuntimeError(f"the engine failed to start:\n{first.message}")
         return first
 
     def _read_loop(self) -> None:
-        """Keep the pipe drained, so that a slow consumer never blocks the engine's sends."""
+        """Keep the socket drained, so that a slow consumer never blocks the engine's sends."""
         while True:
             try:
-                self._outputs.put(self._conn.recv())
+                message = self._conn.recv()
             except (EOFError, OSError):
                 break
-        self._process.join(5)
-        self._outputs.put(EngineDied(f"the engine process exited (exit code {self._process.exitcode})"))
+            if type(message) is tuple and message[0] == "detached":   # not a CoreStep (a NamedTuple)
+                self._frontends_left = message[1]
+                self._detached.set()
+            else:
+                self._outputs.put(message)
+        if self._detached.is_set():   # closed after our detach: the engine may serve others on
+            return
+        self._detached.set()          # nobody is left to acknowledge a detach
+        code = None
+        if self._popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = self._popen.wait(5)
+        how = f"exit code {code}" if code is not None else f"pid {self.pid}"
+        self._outputs.put(EngineDied(f"the engine process exited ({how})"))
+
+    def _wait_exit(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while pid_alive(self.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pid_alive(self.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        if self._popen is not None:
+            self._popen.wait(10)
+
+
+# -- finding, starting and watching engine processes -------------------------------------------------
+def engine_paths(name: str) -> tuple[Path, Path]:
+    """The socket and lock file of the engine called ``name``, in a directory only this user can
+    enter (whoever can connect to the socket can run requests on the engine)."""
+    directory = Path(tempfile.gettempdir()) / f"trident-{os.getuid()}"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    if directory.stat().st_uid != os.getuid() or directory.stat().st_mode & 0o077:
+        raise RuntimeError(f"{directory} must belong to this user and be private (mode 0700)")
+    # A Unix socket path holds at most 107 bytes: a readable prefix and a hash of the whole name.
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    stem = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[:32]}-{digest}"
+    return directory / f"{stem}.sock", directory / f"{stem}.lock"
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def connect(address: Path) -> Connection | None:
+    """A connection to the engine listening at ``address``; None when none does (a socket file left
+    by an engine that died is removed)."""
+    try:
+        return Client(str(address), family="AF_UNIX")
+    except FileNotFoundError:
+        return None
+    except ConnectionRefusedError:
+        with contextlib.suppress(FileNotFoundError):
+            address.unlink()
+        return None
+
+
+def spawn(config: EngineConfig, address: Path, lock_path: Path, watch_pid: int) -> subprocess.Popen:
+    """Start ``python -m trident.engine.engine_core``, the config on its stdin."""
+    env = dict(os.environ)
+    # The module must import in the child as it does here (the Triton stub puts backends/ on
+    # sys.path itself and ignores PYTHONPATH).
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    command = [python_executable(), "-m", "trident.engine.engine_core", "--address", str(address),
+               "--lock", str(lock_path), "--watch-pid", str(watch_pid)]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, env=env)
+    process.stdin.write(pickle.dumps(config))
+    process.stdin.close()
+    return process
+
+
+def config_fingerprint(config: EngineConfig) -> str:
+    """Changes with the config and with the files of the model it names: frontends attach to an
+    engine only if it runs what they would have run (a reloaded model with new weights gets a new
+    engine; one reloaded unchanged attaches to the running engine)."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True, default=str).encode())
+    for directory in {config.model, config.tokenizer or config.model}:
+        path = Path(directory)
+        if path.is_dir():
+            for f in sorted(path.iterdir()):
+                if f.is_file():
+                    st = f.stat()
+                    h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:12]
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True   # no /proc: kill(0) said it exists
 
 
 def python_executable() -> str:
@@ -209,144 +377,3 @@ def python_executable() -> str:
             return str(candidate)
     raise RuntimeError(f"no Python interpreter found for the engine process (sys.executable={sys.executable}, "
                        f"sys.prefix={sys.prefix})")
-
-
-# -- the engine process ----------------------------------------------------------------------------
-def serve(config: EngineConfig, conn) -> None:
-    """Run the engine until told to stop or until the parent goes away (the pipe reads EOF)."""
-    # The server's process group gets SIGTERM / SIGINT on shutdown; the parent decides when the
-    # engine stops (after failing what is in flight), so the engine must not die first.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format="trident-engine: %(message)s")
-    try:
-        from .engine import LLMEngine
-
-        engine = LLMEngine(config)
-    except BaseException:
-        conn.send(StartupError(traceback.format_exc()))
-        return
-    conn.send(EngineInfo(engine.capacity.describe(), engine.max_model_len, os.getpid()))
-    try:
-        _Core(engine, conn).run()
-    except (BrokenPipeError, ConnectionResetError):   # the serving process is gone: nobody to answer
-        pass
-
-
-class _Core:
-    """The engine process's loop: take what the pipe holds, step, hand the step's outputs to the
-    writer thread. The loop never waits on the serving side: if that falls behind, steps queue
-    here (in memory) and go out as soon as it reads again, as vLLM's engine core does with its
-    output thread."""
-
-    def __init__(self, engine, conn):
-        self.engine = engine
-        self.conn = conn
-        self.live: set[str] = set()          # request ids added and not yet finished
-        self._clear()
-        self.writes: queue.SimpleQueue = queue.SimpleQueue()
-        self.writer = threading.Thread(target=self._write_loop, name="trident-engine-writer", daemon=True)
-
-    def run(self) -> None:
-        from .scheduler import QueueFullError
-
-        self._queue_full = QueueFullError
-        self.writer.start()
-        try:
-            while True:
-                # Idle, wait for a message; a vanished parent reads as EOF and ends the wait too.
-                if self.conn.poll(0 if self.engine.has_unfinished() else None):
-                    if not self._take_messages():
-                        return
-                if self.engine.has_unfinished():
-                    self._step()
-                if self.request_ids or self.errors:
-                    self._send()
-        finally:
-            self.writes.put(None)
-            self.writer.join(timeout=10)
-
-    def _write_loop(self) -> None:
-        while (data := self.writes.get()) is not None:
-            try:
-                self.conn.send_bytes(data)   # releases the GIL while the pipe is full
-            except OSError:   # the serving process is gone; the loop sees EOF and exits
-                return
-
-    def _take_messages(self) -> bool:
-        """Apply every queued message; False when the engine must exit."""
-        while True:
-            try:
-                message = self.conn.recv()
-            except EOFError:   # the serving process is gone
-                return False
-            kind = message[0]
-            if kind == "add":
-                for request in message[1]:
-                    self._add(*request)
-            elif kind == "abort":
-                self._collect(self.engine.abort(message[1]))
-            elif kind == "abort_all":
-                self._fail_all(message[1])
-            elif kind == "stop":
-                self._fail_all("the server is shutting down; the request was not completed")
-                self._send()
-                return False
-            if not self.conn.poll(0):
-                return True
-
-    def _add(self, request_id: str, token_ids: list[int], params: SamplingParams, arrival: float) -> None:
-        try:
-            self.engine.add_request(request_id, token_ids, params, arrival_time=arrival)
-            self.live.add(request_id)
-        except (self._queue_full, ValueError) as e:   # the request's fault: tell its client why
-            self.errors.append((request_id, str(e)))
-        except Exception as e:   # ours: the request still gets an answer, and the engine goes on
-            logger.exception("adding request %s failed", request_id)
-            self.errors.append((request_id, f"engine error: {type(e).__name__}: {e}"))
-
-    def _step(self) -> None:
-        try:
-            outputs = self.engine.step()
-        except Exception as e:   # a broken step must not strand requests: fail what is in flight
-            logger.exception("engine step failed")
-            self._fail_all(f"engine error: {type(e).__name__}: {e}")
-            return
-        self._collect(outputs)
-
-    def _collect(self, outputs) -> None:
-        request_ids, token_ids, texts = self.request_ids, self.token_ids, self.texts
-        for out in outputs:
-            if out.finished:
-                self.live.discard(out.request_id)
-                t = out.timings
-                self.finals[len(request_ids)] = (out.finish_reason, out.num_prompt_tokens,
-                                                 (t.arrival, t.first_scheduled, t.first_token, t.finished))
-            if out.cumulative_logprob is not None:
-                self.logprobs[len(request_ids)] = out.cumulative_logprob
-            request_ids.append(out.request_id)
-            token_ids.append(out.output_token_ids)
-            texts.append(out.text)
-
-    def _fail_all(self, message: str) -> None:
-        for request_id in list(self.live):
-            try:
-                self.engine.abort(request_id)
-            except Exception:   # the engine may be what failed; the client must still hear back
-                pass
-            self.errors.append((request_id, message))
-        self.live.clear()
-
-    def _send(self) -> None:
-        step = CoreStep(self.request_ids, self.token_ids, self.texts, self.finals, self.logprobs, self.errors,
-                        self.engine.drain_inter_token_latencies(), self.engine.stats())
-        self._clear()
-        self.writes.put(pickle.dumps(step, protocol=pickle.HIGHEST_PROTOCOL))
-
-    def _clear(self) -> None:
-        self.request_ids: list[str] = []
-        self.token_ids: list[list[int]] = []
-        self.texts: list[str] = []
-        self.finals: dict[int, tuple] = {}
-        self.logprobs: dict[int, float] = {}
-        self.errors: list[tuple[str, str]] = []

@@ -39,7 +39,7 @@ class GptMetrics:
                               pb_utils.MetricFamily.COUNTER)
         self.finished = {reason: family.Metric(labels={**self.labels, "finished_reason": reason})
                          for reason in FINISH_REASONS}
-        self._last_totals: dict[str, float] = {}
+        self._pending_increments: dict[str, int] = {}
         self._updates: queue.Queue = queue.Queue()
         self._latest_stats = None
         self._stats_lock = threading.Lock()
@@ -47,9 +47,14 @@ class GptMetrics:
         self._thread.start()
 
     # -- what the engine thread calls: queue only ---------------------------------------------------
-    def record_stats(self, stats) -> None:
+    def record_stats(self, stats, increments: dict[str, int]) -> None:
+        """``increments``: what the engine's totals grew by since it last reported them to any
+        instance (the engine reports to one instance at a time, so counters shared by the model's
+        instances count each token once)."""
         with self._stats_lock:
             self._latest_stats = stats
+            for name, delta in increments.items():
+                self._pending_increments[name] = self._pending_increments.get(name, 0) + delta
         self._updates.put(self._apply_latest_stats)
 
     def record_finished(self, finish_reason: str, queue_s: float | None, ttft_s: float | None,
@@ -72,8 +77,9 @@ class GptMetrics:
     def _apply_latest_stats(self) -> None:
         with self._stats_lock:
             stats, self._latest_stats = self._latest_stats, None
+            increments, self._pending_increments = self._pending_increments, {}
         if stats is not None:  # later snapshots already applied this one's successor
-            self._apply_stats(stats)
+            self._apply_stats(stats, increments)
 
     def _family(self, name, description, kind):
         family = pb_utils.MetricFamily(name=f"trident:{name}", description=description, kind=kind)
@@ -91,22 +97,19 @@ class GptMetrics:
         return self._family(name, description, pb_utils.MetricFamily.COUNTER).Metric(labels=self.labels)
 
     # -- the metrics thread ------------------------------------------------------------------------
-    def _apply_stats(self, stats) -> None:
-        """Engine-wide figures after a step: gauges set, monotonically growing totals added as deltas."""
+    def _apply_stats(self, stats, increments: dict[str, int]) -> None:
+        """Engine-wide figures after a step: gauges set, totals' growth added to the counters."""
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_cache_usage)
-        queries, hits = stats.prefix_cache_queries, stats.prefix_cache_hits
-        self.prefix_hit_rate.set(hits / queries if queries else 0.0)
-        for name, counter, total in (("queries", self.prefix_queries, queries),
-                                     ("hits", self.prefix_hits, hits),
-                                     ("prompt", self.prompt_tokens, stats.prompt_tokens_total),
-                                     ("generation", self.generation_tokens, stats.generation_tokens_total),
-                                     ("preemptions", self.preemptions, stats.num_preemptions_total)):
-            delta = total - self._last_totals.get(name, 0)
-            if delta > 0:
-                counter.increment(delta)
-            self._last_totals[name] = total
+        self.prefix_hit_rate.set(stats.prefix_cache_hit_rate)
+        for name, counter in (("prefix_cache_queries", self.prefix_queries),
+                              ("prefix_cache_hits", self.prefix_hits),
+                              ("prompt_tokens_total", self.prompt_tokens),
+                              ("generation_tokens_total", self.generation_tokens),
+                              ("num_preemptions_total", self.preemptions)):
+            if increments.get(name, 0) > 0:
+                counter.increment(increments[name])
 
     def _apply_finished(self, finish_reason: str, queue_s: float | None, ttft_s: float | None,
                         e2e_s: float | None) -> None:

@@ -24,6 +24,7 @@ import dataclasses
 import faulthandler
 import itertools
 import json
+import os
 import queue
 import signal
 import sys
@@ -95,15 +96,25 @@ class TritonPythonModel:
         config = self._engine_config(version_dir / params.get("engine_config", "engine.json"), version_dir)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         self.decoder = fast_decoder(self.tokenizer)
+        # The model's instances (instance_group count) are stub processes of their own, each with
+        # its own interpreter for the per-request and per-response work; they share one engine:
+        # the first to load starts it, the others attach (trident.engine.engine_process). The
+        # server's pid is in the key, so a second server on the same host gets its own engine, and
+        # the engine exits if the server dies.
+        server_pid = os.getppid()
         try:
-            self.core = EngineProcess(config)
+            self.core = EngineProcess(config, key=f"{server_pid}-{args['model_name']}-{args['model_version']}",
+                                      watch_pid=server_pid)
         except RuntimeError as e:
             raise pb_utils.TritonModelException(f"gpt: {e}") from None
-        self.logger.log_info(f"gpt: engine process {self.core.pid}: {self.core.info.capacity}")
+        how = "started by" if self.core.started_here else "shared with"
+        self.logger.log_info(f"gpt: engine process {self.core.pid}: {self.core.info.capacity} "
+                             f"({how} instance {args['model_instance_name']})")
         self.max_tokens_limit = self.core.info.max_model_len
         self.metrics = GptMetrics(args["model_name"], args["model_version"])
         self.active: dict[str, Active] = {}
         self.ids = itertools.count()
+        self.id_prefix = f"{os.getpid()}-"   # request ids are unique across the engine's frontends
         self.engine_error: str | None = None    # set once the engine process is gone
         self.stopping = threading.Event()
         self.shutting_down = threading.Event()
@@ -169,7 +180,7 @@ class TritonPythonModel:
                 _send_error(sender, str(e))
                 continue
             number = next(self.ids)
-            self.admissions.put(Active(f"{number}", parsed, sender, shard=number % len(self.shards),
+            self.admissions.put(Active(f"{self.id_prefix}{number}", parsed, sender, shard=number % len(self.shards),
                                        arrival=time.monotonic()))
             if self.execute_log:
                 self.execute_log.record(started, (), marks + [time.perf_counter()])
@@ -305,7 +316,8 @@ class TritonPythonModel:
                                              ttft_s=t.time_to_first_token, e2e_s=t.e2e_latency)
         for request_id, message in step.errors:
             pending.setdefault(request_id, []).append(RequestError(message))
-        self.metrics.record_stats(step.stats)
+        if step.stats is not None:   # this instance is the engine's lead frontend
+            self.metrics.record_stats(step.stats, step.stat_increments)
 
     def _poll_cancelled(self, shard: int, cursor: int) -> int:
         """``is_cancelled()`` for the shard's share of CANCEL_CHECKS_PER_PASS of its requests,

@@ -1,0 +1,300 @@
+"""The engine process: ``LLMEngine`` serving the frontends attached to its socket.
+
+Started by ``trident.engine.engine_process.EngineProcess`` (``python -m trident.engine.engine_core
+--address A --lock L --watch-pid P``, the pickled EngineConfig on stdin); the wire protocol is in
+that module's docstring. One thread steps the engine and never waits on a frontend: each frontend
+has a writer thread that sends its steps (if one falls behind, its steps queue here in memory and
+go out as soon as it reads again, as vLLM's engine core does with its output thread). An acceptor
+thread takes new frontends at any time; a watchdog ends the process when the watched process (the
+server) is gone, so that a killed server never leaves an engine holding the GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import pickle
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from multiprocessing.connection import Connection, Listener, Pipe, wait
+
+from .config import EngineConfig
+from .engine_process import STATS_FIELDS_TOTAL, CoreStep, EngineInfo, StartupError, file_lock, pid_alive
+from .sampling_params import SamplingParams
+
+logger = logging.getLogger("trident.engine_core")
+WATCH_INTERVAL_S = 1.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--address", required=True, help="the Unix socket to listen on")
+    parser.add_argument("--lock", required=True, help="the lock file frontends hold while attaching")
+    parser.add_argument("--watch-pid", type=int, required=True, help="exit when this process is gone")
+    args = parser.parse_args(argv)
+    config: EngineConfig = pickle.load(sys.stdin.buffer)
+    # The server's process group gets SIGTERM / SIGINT on shutdown; the frontends decide when the
+    # engine stops (after failing what is in flight), so the engine must not die first.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="trident-engine: %(message)s")
+    # Listening before the model loads: the frontend that started us connects at once and waits in
+    # the backlog for EngineInfo, and sees our exit as EOF if loading fails.
+    listener = Listener(args.address, family="AF_UNIX", backlog=128)
+    threading.Thread(target=_watch, args=(args.watch_pid,), name="trident-engine-watchdog", daemon=True).start()
+    try:
+        from .engine import LLMEngine
+
+        engine = LLMEngine(config)
+    except BaseException:
+        conn = listener.accept()
+        conn.send(StartupError(traceback.format_exc()))
+        conn.close()
+        listener.close()
+        return 1
+    info = EngineInfo(engine.capacity.describe(), engine.max_model_len, os.getpid())
+    _Core(engine, listener, args.lock, info).run()
+    return 0
+
+
+def _watch(pid: int) -> None:
+    while pid_alive(pid):
+        time.sleep(WATCH_INTERVAL_S)
+    logger.warning("process %d is gone: exiting", pid)
+    os._exit(0)   # nothing to save; exiting frees the GPU
+
+
+class _Frontend:
+    """One attached frontend: its connection, its live requests, the columns of its share of the
+    step being collected, and the writer thread that sends its steps."""
+
+    def __init__(self, conn: Connection, index: int):
+        self.conn = conn
+        self.index = index
+        self.live: set[str] = set()
+        self.writes: queue.SimpleQueue = queue.SimpleQueue()
+        self.writer = threading.Thread(target=self._write_loop, name=f"trident-engine-writer-{index}", daemon=True)
+        self.writer.start()
+        self.clear()
+
+    def clear(self) -> None:
+        self.request_ids: list[str] = []
+        self.token_ids: list[list[int]] = []
+        self.texts: list[str] = []
+        self.finals: dict[int, tuple] = {}
+        self.logprobs: dict[int, float] = {}
+        self.errors: list[tuple[str, str]] = []
+
+    def has_output(self) -> bool:
+        return bool(self.request_ids or self.errors)
+
+    def send(self, message) -> None:
+        self.writes.put(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def close(self) -> None:
+        self.writes.put(None)
+        self.writer.join(timeout=10)
+        self.conn.close()
+
+    def _write_loop(self) -> None:
+        while (data := self.writes.get()) is not None:
+            try:
+                self.conn.send_bytes(data)   # releases the GIL while the socket is full
+            except OSError:   # the frontend is gone; the loop reads EOF and drops it
+                return
+
+
+class _Core:
+    """The loop: take what the frontends sent, step, hand each frontend its share of the step."""
+
+    def __init__(self, engine, listener: Listener, lock_path: str, info: EngineInfo):
+        from .scheduler import QueueFullError
+
+        self._queue_full = QueueFullError
+        self.engine = engine
+        self.listener = listener
+        self.lock_path = lock_path
+        self.info = info
+        self.frontends: list[_Frontend] = []    # attach order: the first is the lead
+        self.by_conn: dict[Connection, _Frontend] = {}
+        self.owner: dict[str, _Frontend] = {}   # live request id -> its frontend
+        self.arrivals: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_recv, self._wake_send = Pipe(duplex=False)
+        self._indexes = itertools.count()
+        self._reported_totals = {name: 0 for name in STATS_FIELDS_TOTAL}
+        threading.Thread(target=self._accept_loop, name="trident-engine-acceptor", daemon=True).start()
+
+    # -- frontends come and go --------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn = self.listener.accept()
+            except OSError:   # the listener closed: the engine is exiting
+                return
+            # Queued before the frontend hears back: once it has EngineInfo it holds no lock, and
+            # the loop, deciding whether to exit, must already see it (see _exit_if_unused).
+            frontend = _Frontend(conn, next(self._indexes))
+            self.arrivals.put(frontend)
+            frontend.send(self.info)
+            self._wake_send.send_bytes(b"")
+
+    def _take_arrivals(self) -> None:
+        while self._wake_recv.poll(0):
+            self._wake_recv.recv_bytes()
+        while True:
+            try:
+                frontend = self.arrivals.get_nowait()
+            except queue.Empty:
+                return
+            self.frontends.append(frontend)
+            self.by_conn[frontend.conn] = frontend
+            logger.info("frontend %d attached (%d attached)", frontend.index, len(self.frontends))
+
+    def _detach(self, frontend: _Frontend, acknowledge: bool) -> None:
+        """Drop a frontend: its requests are aborted (nobody is left to answer them)."""
+        for request_id in frontend.live:
+            self.owner.pop(request_id, None)
+            try:
+                self.engine.abort(request_id)
+            except Exception:
+                logger.exception("aborting request %s failed", request_id)
+        self.frontends.remove(frontend)
+        del self.by_conn[frontend.conn]
+        if acknowledge:
+            frontend.send(("detached", len(self.frontends)))
+        frontend.close()
+        logger.info("frontend %d detached (%d attached)", frontend.index, len(self.frontends))
+
+    def _exit_if_unused(self) -> bool:
+        """With no frontend attached: close the socket and return True, unless one attached since.
+        Under the frontends' lock: a frontend attaching holds it until it has EngineInfo, by when
+        it is in ``arrivals``; one that comes after finds no socket and starts a new engine."""
+        with file_lock(self.lock_path):
+            self._take_arrivals()
+            if self.frontends:
+                return False
+            self.listener.close()   # removes the socket file
+            return True
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def run(self) -> None:
+        while True:
+            busy = self.engine.has_unfinished()
+            ready = wait([self._wake_recv, *self.by_conn], timeout=0 if busy else None)
+            for conn in ready:
+                if conn is self._wake_recv:
+                    self._take_arrivals()
+                else:
+                    self._take_messages(self.by_conn[conn])
+            if not self.frontends and self._exit_if_unused():
+                return
+            if self.engine.has_unfinished():
+                self._step()
+            self._send()
+
+    def _take_messages(self, frontend: _Frontend) -> None:
+        conn = frontend.conn
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):   # the frontend's process is gone
+                self._detach(frontend, acknowledge=False)
+                return
+            kind = message[0]
+            if kind == "add":
+                for request in message[1]:
+                    self._add(frontend, *request)
+            elif kind == "abort":
+                if self.owner.get(message[1]) is frontend:
+                    self._collect(self.engine.abort(message[1]))
+            elif kind == "abort_all":
+                self._fail(frontend, message[1])
+            elif kind == "detach":
+                self._detach(frontend, acknowledge=True)
+                return
+            if not conn.poll(0):
+                return
+
+    def _add(self, frontend: _Frontend, request_id: str, token_ids: list[int], params: SamplingParams,
+             arrival: float) -> None:
+        try:
+            self.engine.add_request(request_id, token_ids, params, arrival_time=arrival)
+        except (self._queue_full, ValueError) as e:   # the request's fault: tell its client why
+            frontend.errors.append((request_id, str(e)))
+            return
+        except Exception as e:   # ours: the request still gets an answer, and the engine goes on
+            logger.exception("adding request %s failed", request_id)
+            frontend.errors.append((request_id, f"engine error: {type(e).__name__}: {e}"))
+            return
+        frontend.live.add(request_id)
+        self.owner[request_id] = frontend
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:   # a broken step must not strand requests: fail what is in flight
+            logger.exception("engine step failed")
+            for frontend in self.frontends:
+                self._fail(frontend, f"engine error: {type(e).__name__}: {e}")
+            return
+        self._collect(outputs)
+
+    def _collect(self, outputs) -> None:
+        owner = self.owner
+        for out in outputs:
+            frontend = owner.get(out.request_id)
+            if frontend is None:   # its frontend detached
+                continue
+            column = len(frontend.request_ids)
+            if out.finished:
+                del owner[out.request_id]
+                frontend.live.discard(out.request_id)
+                t = out.timings
+                frontend.finals[column] = (out.finish_reason, out.num_prompt_tokens,
+                                           (t.arrival, t.first_scheduled, t.first_token, t.finished))
+            if out.cumulative_logprob is not None:
+                frontend.logprobs[column] = out.cumulative_logprob
+            frontend.request_ids.append(out.request_id)
+            frontend.token_ids.append(out.output_token_ids)
+            frontend.texts.append(out.text)
+
+    def _fail(self, frontend: _Frontend, message: str) -> None:
+        """End every live request of ``frontend`` with ``message``."""
+        for request_id in list(frontend.live):
+            try:
+                self.engine.abort(request_id)
+            except Exception:   # the engine may be what failed; the client must still hear back
+                pass
+            self.owner.pop(request_id, None)
+            frontend.errors.append((request_id, message))
+        frontend.live.clear()
+
+    def _send(self) -> None:
+        """Each frontend with outputs gets its step; the lead gets one whenever anyone does, with
+        the engine-wide stats and the step's inter-token latencies."""
+        if not any(frontend.has_output() for frontend in self.frontends):
+            return
+        lead = self.frontends[0]
+        stats = self.engine.stats()
+        increments = {}
+        for name in STATS_FIELDS_TOTAL:
+            total = getattr(stats, name)
+            increments[name] = total - self._reported_totals[name]
+            self._reported_totals[name] = total
+        latencies = self.engine.drain_inter_token_latencies()
+        for frontend in self.frontends:
+            is_lead = frontend is lead
+            if frontend.has_output() or is_lead:
+                frontend.send(CoreStep(frontend.request_ids, frontend.token_ids, frontend.texts, frontend.finals,
+                                       frontend.logprobs, frontend.errors, latencies if is_lead else [],
+                                       stats if is_lead else None, increments if is_lead else None))
+                frontend.clear()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
