@@ -9,11 +9,14 @@
    the top 25, then the same time summed per category (GEMM, attention, LayerNorm, quantize, ...).
    Eager, because a graph replay shows as one event; the kernels are the same ones the graph replays.
 2. Batch time: the batch's CUDA graph replayed alone (GPU ms from CUDA events) against
-   ``TorchRuntime.run`` end to end (host packing, copies, the sync on the result) and ``pack`` alone.
+   ``TorchRuntime.run`` end to end (host packing, copies, the sync on the result), ``pack`` alone,
+   and ``TorchRuntime.run_many`` per batch (packing overlapped with the previous batch's GPU work).
+   ``--precisions int8_dynamic int8_static``: INT8 with the GELU output's hand-off pinned either way.
 3. ``--knobs``: attention at [128, 12, 128, 64] fp16 (varlen FlashAttention as the runtime called it,
    SDPA's flash / efficient / cuDNN backends on the dense batch, our ``attention_quantize`` with and
    without its int8 rows against FlashAttention + ``quantize_rows``) and the GELU epilogue's erf
-   variants (``int8_kernels.GELU_IMPLS``). ``--gemm-sweep``: the four W8A8 GEMMs
+   variants (``int8_kernels.GELU_IMPLS``), and the FFN's int8 hand-off, dynamic against static.
+   ``--gemm-sweep``: the four W8A8 GEMMs
    at M = 16384 with tile variants (Triton's warp specialization, wider tiles). GPU time from
    CUDA-graph replays (loadtest/bench_int8_gemm_gpu.py).
 """
@@ -59,9 +62,14 @@ def batch_of(vocab_size: int, seed: int = 0) -> list[tuple[list[int], list[int]]
     return [(rng.integers(1000, vocab_size, SEQLEN).tolist(), [0] * SEQLEN) for _ in range(BATCH)]
 
 
+# --precisions: "int8" is the runtime's default INT8; the others pin its GELU-output hand-off.
+VARIANTS = {"int8_dynamic": ("int8", {"int8_ffn": "dynamic"}), "int8_static": ("int8", {"int8_ffn": "static"})}
+
+
 def runtime(precision: str, use_cuda_graphs: bool) -> TorchRuntime:
     torch.manual_seed(0)
-    options = TorchRuntimeOptions(precision=precision, use_cuda_graphs=use_cuda_graphs)
+    precision, extra = VARIANTS.get(precision, (precision, {}))
+    options = TorchRuntimeOptions(precision=precision, use_cuda_graphs=use_cuda_graphs, **extra)
     return TorchRuntime(prepare(PackedBert(BertShape()).eval(), options), options, max_seqlen=SEQLEN)
 
 
@@ -137,6 +145,12 @@ def batch_times(rt: TorchRuntime, batch, repeats: int = 20) -> dict[str, float]:
     result = {"graph_gpu_ms": statistics.median(gpu), "run_wall_ms": statistics.median(wall),
               "pack_host_ms": statistics.median(host)}
     result["seq_per_s"] = BATCH / result["run_wall_ms"] * 1e3
+    # run_many: the same batch `repeats` times, the next one packed while the GPU runs this one
+    rt.run_many([batch] * 2)
+    t0 = time.perf_counter()
+    rt.run_many([batch] * repeats)
+    result["run_many_wall_ms"] = (time.perf_counter() - t0) * 1e3 / repeats
+    result["pipelined_seq_per_s"] = BATCH / result["run_many_wall_ms"] * 1e3
     return result
 
 
@@ -223,6 +237,38 @@ def gelu_variants(tiles: list[W8A8Tiles]) -> dict[str, dict[str, float]]:
     return result
 
 
+def ffn_handoff_variants() -> dict[str, float]:
+    """One layer's FFN at M = 16384 (BERT-base), us per step: the dynamic hand-off (up writes fp16,
+    quantize_rows, down with per-row scales) against the static one (up writes int8 at a static step
+    per column, down without per-row scales)."""
+    up, down = operands(*SHAPES["up"]), operands(*SHAPES["down"])
+    inv_step = torch.full((SHAPES["up"][0],), 40.0, device="cuda")  # [intermediate]
+    ones = torch.ones(SHAPES["up"][0], device="cuda", dtype=torch.float16)
+    hidden = int8_kernels.w8a8_matmul(up["qx"], up["x_scale"], up["qw"], up["w_scale"], torch.float16,
+                                      bias=up["bias"], gelu=True, gelu_impl="tanh")  # [M, intermediate]
+    steps = {
+        "dynamic: up (fp16 out, tanh GELU)": lambda: int8_kernels.w8a8_matmul(
+            up["qx"], up["x_scale"], up["qw"], up["w_scale"], torch.float16, bias=up["bias"], gelu=True, gelu_impl="tanh"),
+        "dynamic: quantize_rows [M, 3072]": lambda: int8_kernels.quantize_rows(hidden, ones),
+        "dynamic: down (per-row scales, residual)": lambda: int8_kernels.w8a8_matmul(
+            down["qx"], down["x_scale"], down["qw"], down["w_scale"], torch.float16, bias=down["bias"],
+            residual=down["residual"]),
+        "static: up (int8 out, tanh GELU)": lambda: int8_kernels.w8a8_matmul(
+            up["qx"], up["x_scale"], up["qw"], up["w_scale"], torch.float16, bias=up["bias"], gelu=True,
+            gelu_impl="tanh", out_inv_step=inv_step),
+        "static: down (static step, residual)": lambda: int8_kernels.w8a8_matmul(
+            down["qx"], None, down["qw"], down["w_scale"], torch.float16, bias=down["bias"], residual=down["residual"]),
+    }
+    print("\n### FFN hand-off, one layer at M = 16384\n")
+    result = {label: gpu_ms(call) * 1e3 for label, call in steps.items()}
+    for label, us in result.items():
+        print(f"  {label:44s} {us:7.1f} us")
+    for kind in ("dynamic", "static"):
+        total = sum(us for label, us in result.items() if label.startswith(kind))
+        print(f"  {kind} total {total:7.1f} us per layer, x12 {total * 12 / 1e3:.2f} ms")
+    return result
+
+
 def _label(t: W8A8Tiles) -> str:
     return (f"{t.block_m}x{t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages}"
             f"{' tma' if t.is_tma else ''}{' persistent' if t.is_persistent else ''}"
@@ -241,7 +287,8 @@ def gemm_variants() -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--precisions", nargs="+", default=["fp16", "int8", "hf"], choices=["fp16", "int8", "bf16", "hf"])
+    p.add_argument("--precisions", nargs="+", default=["fp16", "int8", "hf"],
+                   choices=["fp16", "int8", "bf16", "hf", *VARIANTS])
     p.add_argument("--knobs", action="store_true", help="attention and GELU variants too")
     p.add_argument("--gemm-sweep", action="store_true", help="the four GEMMs over tile variants too")
     p.add_argument("--top", type=int, default=25)
@@ -260,11 +307,13 @@ def main() -> None:
         times = batch_times(runtime(precision, use_cuda_graphs=True), batch)
         record["batch"][precision] = times
         print(f"\nours {precision}, CUDA graph: replay {times['graph_gpu_ms']:.2f} ms GPU; run() {times['run_wall_ms']:.2f} ms "
-              f"wall = {times['seq_per_s']:,.0f} seq/s (pack {times['pack_host_ms']:.2f} ms host)", flush=True)
+              f"wall = {times['seq_per_s']:,.0f} seq/s (pack {times['pack_host_ms']:.2f} ms host); run_many() "
+              f"{times['run_many_wall_ms']:.2f} ms per batch = {times['pipelined_seq_per_s']:,.0f} seq/s", flush=True)
         torch.cuda.empty_cache()
     if args.knobs:
         record["attention_us"] = attention_variants()
         record["gelu"] = gelu_variants([LARGE_M_TILES])
+        record["ffn_handoff_us"] = ffn_handoff_variants()
     if args.gemm_sweep:
         record["gemms"] = gemm_variants()
     if args.json:

@@ -89,6 +89,26 @@ def test_embeddings_match_hf_fp32_on_held_out_text(minilm_artifacts, held_out, p
     assert cosines.mean() >= min_mean and cosines.min() >= min_min
 
 
+@needs_cuda
+@pytest.mark.parametrize("int8_ffn", ["dynamic", "static"])
+def test_int8_ffn_hand_offs_match_hf_fp32_on_held_out_text(minilm_artifacts, held_out, int8_ffn):
+    # Both hand-offs of the GELU output, whatever the default; static calibrates on the calibration
+    # half of build.text's split (disjoint from these held-out texts), as open_torch_runtime does.
+    from trident.bert.artifacts import BertArtifacts
+    from trident.bert.torch_runtime import text_calibration
+    texts, reference = held_out
+    options = TorchRuntimeOptions(precision="int8", int8_ffn=int8_ffn)
+    calibration = text_calibration(BertArtifacts.load(minilm_artifacts), 256)
+    assert calibration is not None  # real text, not the random-id fallback
+    runtime = TorchRuntime(prepare(load_packed_bert(minilm_artifacts), options, calibration), options, max_seqlen=256)
+    tokens = TextTokenizer.from_file(minilm_artifacts / "tokenizer.json", 256).encode(texts)
+    sequences = [(e.ids, e.type_ids) for e in tokens]
+    embeddings = np.concatenate(runtime.run_many([sequences[i:i + 64] for i in range(0, len(sequences), 64)]))
+    cosines = (embeddings * reference).sum(-1)
+    print(f"int8 ({int8_ffn} ffn): mean cosine {cosines.mean():.5f}, min {cosines.min():.5f} over {len(texts)} texts")
+    assert cosines.mean() >= 0.99 and cosines.min() >= 0.97
+
+
 # -- tiny random models -----------------------------------------------------------------------------
 
 def _tiny_checkpoint(tmp_path: Path, num_labels: int = 0) -> tuple[Path, torch.nn.Module]:
@@ -145,16 +165,34 @@ def test_a_sequence_encodes_the_same_alone_or_packed_with_others(tmp_path):
 
 
 @needs_cuda
-@pytest.mark.parametrize("precision", ["fp16", "int8"])
-def test_cuda_graphs_match_eager(tmp_path, precision):
+@pytest.mark.parametrize("precision,options", [("fp16", {}), ("int8", {"int8_ffn": "dynamic"}),
+                                               ("int8", {"int8_ffn": "static"})])
+def test_cuda_graphs_match_eager(tmp_path, precision, options):
     checkpoint, _ = _tiny_checkpoint(tmp_path)
-    graphed = _runtime(checkpoint, precision, use_cuda_graphs=True)
-    eager = _runtime(checkpoint, precision, use_cuda_graphs=False)
+    graphed = _runtime(checkpoint, precision, use_cuda_graphs=True, **options)
+    eager = _runtime(checkpoint, precision, use_cuda_graphs=False, **options)
     # Batches landing in different buckets, one bucket reused with other lengths, one exactly full.
     for seed, lengths in enumerate([LENGTHS, [5], [128], LENGTHS[:3], [3, 9, 4], [16] * 4]):
         sequences = _sequences(lengths, seed)
         np.testing.assert_allclose(graphed.run(sequences), eager.run(sequences), atol=2e-3)
     assert graphed.num_graphs >= 4
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_run_many_returns_what_run_returns_batch_by_batch(tmp_path, precision):
+    # Pipelined: two staging sets in turn, buckets alternating (a graph's sets reused while another
+    # graph of the shared pool runs), the eager path past max_graph_tokens in between.
+    checkpoint, _ = _tiny_checkpoint(tmp_path)
+    runtime = _runtime(checkpoint, precision, use_cuda_graphs=True, max_graph_tokens=512)
+    batches = [_sequences(lengths, seed) for seed, lengths in enumerate(
+        [LENGTHS, [5], LENGTHS[::-1], [128] * 5, [3, 9, 4], LENGTHS, [5], [16] * 4, [7]])]
+    sequential = [runtime.run(batch) for batch in batches]
+    pipelined = runtime.run_many(batches)
+    assert [p.shape for p in pipelined] == [s.shape for s in sequential]
+    for p, s in zip(pipelined, sequential):
+        np.testing.assert_array_equal(p, s)  # the same graphs on the same inputs: bit for bit
+    assert runtime.num_graphs >= 4
 
 
 @needs_cuda
@@ -255,6 +293,31 @@ def test_w8a8_epilogue_flags_match_torch(variant, dtype, has_bias, gelu, has_res
     tol = 1e-5 if dtype == torch.float32 else 4e-3
     assert out.dtype == dtype
     torch.testing.assert_close(out.cpu().double(), reference, rtol=tol, atol=tol)
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", ["rule", "pointers_subtiled", "tma_persistent", "large_m_rule"])
+def test_w8a8_int8_output_at_a_static_step_feeds_a_gemm_without_row_scales(variant):
+    # The static hand-off: the up projection writes round(gelu(.) * out_inv_step) as int8; the down
+    # projection takes those rows with x_scale None (the step folded into its weight scales).
+    ops = _int8_operands(70, 96, 128, seed=3)
+    inv_step = torch.rand(96, generator=torch.Generator().manual_seed(4)) * 60 + 30  # [n]: some values clip
+    dev = {k: v.to(KERNEL_DEVICE) for k, v in ops.items()}
+    q = int8_kernels.w8a8_matmul(dev["qx"], dev["x_scale"], dev["qw"], dev["w_scale"], torch.float16,
+                                 bias=dev["bias"], gelu=True, tiles=TILE_VARIANTS[variant],
+                                 out_inv_step=inv_step.to(KERNEL_DEVICE))  # [m, n] int8
+    pre = (ops["qx"].double() @ ops["qw"].double().T) * ops["x_scale"].double() * ops["w_scale"].double() + ops["bias"].double()
+    scaled = torch.nn.functional.gelu(pre) * inv_step.double()
+    expected = torch.where(scaled >= 0, torch.floor(scaled + 0.5), torch.ceil(scaled - 0.5)).clamp(-127, 127)
+    assert q.dtype == torch.int8 and q.shape == (70, 96)
+    assert (q.cpu().double() - expected).abs().max() <= 1  # fp32 epilogue vs fp64: only near-ties differ
+    assert (q.cpu().double() == expected).float().mean() > 0.99 and (expected.abs() == 127).any()
+    w = torch.randint(-127, 128, (40, 96), generator=torch.Generator().manual_seed(5), dtype=torch.int8)
+    folded = torch.rand(40, generator=torch.Generator().manual_seed(6)) * 1e-3  # w_scale * the static step
+    down = int8_kernels.w8a8_matmul(q, None, w.to(KERNEL_DEVICE), folded.to(KERNEL_DEVICE), torch.float32,
+                                    tiles=TILE_VARIANTS[variant])  # [m, 40]
+    reference = (q.cpu().double() @ w.double().T) * folded.double()
+    torch.testing.assert_close(down.cpu().double(), reference, rtol=1e-6, atol=1e-6)
 
 
 @needs_kernels

@@ -18,19 +18,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from trident.models import int8_kernels
-from trident.models.quant import Int8Linear, int8_matmul, quantize_per_token
+from trident.models.quant import INT8_MAX, Int8Linear, int8_matmul, quantize_per_token
 
 
 @dataclass(frozen=True)
 class QuantizedRows:
-    """A LayerNorm's output twice: ``hidden`` in the model dtype (the next residual) and its rows
-    quantized for the one linear that reads it (``q`` int8 [tokens, hidden], ``scale`` fp32 [tokens, 1])."""
-    hidden: torch.Tensor
+    """A linear's input, already quantized for the one linear that reads it: ``q`` int8 [tokens, in]
+    with ``scale`` fp32 [tokens, 1] (per-row dynamic), or ``scale`` None (one static step, folded into
+    the reading linear's ``static_weight_scale``). ``hidden``: the same rows in the model dtype when
+    the producer also writes them (a LayerNorm's output is the next residual), else None."""
+    hidden: torch.Tensor | None
     q: torch.Tensor
-    scale: torch.Tensor
+    scale: torch.Tensor | None
 
 
-def hidden_of(x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+def hidden_of(x: torch.Tensor | QuantizedRows) -> torch.Tensor | None:
     return x.hidden if isinstance(x, QuantizedRows) else x
 
 
@@ -57,28 +59,74 @@ class QuantizingLayerNorm(nn.Module):
 class FusedInt8Linear(Int8Linear):
     """``Int8Linear`` (same buffers, same quantization) whose forward also takes the epilogue:
     ``forward(x, residual=None, gelu=False) = gelu?(x @ W.T + b) + residual``; ``x`` may arrive
-    already quantized (``QuantizedRows`` from a ``QuantizingLayerNorm`` or the attention kernel).
+    already quantized (``QuantizedRows`` from a ``QuantizingLayerNorm``, the attention kernel, or a
+    linear that hands its output over in int8).
     ``gelu_impl``: "erf" (BERT's GELU) or "tanh" (its tanh form on the hardware tanh: within ~1.5e-3
     of erf GELU, some 20x below the int8 step of the down projection's input; the up projection
-    then takes 106 us instead of 151 us on the H200 at 16k tokens)."""
+    then takes 106 us instead of 151 us on the H200 at 16k tokens).
+
+    Static int8 hand-off (``hand_off_int8(up, down, step)``): ``down`` reads int8 rows at one static
+    step per tensor instead of a per-row scale, so ``up`` writes them from its epilogue (no fp16
+    [tokens, intermediate] written and read back by a separate quantize pass) and returns
+    ``QuantizedRows(None, q, None)``.
+    """
 
     fuses_epilogue = True
     gelu_impl = "erf"
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("out_inv_step", None)         # [out] fp32: writes int8 rows for the next linear
+        self.register_buffer("static_weight_scale", None)  # [out] fp32: weight_scale * its input's static step
+
     def forward(self, x: torch.Tensor | QuantizedRows, residual: torch.Tensor | None = None,
-                gelu: bool = False) -> torch.Tensor:
+                gelu: bool = False) -> torch.Tensor | QuantizedRows:
+        if isinstance(x, QuantizedRows) and x.scale is None:
+            return self._from_static_rows(x.q, residual, gelu)
         rows = hidden_of(x).reshape(-1, self.in_features)  # [tokens, in]
         if not int8_kernels.supports(rows):
-            out = super().forward(rows)  # [tokens, out]
-            out = F.gelu(out, approximate="tanh" if self.gelu_impl == "tanh" else "none") if gelu else out
-            return out if residual is None else out + residual
+            return self._finish(super().forward(rows), residual, gelu)
         if isinstance(x, QuantizedRows):
             qx, x_scale = x.q, x.scale
         else:
             qx, x_scale = int8_kernels.quantize_rows(rows, self.inv_smooth)  # [tokens, in] int8, [tokens, 1]
+        return self._gemm(qx, x_scale, self.weight_scale, rows.dtype, residual, gelu)
+
+    def _from_static_rows(self, q: torch.Tensor, residual: torch.Tensor | None, gelu: bool):
+        assert self.static_weight_scale is not None, "int8 rows at a static step need hand_off_int8 first"
+        dtype = self.inv_smooth.dtype
+        if not int8_kernels.supports(q):
+            out = (int8_matmul(q, self.weight).float() * self.static_weight_scale).to(dtype)  # [tokens, out]
+            return self._finish(out if self.bias is None else out + self.bias, residual, gelu)
+        return self._gemm(q, None, self.static_weight_scale, dtype, residual, gelu)
+
+    def _gemm(self, qx, x_scale, weight_scale, dtype, residual, gelu) -> torch.Tensor | QuantizedRows:
         res = None if residual is None else residual.reshape(-1, self.out_features).contiguous()
-        return int8_kernels.w8a8_matmul(qx, x_scale, self.weight, self.weight_scale, rows.dtype,
-                                        bias=self.bias, residual=res, gelu=gelu, gelu_impl=self.gelu_impl)
+        out = int8_kernels.w8a8_matmul(qx, x_scale, self.weight, weight_scale, dtype, bias=self.bias,
+                                       residual=res, gelu=gelu, gelu_impl=self.gelu_impl,
+                                       out_inv_step=self.out_inv_step)  # [tokens, out]
+        return out if self.out_inv_step is None else QuantizedRows(None, out, None)
+
+    def _finish(self, out: torch.Tensor, residual: torch.Tensor | None, gelu: bool) -> torch.Tensor | QuantizedRows:
+        # The reference path (CPU): the epilogue's steps one op each, rounding as the kernels do.
+        out = F.gelu(out, approximate="tanh" if self.gelu_impl == "tanh" else "none") if gelu else out
+        out = out if residual is None else out + residual
+        if self.out_inv_step is None:
+            return out
+        return QuantizedRows(None, round_to_int8(out.float() * self.out_inv_step), None)
+
+
+def round_to_int8(v: torch.Tensor) -> torch.Tensor:
+    """Round half away from zero and clamp to +-127, as the kernels' ``_quantize_store`` does."""
+    return torch.where(v >= 0, torch.floor(v + 0.5), torch.ceil(v - 0.5)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+
+
+def hand_off_int8(up: FusedInt8Linear, down: FusedInt8Linear, step: torch.Tensor) -> None:
+    """``down`` takes int8 rows at the static ``step`` (fp32 scalar: its smoothed input's calibrated
+    absmax / 127) and ``up`` writes them in its epilogue: ``round(gelu(...) * down.inv_smooth / step)``."""
+    step = step.float().to(down.weight_scale.device)
+    down.register_buffer("static_weight_scale", down.weight_scale * step)            # [out]
+    up.register_buffer("out_inv_step", down.inv_smooth.float() / step)              # [intermediate]
 
 
 class CublasInt8Linear(Int8Linear):

@@ -17,6 +17,15 @@ output tile holds, and quantizing per 128-column group in the up projection's ep
 the down projection rescaling each K step, took 311 us per layer against 234 on the H200), the INT8 engine's Triton kernel
 (``trident.models.int8_kernels``: rescale in the epilogue, bias added after), or cuBLAS
 ``torch._int_mm`` with a column-major weight; bench_bert measures all three.
+
+``int8_ffn="static"`` removes that one pass: the down projection reads its int8 rows at one static
+step per layer (SmoothQuant-smoothed per channel, ``int8_ffn_smooth``), calibrated once in
+``prepare`` from the fp16 model's GELU outputs on a few calibration batches, so the up projection's
+epilogue writes them directly (``int8_linear.hand_off_int8``).
+
+``run_many(batches)`` pipelines the host and the GPU: batch i+1 is packed into one of two pinned
+staging sets while the GPU runs batch i, and each batch's result comes back through an event instead
+of a blocking sync before the next pack (``submit`` / ``collect``).
 """
 from __future__ import annotations
 
@@ -31,15 +40,16 @@ import numpy as np
 import torch
 
 from trident.bert.artifacts import MANIFEST, ArtifactsError, BertArtifacts
-from trident.bert.int8_linear import CublasInt8Linear, FusedInt8Linear, QuantizingLayerNorm
+from trident.bert.int8_linear import CublasInt8Linear, FusedInt8Linear, QuantizingLayerNorm, hand_off_int8
 from trident.bert.options import EncoderOptions
 from trident.bert.torch_model import PackedBatch, PackedBert, load_packed_bert
-from trident.models.quant import Int8Linear
+from trident.models.quant import INT8_MAX, Int8Linear, smoothing_factors
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float16}
 INT8_GEMMS = ("fused", "triton", "cublas")
 ATTENTION_KERNELS = ("auto", "triton", "flash")
 GELU_IMPLS = ("tanh", "erf")
+INT8_FFNS = ("dynamic", "static")
 LINEARS = ("qkv", "attn_out", "up", "down")
 WEIGHTS = "model.safetensors"
 
@@ -54,6 +64,11 @@ class TorchRuntimeOptions:
     attention: str = "auto"            # triton (ours, <= 128 tokens, quantizes for int8) | flash (varlen)
                                        # | auto: ours before int8 linears, flash for fp16 (torch_model.attention)
     int8_gelu: str = "tanh"            # the fused int8 up projection's GELU: tanh form | erf (see FusedInt8Linear)
+    int8_ffn: str = "dynamic"          # the GELU output's int8 hand-off: dynamic (per-row scale, quantize_rows)
+                                       # | static (one calibrated step per layer, written by the up projection)
+    int8_ffn_smooth: float | None = 0.9  # static: SmoothQuant alpha of the down projection's input (None: off);
+                                         # real MiniLM vs fp32 HF (CPU): None 0.986 / 0.966 mean / min cosine,
+                                         # 0.5 0.917 / 0.773, 0.8 0.9959 / 0.9911, 0.9 0.9968 / 0.9899, 1.0 0.9966 / 0.9920
 
     def __post_init__(self) -> None:
         if self.precision not in DTYPES:
@@ -64,18 +79,38 @@ class TorchRuntimeOptions:
             raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
         if self.int8_gelu not in GELU_IMPLS:
             raise ValueError(f"int8_gelu must be one of {GELU_IMPLS}, got {self.int8_gelu!r}")
+        if self.int8_ffn not in INT8_FFNS:
+            raise ValueError(f"int8_ffn must be one of {INT8_FFNS}, got {self.int8_ffn!r}")
+        if self.int8_ffn == "static" and self.int8_gemm != "fused":
+            raise ValueError("int8_ffn 'static' needs int8_gemm 'fused' (the up projection's epilogue writes the int8 rows)")
+
+    @property
+    def is_static_ffn(self) -> bool:
+        return self.precision == "int8" and self.int8_ffn == "static"
 
 
-def quantize_int8(model: PackedBert, int8_gemm: str = "fused", gelu_impl: str = "erf") -> PackedBert:
-    """Swaps every layer's linears for W8A8 ones in place (no SmoothQuant: per-token activation
-    scales already absorb BERT's per-token outliers; measured in tests/gpu/test_bert_cuda.py).
-    ``gelu_impl`` is the fused up projection's GELU (``FusedInt8Linear.gelu_impl``)."""
+def quantize_int8(model: PackedBert, int8_gemm: str = "fused", gelu_impl: str = "erf",
+                  ffn_input_absmax: list[torch.Tensor] | None = None, ffn_smooth: float | None = None) -> PackedBert:
+    """Swaps every layer's linears for W8A8 ones in place (no SmoothQuant on the dynamic per-token
+    inputs: per-token scales already absorb BERT's per-token outliers; measured in
+    tests/gpu/test_bert_cuda.py). ``gelu_impl`` is the fused up projection's GELU
+    (``FusedInt8Linear.gelu_impl``). ``ffn_input_absmax`` (per layer, the down projection's input
+    max |x| per channel, from ``ffn_input_absmax``): static int8 hand-off from up to down, the down
+    projection smoothed with SmoothQuant alpha ``ffn_smooth`` first (None: not smoothed)."""
     cls = {"fused": FusedInt8Linear, "triton": Int8Linear, "cublas": CublasInt8Linear}[int8_gemm]
-    for layer in model.layers:
+    for index, layer in enumerate(model.layers):
+        absmax = None if ffn_input_absmax is None else ffn_input_absmax[index].float()  # [intermediate]
         for name in LINEARS:
-            setattr(layer, name, cls.from_linear(getattr(layer, name)))
+            linear = getattr(layer, name)
+            smooth = None
+            if name == "down" and absmax is not None and ffn_smooth is not None:
+                smooth = smoothing_factors(absmax.to(linear.weight.device), linear.weight, ffn_smooth)  # [intermediate]
+            setattr(layer, name, cls.from_linear(linear, smooth))
         if int8_gemm == "fused":
             layer.up.gelu_impl = gelu_impl
+        if absmax is not None:
+            smoothed = absmax.to(layer.down.inv_smooth.device) * layer.down.inv_smooth.float()  # [intermediate]
+            hand_off_int8(layer.up, layer.down, (smoothed.max() / INT8_MAX).clamp(min=1e-8))
     if int8_gemm == "fused":
         quantize_norm_outputs(model)
     return model
@@ -93,14 +128,59 @@ def quantize_norm_outputs(model: PackedBert) -> None:
             layer.ffn_norm = QuantizingLayerNorm(layer.ffn_norm, next_layer.qkv.inv_smooth)
 
 
-def prepare(model: PackedBert, options: TorchRuntimeOptions) -> PackedBert:
-    """The fp32 model cast to the options' dtype and device, quantized for int8."""
+def prepare(model: PackedBert, options: TorchRuntimeOptions,
+            calibration: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None) -> PackedBert:
+    """The fp32 model cast to the options' dtype and device, quantized for int8.
+
+    ``calibration``: (input_ids, token_type_ids) per text, for ``int8_ffn="static"`` (the fp16 model
+    runs them to calibrate the down projections' input steps); None: ``random_calibration``, random
+    ids (what the random-weight benchmarks run; real models should pass real text, as
+    ``open_torch_runtime`` does)."""
     model = model.to(device=options.device, dtype=DTYPES[options.precision]).eval()
     for layer in model.layers:
         layer.attention_kernel = options.attention
     if options.precision == "int8":
-        quantize_int8(model, options.int8_gemm, options.int8_gelu)
+        absmax = None
+        if options.is_static_ffn:
+            absmax = ffn_input_absmax(model, calibration or random_calibration(model.shape.vocab_size))
+        quantize_int8(model, options.int8_gemm, options.int8_gelu, absmax, options.int8_ffn_smooth)
     return model
+
+
+CALIBRATION_BATCH = 64  # sequences per calibration forward
+
+
+def random_calibration(vocab_size: int, num_seqs: int = 128, seqlen: int = 128,
+                       seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    """Random token ids: calibration for random-weight models, whose inputs are random ids too."""
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, vocab_size, seqlen).tolist(), [0] * seqlen) for _ in range(num_seqs)]
+
+
+@torch.no_grad()  # not inference_mode: the maxima feed the quantized weights, built outside it
+def ffn_input_absmax(model: PackedBert, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[torch.Tensor]:
+    """Per layer, max |x| per channel of the down projection's input (the GELU output) over every
+    token of ``sequences``, run eagerly through ``model`` before it is quantized: fp32 [intermediate]."""
+    device = next(model.parameters()).device
+    absmax = [torch.zeros(layer.down.in_features, device=device) for layer in model.layers]
+
+    def observe(index: int):
+        def hook(_module, inputs):
+            rows = inputs[0].reshape(-1, inputs[0].shape[-1])  # [num_tokens, intermediate]
+            torch.maximum(absmax[index], rows.abs().amax(0).float(), out=absmax[index])
+        return hook
+
+    handles = [layer.down.register_forward_pre_hook(observe(i)) for i, layer in enumerate(model.layers)]
+    try:
+        for first in range(0, len(sequences), CALIBRATION_BATCH):
+            chunk = sequences[first:first + CALIBRATION_BATCH]
+            num_tokens = sum(len(ids) for ids, _ in chunk)
+            rows, cu_seqlens = pack(chunk, num_tokens, len(chunk))  # exact sizes: no padding row is observed
+            model(to_device(rows, cu_seqlens, max(len(ids) for ids, _ in chunk), device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return absmax
 
 
 def token_buckets(max_tokens: int) -> list[int]:
@@ -146,12 +226,32 @@ def pack(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], num_tokens: i
     return rows, cu_seqlens
 
 
+def to_device(rows: np.ndarray, cu_seqlens: np.ndarray, max_seqlen: int, device: torch.device) -> PackedBatch:
+    """``pack``'s host arrays as the model's device inputs."""
+    rows_d = torch.from_numpy(rows).to(device, non_blocking=True)             # [4, num_tokens]
+    cu_d = torch.from_numpy(cu_seqlens).to(device, non_blocking=True)         # [num_seqs + 1]
+    return PackedBatch(rows_d[0], rows_d[1], rows_d[2], rows_d[3], cu_d, max_seqlen)
+
+
+@dataclass
+class Ticket:
+    """A submitted batch: its result once ``event`` has passed (``host_out`` rows ``:num_seqs``), or
+    ``result`` already on the host (batches that ran eagerly)."""
+    num_seqs: int
+    event: torch.cuda.Event | None = None
+    host_out: torch.Tensor | None = None  # pinned [bucket seqs, width] fp32, one staging set's
+    result: np.ndarray | None = None
+
+
 class TorchRuntime:
     """Runs batches of token ids through a prepared ``PackedBert``; thread-unsafe (one caller at a time).
 
     ``run(sequences)`` takes (input_ids, token_type_ids) per text, each at most ``max_seqlen`` long,
-    and returns fp32 [len(sequences), width] on the host (embeddings or logits).
+    and returns fp32 [len(sequences), width] on the host (embeddings or logits). ``run_many(batches)``
+    returns the same per batch, packing each next batch on the host while the GPU runs the current one.
     """
+
+    NUM_STAGING = 2  # host staging sets per graph: one being packed while the other's batch runs
 
     def __init__(self, model: PackedBert, options: TorchRuntimeOptions, max_seqlen: int) -> None:
         self.model = model
@@ -160,38 +260,61 @@ class TorchRuntime:
         self.device = torch.device(options.device)
         self._graphs: dict[tuple[int, int], _BucketGraph] = {}
         self._pool = None
+        self._num_submitted = 0
         self._is_graphed = options.use_cuda_graphs and self.device.type == "cuda"
-        self._lock = threading.Lock()  # graphs own static buffers: one batch at a time
+        self._lock = threading.Lock()  # graphs own static buffers: one caller at a time
 
     def run(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> np.ndarray:
         with self._lock:
-            return self._run(sequences)
+            return self._collect(self._submit(sequences))
+
+    def run_many(self, batches: Sequence[Sequence[tuple[Sequence[int], Sequence[int]]]]) -> list[np.ndarray]:
+        """``[run(b) for b in batches]``, pipelined: batch i+1 is packed and queued before batch i's
+        result is waited for, so the host's share overlaps the GPU's (CUDA graphs only)."""
+        with self._lock:
+            results, pending = [], None
+            for sequences in batches:
+                ticket = self._submit(sequences)
+                if pending is not None:
+                    results.append(self._collect(pending))
+                pending = ticket
+            if pending is not None:
+                results.append(self._collect(pending))
+            return results
 
     @torch.inference_mode()
-    def _run(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> np.ndarray:
+    def _submit(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> Ticket:
         num_tokens = sum(len(ids) for ids, _ in sequences)
         if self._is_graphed and num_tokens <= self.options.max_graph_tokens:
-            out = self._replay(sequences, num_tokens)
-        else:
-            rows, cu_seqlens = pack(sequences, num_tokens, len(sequences))
-            max_seqlen = max([1] + [len(ids) for ids, _ in sequences])
-            out = self.model(self._to_device(rows, cu_seqlens, max_seqlen))
-        return out[:len(sequences)].cpu().numpy()
+            return self._replay(sequences, num_tokens)
+        rows, cu_seqlens = pack(sequences, num_tokens, len(sequences))
+        max_seqlen = max([1] + [len(ids) for ids, _ in sequences])
+        out = self.model(to_device(rows, cu_seqlens, max_seqlen, self.device))
+        return Ticket(len(sequences), result=out[:len(sequences)].cpu().numpy())
 
-    def _to_device(self, rows: np.ndarray, cu_seqlens: np.ndarray, max_seqlen: int) -> PackedBatch:
-        rows_d = torch.from_numpy(rows).to(self.device, non_blocking=True)             # [4, num_tokens]
-        cu_d = torch.from_numpy(cu_seqlens).to(self.device, non_blocking=True)         # [num_seqs + 1]
-        return PackedBatch(rows_d[0], rows_d[1], rows_d[2], rows_d[3], cu_d, max_seqlen)
+    @staticmethod
+    def _collect(ticket: Ticket) -> np.ndarray:
+        if ticket.result is not None:
+            return ticket.result
+        ticket.event.synchronize()
+        return ticket.host_out[:ticket.num_seqs].numpy().copy()  # the staging set is reused two batches on
 
-    def _replay(self, sequences, num_tokens: int) -> torch.Tensor:
+    def _replay(self, sequences, num_tokens: int) -> Ticket:
         key = (seq_bucket(len(sequences)), _bucket(token_buckets(self.options.max_graph_tokens), num_tokens))
         graph = self._graphs.get(key) or self._capture(*key)
+        staging = graph.staging[self._num_submitted % self.NUM_STAGING]
+        self._num_submitted += 1
+        staging.done.synchronize()  # the batch that last used this set has been copied in and out
         # Packed straight into pinned buffers: the copies are DMA, not a staged pageable copy each.
-        pack(sequences, key[1], key[0], out=(graph.host_rows.numpy(), graph.host_cu_seqlens.numpy()))
-        graph.rows.copy_(graph.host_rows, non_blocking=True)
-        graph.cu_seqlens.copy_(graph.host_cu_seqlens, non_blocking=True)
+        pack(sequences, key[1], key[0], out=(staging.rows.numpy(), staging.cu_seqlens.numpy()))
+        # One stream orders it all: this batch's inputs land after the previous replay read its own,
+        # and its output leaves before the next replay (of any graph in the shared pool) writes.
+        graph.rows.copy_(staging.rows, non_blocking=True)
+        graph.cu_seqlens.copy_(staging.cu_seqlens, non_blocking=True)
         graph.graph.replay()
-        return graph.out
+        staging.out.copy_(graph.out, non_blocking=True)
+        staging.done.record()
+        return Ticket(len(sequences), staging.done, staging.out)
 
     def _capture(self, num_seqs: int, num_tokens: int) -> "_BucketGraph":
         rows = torch.zeros(4, num_tokens, dtype=torch.int64, device=self.device)           # [4, num_tokens]
@@ -207,9 +330,8 @@ class TorchRuntime:
         with torch.cuda.graph(graph, pool=self._pool):
             out = self.model(batch)  # [num_seqs, width]
         self._pool = graph.pool()
-        self._graphs[(num_seqs, num_tokens)] = _BucketGraph(
-            graph, rows, cu_seqlens, out, torch.empty_like(rows, device="cpu").pin_memory(),
-            torch.empty_like(cu_seqlens, device="cpu").pin_memory())
+        staging = [_Staging.like(rows, cu_seqlens, out) for _ in range(self.NUM_STAGING)]
+        self._graphs[(num_seqs, num_tokens)] = _BucketGraph(graph, rows, cu_seqlens, out, staging)
         return self._graphs[(num_seqs, num_tokens)]
 
     @property
@@ -234,7 +356,45 @@ def open_torch_runtime(artifacts: BertArtifacts, options: EncoderOptions, max_se
         raise RuntimeError("runtime 'torch' needs CUDA, and torch.cuda.is_available() is False")
     model = load_packed_bert(checkpoint_dir(artifacts), is_classifier=artifacts.task == "classification")
     runtime_options = TorchRuntimeOptions(precision=options.precision, device=options.device)
-    return TorchRuntime(prepare(model, runtime_options), runtime_options, max_seqlen)
+    calibration = text_calibration(artifacts, max_seqlen) if runtime_options.is_static_ffn else None
+    return TorchRuntime(prepare(model, runtime_options, calibration), runtime_options, max_seqlen)
+
+
+NUM_CALIBRATION_TEXTS = 128  # sentences, plus passages of at least CALIBRATION_PASSAGE_WORDS words
+CALIBRATION_PASSAGE_WORDS = 200
+
+
+def text_calibration(artifacts: BertArtifacts, max_seqlen: int) -> list[tuple[list[int], list[int]]] | None:
+    """Real English calibration text for ``prepare``, tokenized with the model's tokenizer: the
+    calibration half of ``build.text``'s split (disjoint from the held-out text the accuracy tests
+    and the build's gate use), sentences and long passages. None (random ids) where ``build`` is not
+    importable (the runtime package deployed alone)."""
+    try:
+        from build import text
+    except ImportError:
+        return None
+    from trident.bert.tokenizer import TextTokenizer
+
+    split = text.text_split().calibration
+    texts = list(split[:NUM_CALIBRATION_TEXTS])
+    texts += text.passages(list(split[NUM_CALIBRATION_TEXTS:]), CALIBRATION_PASSAGE_WORDS)[:NUM_CALIBRATION_TEXTS // 8]
+    encodings = TextTokenizer.from_file(artifacts.tokenizer_path, max_seqlen).encode(texts)
+    return [(e.ids, e.type_ids) for e in encodings]
+
+
+@dataclass
+class _Staging:
+    """Pinned host copies of one graph's inputs and output, and the event after the batch that used them."""
+    rows: torch.Tensor        # [4, num_tokens] int64
+    cu_seqlens: torch.Tensor  # [num_seqs + 1] int32
+    out: torch.Tensor         # [num_seqs, width] fp32
+    done: torch.cuda.Event
+
+    @classmethod
+    def like(cls, rows: torch.Tensor, cu_seqlens: torch.Tensor, out: torch.Tensor) -> "_Staging":
+        done = torch.cuda.Event()
+        done.record()  # a fresh set is free
+        return cls(*(torch.empty_like(t, device="cpu").pin_memory() for t in (rows, cu_seqlens, out)), done)
 
 
 @dataclass
@@ -243,8 +403,7 @@ class _BucketGraph:
     rows: torch.Tensor        # [4, num_tokens] int64, the static inputs
     cu_seqlens: torch.Tensor  # [num_seqs + 1] int32
     out: torch.Tensor         # [num_seqs, width] fp32, the static output
-    host_rows: torch.Tensor   # pinned staging of rows: the run after this one waits for the copy (it syncs on out)
-    host_cu_seqlens: torch.Tensor
+    staging: list[_Staging]   # NUM_STAGING sets, used in turn
 
 
 def _bucket(buckets: list[int], n: int) -> int:

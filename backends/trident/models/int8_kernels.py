@@ -9,6 +9,9 @@
   both scales and casts: two launches per linear instead of a dozen small elementwise ones. The
   same GEMM serves the BERT encoder, which also asks its epilogue for the bias, exact GELU and the
   residual add (constexpr flags: the GPT engine's launch compiles none of them in).
+  With ``out_inv_step`` the epilogue writes int8 instead, at a static step per column (calibrated
+  once; BERT's up projection hands its GELU output to the down projection this way), and a GEMM fed
+  such rows takes no per-row scale (``x_scale=None``: the static step is folded into ``w_scale``).
 * ``layer_norm_quantize``: LayerNorm and the next GEMM's per-row int8 quantize in one pass (BERT:
   the fp16 output is the next residual, the int8 rows feed the next linear).
 * ``attention_quantize``: BERT's attention over packed sequences of at most 128 tokens, optionally
@@ -135,21 +138,28 @@ GELU_IMPL = "erf"
 LARGE_M_TILES = W8A8Tiles(128, 128, 128, num_warps=8, num_stages=3, group_m=8, is_tma=True, is_subtiled=True)
 
 
-def w8a8_matmul(qx: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+def w8a8_matmul(qx: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.Tensor, w_scale: torch.Tensor,
                 dtype: torch.dtype, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                gelu: bool = False, tiles: W8A8Tiles | None = None, gelu_impl: str | None = None) -> torch.Tensor:
+                gelu: bool = False, tiles: W8A8Tiles | None = None, gelu_impl: str | None = None,
+                out_inv_step: torch.Tensor | None = None) -> torch.Tensor:
     """``gelu?(qx @ qweight.T * x_scale * w_scale + bias) + residual`` -> [M, N] in ``dtype``.
 
-    qx [M, K] int8 (row stride free), x_scale [M, 1] fp32, qweight [N, K] int8, w_scale [N] fp32,
-    bias [N], residual [M, N] with the output's strides (contiguous). The int32 accumulator is exact;
-    the epilogue works in fp32 and rounds once at the store. ``tiles`` overrides the rule and
-    ``gelu_impl`` (one of ``GELU_IMPLS``) the GELU's erf (benchmarks).
+    qx [M, K] int8 (row stride free), x_scale [M, 1] fp32 (None: the rows share one static scale,
+    already folded into ``w_scale``), qweight [N, K] int8, w_scale [N] fp32, bias [N], residual [M, N]
+    with the output's strides (contiguous). The int32 accumulator is exact; the epilogue works in
+    fp32 and rounds once at the store. ``out_inv_step`` [N] fp32: the output is int8 instead,
+    ``round(v * out_inv_step)`` clamped to +-127 (rounded half away from zero, as ``quantize_rows``),
+    the operand of a next GEMM called with ``x_scale=None``; ``dtype`` is then ignored and
+    ``residual`` not allowed. ``tiles`` overrides the rule and ``gelu_impl`` (one of ``GELU_IMPLS``)
+    the GELU's erf (benchmarks).
     """
     gelu_impl = gelu_impl or GELU_IMPL
     assert gelu_impl in GELU_IMPLS, f"gelu_impl must be one of {GELU_IMPLS}"
+    assert out_inv_step is None or residual is None, "an int8 output takes no residual"
     m, k = qx.shape
     n = qweight.shape[0]
-    out = torch.empty(m, n, dtype=dtype, device=qx.device)  # [M, N]
+    out_dtype = dtype if out_inv_step is None else torch.int8
+    out = torch.empty(m, n, dtype=out_dtype, device=qx.device)  # [M, N]
     if residual is not None:
         assert residual.shape == (m, n) and residual.stride() == out.stride(), "residual must be [M, N] contiguous"
     t = tiles or w8a8_tiles(m, n, k)
@@ -166,9 +176,11 @@ def w8a8_matmul(qx: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, 
         if residual is not None:
             r_arg = TensorDescriptor(residual, [m, n], [n, 1], epilogue_block)
     _w8a8_kernel[(num_programs,)](
-        x_arg, x_scale, w_arg, w_scale, out if bias is None else bias, out_arg if residual is None else r_arg,
-        out_arg, m, n, k, qx.stride(0), qweight.stride(0), out.stride(0), num_programs,
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, GELU=gelu_impl if gelu else "",
+        x_arg, w_scale if x_scale is None else x_scale, w_arg, w_scale, out if bias is None else bias,
+        out_arg if residual is None else r_arg, out_arg, w_scale if out_inv_step is None else out_inv_step,
+        m, n, k, qx.stride(0), qweight.stride(0), out.stride(0), num_programs,
+        HAS_X_SCALE=x_scale is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        GELU=gelu_impl if gelu else "", QUANTIZE_OUT=out_inv_step is not None,
         IS_TMA=t.is_tma, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
         FLATTEN=t.is_persistent, SUBTILE=t.is_subtiled, WARP_SPECIALIZE=t.is_warp_specialized,
         num_warps=t.num_warps, num_stages=t.num_stages)
@@ -312,9 +324,9 @@ if IS_AVAILABLE:
         return pid_m, pid_n
 
     @triton.jit
-    def _w8a8_kernel(x, xs_ptr, w, ws_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                     NUM_PROGRAMS, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
-                     IS_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    def _w8a8_kernel(x, xs_ptr, w, ws_ptr, b_ptr, r_ptr, out_ptr, qs_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                     NUM_PROGRAMS, HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                     GELU: tl.constexpr, QUANTIZE_OUT: tl.constexpr, IS_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, SUBTILE: tl.constexpr,
                      WARP_SPECIALIZE: tl.constexpr):
         # IS_TMA: x, w, r_ptr, out_ptr are TMA descriptors of [M, K], [N, K], [M, N], [M, N], else pointers.
@@ -341,29 +353,38 @@ if IS_AVAILABLE:
             if SUBTILE:  # two [BLOCK_M, BLOCK_N / 2] halves, one after the other
                 halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))  # [BLOCK_M, BLOCK_N / 2, 2]
                 left, right = tl.split(halves)
-                _epilogue(left, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, b_ptr, r_ptr, out_ptr, M, N,
-                          stride_om, HAS_BIAS, HAS_RESIDUAL, GELU, IS_TMA)
+                _epilogue(left, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, b_ptr, r_ptr, out_ptr, qs_ptr, M, N,
+                          stride_om, HAS_X_SCALE, HAS_BIAS, HAS_RESIDUAL, GELU, QUANTIZE_OUT, IS_TMA)
                 _epilogue(right, pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2, xs_ptr, ws_ptr, b_ptr, r_ptr,
-                          out_ptr, M, N, stride_om, HAS_BIAS, HAS_RESIDUAL, GELU, IS_TMA)
+                          out_ptr, qs_ptr, M, N, stride_om, HAS_X_SCALE, HAS_BIAS, HAS_RESIDUAL, GELU, QUANTIZE_OUT,
+                          IS_TMA)
             else:
-                _epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, b_ptr, r_ptr, out_ptr, M, N,
-                          stride_om, HAS_BIAS, HAS_RESIDUAL, GELU, IS_TMA)
+                _epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, b_ptr, r_ptr, out_ptr, qs_ptr, M, N,
+                          stride_om, HAS_X_SCALE, HAS_BIAS, HAS_RESIDUAL, GELU, QUANTIZE_OUT, IS_TMA)
 
     @triton.jit
-    def _epilogue(acc, off_m, off_n, xs_ptr, ws_ptr, b_ptr, r, out, M, N, stride_om,
-                  HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, IS_TMA: tl.constexpr):
+    def _epilogue(acc, off_m, off_n, xs_ptr, ws_ptr, b_ptr, r, out, qs_ptr, M, N, stride_om,
+                  HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
+                  QUANTIZE_OUT: tl.constexpr, IS_TMA: tl.constexpr):
         # acc [BM, BN] int32 of the output block at (off_m, off_n); r and out: pointers or TMA descriptors.
         BM: tl.constexpr = acc.shape[0]
         BN: tl.constexpr = acc.shape[1]
         rm = off_m + tl.arange(0, BM)
         rn = off_n + tl.arange(0, BN)
-        xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)  # [BM]
         ws = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)  # [BN]
-        v = acc.to(tl.float32) * xs[:, None] * ws[None, :]  # [BM, BN]
+        if HAS_X_SCALE:
+            xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)  # [BM]
+            v = acc.to(tl.float32) * xs[:, None] * ws[None, :]  # [BM, BN]
+        else:
+            v = acc.to(tl.float32) * ws[None, :]
         if HAS_BIAS:
             v += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         if GELU != "":  # BERT's hidden_act "gelu" is the erf form
             v = _gelu(v, GELU)
+        if QUANTIZE_OUT:  # the next GEMM's int8 operand, at its static step per column
+            v = v * tl.load(qs_ptr + rn, mask=rn < N, other=0.0)[None, :]
+            v = tl.where(v >= 0, tl.floor(v + 0.5), tl.ceil(v - 0.5))  # as _quantize_store rounds
+            v = tl.minimum(tl.maximum(v, -127.0), 127.0)
         if IS_TMA:  # rows and columns past the edges are neither read nor written
             if HAS_RESIDUAL:
                 v += r.load([off_m, off_n]).to(tl.float32)
