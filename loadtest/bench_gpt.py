@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import itertools
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ import multiprocessing as mp
 import os
 import platform
 import random
+import re
 import shutil
 import statistics
 import sys
@@ -364,12 +366,18 @@ def _stop_profiler(profiler, out_dir: Path) -> None:
 
 
 # -- our engine through Triton -------------------------------------------------------------------
-def gpt_repository(model_dir: Path, engine_values: dict, work: Path) -> Path:
-    """A temporary model repository with the `gpt` model over ``model_dir`` and these engine settings."""
+def gpt_repository(model_dir: Path, engine_values: dict, work: Path, instances: int | None = None) -> Path:
+    """A temporary model repository with the `gpt` model over ``model_dir`` and these engine
+    settings; ``instances``: its instance count (the shipped config's otherwise)."""
     repo = work / "model_repository"
     gpt = repo / "gpt"
     (gpt / "1").mkdir(parents=True)
-    shutil.copy(REPO_ROOT / "model_repository/gpt/config.pbtxt", gpt / "config.pbtxt")
+    config = (REPO_ROOT / "model_repository/gpt/config.pbtxt").read_text()
+    if instances is not None:
+        config, found = re.subn(r"instance_group \[.*?\]", f"instance_group [ {{ count: {instances}, kind: KIND_CPU }} ]",
+                                config, flags=re.S)
+        assert found == 1, "the gpt config has no instance_group to edit"
+    (gpt / "config.pbtxt").write_text(config)
     shutil.copy(REPO_ROOT / "model_repository/gpt/1/model.py", gpt / "1/model.py")
     (gpt / "1/engine.json").write_text(json.dumps({**engine_values, "model": str(model_dir)}, indent=1))
     return repo
@@ -588,10 +596,11 @@ def run_case(case: Case, args, work: Path, tokenizers: Path | None) -> list[Resu
         values["max_model_len"] = 2 * case.input_len + case.output_len
         tokenizer = _load_tokenizer(model_dir)
         texts = [tokenizer.decode(p) for p in prompts]
-        for threads in args.response_threads:
-            suffix = "" if len(args.response_threads) == 1 else f"_rt{threads}"
+        for threads, instances in itertools.product(args.response_threads, args.instances):
+            suffix = ("" if len(args.response_threads) == 1 else f"_rt{threads}") + \
+                     ("" if len(args.instances) == 1 else f"_i{instances}")
             run_triton_systems(case, systems, texts, model_dir, values, work / f"triton-{case.shape}-{case.input_len}{suffix}",
-                               threads, suffix, args, attempt, results)
+                               threads, instances, suffix, args, attempt, results)
     # Last: the slowest peer, and the one most likely to stall
     attempt("hf_cb", lambda: run_hf_cb(model_dir, case, prompts, args.device, dtype))
     for r in results:
@@ -600,13 +609,15 @@ def run_case(case: Case, args, work: Path, tokenizers: Path | None) -> list[Resu
 
 
 def run_triton_systems(case: Case, systems: list[str], texts: list[str], model_dir: Path, values: dict, server_work: Path,
-                       response_threads: int | None, suffix: str, args, attempt, results: list) -> None:
-    """One Triton server for this case (engine settings ``values``), then its non-streaming and
-    streaming runs, named ``triton{suffix}`` / ``triton_stream{suffix}``."""
+                       response_threads: int | None, instances: int | None, suffix: str, args, attempt,
+                       results: list) -> None:
+    """One Triton server for this case (engine settings ``values``; the gpt model's
+    ``response_threads`` and instance count where given), then its non-streaming and streaming
+    runs, named ``triton{suffix}`` / ``triton_stream{suffix}``."""
     server = None
     try:
         server_work.mkdir()
-        repository = gpt_repository(model_dir, values, server_work)
+        repository = gpt_repository(model_dir, values, server_work, instances)
         if response_threads is not None:
             with open(repository / "gpt" / "config.pbtxt", "a") as f:
                 f.write(f'parameters {{ key: "response_threads" value: {{ string_value: "{response_threads}" }} }}\n')
@@ -620,8 +631,9 @@ def run_triton_systems(case: Case, systems: list[str], texts: list[str], model_d
             if system in systems:
                 result = attempt(system, lambda: run_triton(server, case, texts, stream, args.clients, phases),
                                  system + suffix)
-                if result is not None and response_threads is not None:
-                    result.notes["response_threads"] = response_threads
+                if result is not None:
+                    result.notes.update({k: v for k, v in (("response_threads", response_threads),
+                                                           ("instances", instances)) if v is not None})
     except Exception as e:
         logging.exception("Triton run failed")
         results.append(Result("triton" + suffix, case.name, len(texts), 0, 0.0, notes={"error": str(e)}))
@@ -663,6 +675,9 @@ def parse_args(argv=None):
                    help="kv_cache_free_gpu_mem_fraction (the HF peers need room afterwards)")
     p.add_argument("--hf-batch", type=int, default=256)
     p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--instances", type=int, nargs="+", default=[None],
+                   help="the gpt model's instance count (stub processes sharing one engine); several values: "
+                        "one server each (triton_iN)")
     p.add_argument("--response-threads", type=int, nargs="+", default=[None],
                    help="the gpt model's response_threads; several values: one server each (triton_rtN)")
     p.add_argument("--tokenizers", default=str(REPO_ROOT / ".bench/tokenizers"),
