@@ -3,12 +3,14 @@
 vLLM V1's frontend / engine-core split (trident.engine.engine_process): this stub process parses and
 tokenizes requests, sends token ids to the engine process, and turns the engine's per-step outputs
 into Triton responses; the engine process does nothing but schedule, run the model and detokenize,
-on a GIL no serving thread competes for.
+on a GIL no serving thread competes for. Each instance of the model (instance_group count) is such a
+stub process, and they all share one engine process: Triton spreads the requests over them, so the
+per-request and per-response work runs on as many interpreters.
 
 Threads here: Triton's execute() (parse, queue); the admission thread (tokenizes what has queued
 in one batch, submits to the engine); the router (takes the engine's steps, records metrics, hands
 each request's new outputs to its sender shard); ``response_threads`` sender
-shards; the engine process's pipe reader and the metrics thread (trident.triton.gpt_metrics).
+shards; the engine connection's reader and the metrics thread (trident.triton.gpt_metrics).
 A response send is an IPC round trip to the server process that releases the GIL while it waits,
 so shards overlap those waits. Each request belongs to one shard, and every call on its response
 sender (sends and ``is_cancelled()`` polls) is made by that shard's thread, so none can race the
