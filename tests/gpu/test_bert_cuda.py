@@ -429,7 +429,8 @@ def test_int8_runtime_quantizes_in_the_layer_norms_and_matches_the_unfused_linea
     torch LayerNorm, GELU and adds: same quantization, so the embeddings agree closely."""
     from trident.bert.int8_linear import QuantizingLayerNorm
     checkpoint, _ = _tiny_checkpoint(tmp_path)
-    fused = _runtime(checkpoint, "int8", use_cuda_graphs=False, int8_gelu="erf")  # the unfused GELU is erf
+    fused = _runtime(checkpoint, "int8", use_cuda_graphs=False, int8_gelu="erf",  # the unfused GELU is erf
+                     int8_ffn="dynamic")  # and its GELU output is quantized per row
     options = TorchRuntimeOptions(precision="int8", use_cuda_graphs=False, int8_gemm="triton")
     unfused = TorchRuntime(prepare(load_packed_bert(checkpoint), options), options, max_seqlen=128)
     norms = [m for m in fused.model.modules() if isinstance(m, QuantizingLayerNorm)]

@@ -84,9 +84,12 @@ def test_static_ffn_int8_hands_int8_rows_to_the_down_projection_and_stays_close_
     assert cosines.min() > 0.99
 
 
-def test_static_ffn_needs_the_fused_gemm():
-    with pytest.raises(ValueError, match="int8_ffn"):
-        TorchRuntimeOptions(precision="int8", int8_ffn="static", int8_gemm="cublas")
+def test_static_ffn_applies_to_the_fused_gemm_only(hf):
+    # cuBLAS and the engine's GEMM have no epilogue to write int8 rows from: their hand-off stays dynamic.
+    options = TorchRuntimeOptions(precision="int8", device="cpu", int8_ffn="static", int8_gemm="cublas")
+    assert not options.is_static_ffn
+    model = prepare(_packed(hf), options)
+    assert all(not hasattr(layer.up, "out_inv_step") for layer in model.layers)
     with pytest.raises(ValueError, match="int8_ffn"):
         TorchRuntimeOptions(precision="int8", int8_ffn="per-group")
 
