@@ -500,7 +500,6 @@ def run_triton(server, case: Case, texts: list[str], stream: bool, num_clients: 
     if phases_dir is not None:
         time.sleep(1.5)   # the model flushes its phase log every second
         notes["stub_phases"] = stub_phases(phases_dir, wall_start, wall_end)
-        print(f"{'':>16}stub: {json.dumps(notes['stub_phases'])}", flush=True)
     return Result("triton_stream" if stream else "triton", case.name, len(texts), total, elapsed, ttft, tpot, notes)
 
 
@@ -656,6 +655,8 @@ def _print(r: Result) -> None:
     print(f"{r.system:>14}: {s['output_tok_s']:>10,.0f} out tok/s  {r.elapsed_s:7.2f} s  "
           f"TTFT p50/p99 {s['ttft_p50_ms']}/{s['ttft_p99_ms']} ms  TPOT p50/p99 {s['tpot_p50_ms']}/{s['tpot_p99_ms']} ms"
           f"  roofline {s.get('roofline_fraction', 0):.1%}{error}", flush=True)
+    if "stub_phases" in r.notes:   # a Triton run: where the gpt model's threads spent their time
+        print(f"{'':>16}stub: {json.dumps(r.notes['stub_phases'])}", flush=True)
 
 
 def parse_args(argv=None):

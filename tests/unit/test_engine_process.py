@@ -215,6 +215,7 @@ def test_the_engine_lives_while_any_frontend_is_attached_and_stops_with_the_last
     assert all(outs[-1].finished for outs in run_greedy(attached, "x", [[1, 2], [3, 4]]).values())   # still serving
     attached.shutdown()  # the last one out
     assert not attached.is_alive()
+    assert not attached.address.exists() and not attached._lock_path.exists()   # nothing left in $TMPDIR
     # The next frontend under that key starts a new engine.
     fresh = EngineProcess(config, key=key)
     try:

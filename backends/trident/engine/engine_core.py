@@ -46,27 +46,39 @@ def main(argv: list[str] | None = None) -> int:
     # Listening before the model loads: the frontend that started us connects at once and waits in
     # the backlog for EngineInfo, and sees our exit as EOF if loading fails.
     listener = Listener(args.address, family="AF_UNIX", backlog=128)
-    threading.Thread(target=_watch, args=(args.watch_pid,), name="trident-engine-watchdog", daemon=True).start()
+    threading.Thread(target=_watch, args=(args.watch_pid, args.address, args.lock), name="trident-engine-watchdog",
+                     daemon=True).start()
     try:
         from .engine import LLMEngine
 
         engine = LLMEngine(config)
     except BaseException:
-        conn = listener.accept()
+        conn = listener.accept()   # the frontend that started us (it holds the lock)
         conn.send(StartupError(traceback.format_exc()))
         conn.close()
         listener.close()
+        _remove(args.lock)
         return 1
     info = EngineInfo(engine.capacity.describe(), engine.max_model_len, os.getpid())
     _Core(engine, listener, args.lock, info).run()
     return 0
 
 
-def _watch(pid: int) -> None:
+def _watch(pid: int, address: str, lock_path: str) -> None:
     while pid_alive(pid):
         time.sleep(WATCH_INTERVAL_S)
     logger.warning("process %d is gone: exiting", pid)
+    # No frontend is left to attach: the key names the watched process (the server).
+    _remove(address)
+    _remove(lock_path)
     os._exit(0)   # nothing to save; exiting frees the GPU
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class _Frontend:
@@ -179,6 +191,7 @@ class _Core:
             if self.frontends:
                 return False
             self.listener.close()   # removes the socket file
+            _remove(self.lock_path)  # frontends waiting on it move to a new one (file_lock)
             return True
 
     # -- the loop -----------------------------------------------------------------------------------

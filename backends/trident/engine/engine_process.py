@@ -146,7 +146,8 @@ class EngineProcess:
     def __init__(self, config: EngineConfig, key: str | None = None, watch_pid: int | None = None,
                  start_timeout_s: float = 900.0):
         name = f"{key}-{config_fingerprint(config)}" if key else f"private-{os.getpid()}-{secrets.token_hex(4)}"
-        self.address, lock_path = engine_paths(name)
+        self.address, self._lock_path = engine_paths(name)
+        lock_path = self._lock_path
         self._popen: subprocess.Popen | None = None
         # Under the lock: whether an engine is there, starting one, and the handshake, so that two
         # frontends never start two engines and an engine never exits under a frontend attaching.
@@ -273,6 +274,19 @@ class EngineProcess:
                 code = self._popen.wait(5)
         how = f"exit code {code}" if code is not None else f"pid {self.pid}"
         self._outputs.put(EngineDied(f"the engine process exited ({how})"))
+        if code is not None or not pid_alive(self.pid):
+            self._remove_files_of_dead_engine()
+
+    def _remove_files_of_dead_engine(self) -> None:
+        """A killed engine leaves its socket and lock file: gone once someone finds it dead."""
+        try:
+            with file_lock(self._lock_path):
+                if (conn := connect(self.address)) is not None:   # refused: connect() removes the socket
+                    conn.close()   # a new engine is already there
+                    return
+                self._lock_path.unlink(missing_ok=True)
+        except OSError:
+            pass
 
     def _wait_exit(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -300,13 +314,23 @@ def engine_paths(name: str) -> tuple[Path, Path]:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path):
-    with open(path, "a") as f:
+def file_lock(path: Path | str):
+    """An exclusive lock on ``path``. The engine removes its lock file as it exits (holding the
+    lock): whoever was waiting on the removed file then takes the file now at ``path`` instead."""
+    while True:
+        f = open(path, "a")
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
 
 
 def connect(address: Path) -> Connection | None:
