@@ -751,8 +751,8 @@ COLORS = {"engine": "#1f77b4", "engine_w8a16": "#aec7e8", "triton": "#2ca02c", "
 
 
 def _color(system: str) -> str:
-    """A variant (``triton_rt4``) takes its system's colour."""
-    return COLORS.get(system) or COLORS.get(system.rsplit("_rt", 1)[0], "#7f7f7f")
+    """A variant (``triton_rt4``, ``triton_stream_i2``, ``triton_rt1_i2``) takes its system's colour."""
+    return COLORS.get(re.sub(r"(_rt\d+|_i\d+)+$", "", system), "#7f7f7f")
 
 
 def plot(payload: dict, img_dir: Path, name: str = "bench_gpt") -> None:
