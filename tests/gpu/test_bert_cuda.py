@@ -93,7 +93,7 @@ def test_embeddings_match_hf_fp32_on_held_out_text(minilm_artifacts, held_out, p
 @pytest.mark.parametrize("int8_ffn", ["dynamic", "static"])
 def test_int8_ffn_hand_offs_match_hf_fp32_on_held_out_text(minilm_artifacts, held_out, int8_ffn):
     # Both hand-offs of the GELU output, whatever the default; static calibrates on the calibration
-    # half of build.text's split (disjoint from these held-out texts), as open_torch_runtime does.
+    # half of trident.corpus's split (disjoint from these held-out texts), as open_torch_runtime does.
     from trident.bert.artifacts import BertArtifacts
     from trident.bert.torch_runtime import text_calibration
     texts, reference = held_out

@@ -369,15 +369,11 @@ NUM_CALIBRATION_TEXTS = 128  # sentences, plus passages of at least CALIBRATION_
 CALIBRATION_PASSAGE_WORDS = 200
 
 
-def text_calibration(artifacts: BertArtifacts, max_seqlen: int) -> list[tuple[list[int], list[int]]] | None:
+def text_calibration(artifacts: BertArtifacts, max_seqlen: int) -> list[tuple[list[int], list[int]]]:
     """Real English calibration text for ``prepare``, tokenized with the model's tokenizer: the
-    calibration half of ``build.text``'s split (disjoint from the held-out text the accuracy tests
-    and the build's gate use), sentences and long passages. None (random ids) where ``build`` is not
-    importable (the runtime package deployed alone)."""
-    try:
-        from build import text
-    except ImportError:
-        return None
+    calibration half of ``trident.corpus``'s split (disjoint from the held-out text the accuracy
+    tests and the build's gate use), sentences and long passages."""
+    from trident import corpus as text
     from trident.bert.tokenizer import TextTokenizer
 
     split = text.text_split().calibration

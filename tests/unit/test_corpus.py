@@ -1,9 +1,9 @@
-"""build/text.py: real offline English, deterministic, with disjoint calibration and held-out sets."""
+"""trident.corpus (build/text.py re-exports it): real offline English, deterministic, with disjoint calibration and held-out sets."""
 from __future__ import annotations
 
 import pytest
 
-from build import text
+from trident import corpus as text
 
 
 def test_splits_are_disjoint_and_cover_the_corpus():
