@@ -323,7 +323,8 @@ def run_engine(config, case: Case, prompts, profile_dir: Path | None = None, sys
              "other_host_s": round(elapsed - launch.total - wait.total - schedule.total, 3),
              "max_num_seqs": config.max_num_seqs, "max_num_batched_tokens": config.max_num_batched_tokens,
              "kv_cache": engine.capacity.describe(),
-             "graph_replays": (engine.runner.graphs.num_replays - replays_before) if engine.runner.graphs else 0}
+             "graph_replays": (engine.runner.graphs.num_replays - replays_before) if engine.runner.graphs else 0,
+             "async_scheduling": config.async_scheduling, "launched_ahead": engine.num_launched_ahead}
     if engine.runner.graphs is not None:
         notes["graph_decode_step_ms"] = round(_time_graph(engine.runner.graphs, config.max_num_seqs) * 1e3, 3)
     del engine
@@ -583,6 +584,9 @@ def run_case(case: Case, args, work: Path, tokenizers: Path | None) -> list[Resu
                             args.max_num_batched_tokens, args.kv_fraction)
     profile_dir = Path(args.profile_dir) if args.profile_dir and case == args.cases[0] else None
     attempt("engine", lambda: run_engine(econfig, case, prompts, profile_dir))
+    # The same engine with every step waiting for the previous one's tokens (no async scheduling).
+    attempt("engine_sync", lambda: run_engine(dataclasses.replace(econfig, async_scheduling=False), case, prompts,
+                                              None, "engine_sync"))
     # INT8 weights quantized at load (W8A16, per-channel; build.gpt_int8 is where the perplexity gate
     # lives). W8A8 needs SmoothQuant-calibrated weights from that build, which random weights lack.
     w8a16 = dataclasses.replace(econfig, quantization="int8_weight_only")
@@ -740,13 +744,13 @@ def _print_ratios(rows: list[dict]) -> None:
         if not ours:
             continue
         parts = [f"{s} {ours / by[(case, s)]:.1f}x" for s in ("hf_static", "hf_cb") if by.get((case, s))]
-        parts += [f"{s} {by[(case, s)] / ours:.0%} of in-process" for s in ("triton", "triton_stream", "engine_w8a16")
+        parts += [f"{s} {by[(case, s)] / ours:.0%} of in-process" for s in ("triton", "triton_stream", "engine_w8a16", "engine_sync")
                   if by.get((case, s))]
         print(f"{case}: engine vs " + ", ".join(parts))
 
 
 # -- plots ---------------------------------------------------------------------------------------
-COLORS = {"engine": "#1f77b4", "engine_w8a16": "#aec7e8", "triton": "#2ca02c", "triton_stream": "#98df8a", "hf_static": "#ff7f0e",
+COLORS = {"engine": "#1f77b4", "engine_sync": "#6baed6", "engine_w8a16": "#aec7e8", "triton": "#2ca02c", "triton_stream": "#98df8a", "hf_static": "#ff7f0e",
           "hf_cb": "#d62728"}
 
 

@@ -40,6 +40,9 @@ class EngineConfig:
     seed: int = 0
     quantization: str | None = None          # None | "int8_weight_only" (W8A16) | "w8a8" (SmoothQuant)
     kv_cache_dtype: str = "auto"             # "auto" (the model dtype) | "int8" (per-head scales)
+    # vLLM's name: a step of greedy decodes launches the next one before its tokens reach the host
+    # (docs/engine.md, "The step pipeline"); False: every step waits for the previous one's tokens.
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         require(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,

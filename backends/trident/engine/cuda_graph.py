@@ -157,14 +157,19 @@ class DecodeGraphs:
                     ",".join(map(str, self.buckets)), time.perf_counter() - t0)
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence]) -> DecodeOutput:
-        """Replay the smallest bucket that holds ``seqs`` (each computing its one last token)."""
+    def run(self, seqs: list[Sequence], inputs_from=None) -> DecodeOutput:
+        """Replay the smallest bucket that holds ``seqs`` (each computing its one last token);
+        ``inputs_from`` (``model_runner.InputsFrom``): their input tokens are still on the device."""
         n = len(seqs)
         bucket = self.bucket_for(n)
         if bucket is None:
             raise ValueError(f"{n} sequences exceed the largest decode graph ({self.max_batch})")
         self.buffers.stage(seqs, bucket, self.block_size)
         self.buffers.upload(bucket)
+        if inputs_from is not None:
+            # Stream order puts this after the previous replay wrote its tokens and before this
+            # replay overwrites them (the same bucket's static output, possibly).
+            inputs_from.gather_into(self.buffers.input_ids[:n])
         self._graphs[bucket].replay()
         self.num_replays += 1
         logits, token_ids = self._outputs[bucket]

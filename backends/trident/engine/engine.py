@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer, fast_decoder
 from .metrics import EngineStats
-from .model_runner import ModelRunner, PendingTokens
+from .model_runner import InputsFrom, ModelRunner, PendingTokens
 from .outputs import RequestOutput
 from .sampler import Sampler
 from .sampling_params import RequestOutputKind, SamplingParams
@@ -74,6 +74,13 @@ class _Flight:
     sampled: list[Sequence]
     tokens: PendingTokens
     logprobs: list[float | None] | None = None
+    # Set when the next step was launched before this one's tokens were taken (async scheduling):
+    # the scheduler has advanced past this step, and each live sampled sequence holds a
+    # placeholder where this step's token goes.
+    advanced: bool = False
+
+
+PLACEHOLDER = -1   # a token id still on the device (async scheduling); never seen outside step()
 
 
 class LLMEngine:
@@ -110,6 +117,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._lock = threading.RLock()
         self._in_flight: _Flight | None = None
+        self.num_launched_ahead = 0   # steps launched before the previous step's tokens were taken
         self._inter_token_latencies: list[float] = []
         logger.info(self.capacity.describe())
 
@@ -150,10 +158,16 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Take the tokens of the step in flight, launch the next one, then return the outputs of
-        the taken tokens (built while the GPU runs the new step)."""
+        the taken tokens (built while the GPU runs the new step). Under async scheduling a step of
+        decodes launches its successor first, its input tokens still on the device, so that the
+        GPU does not wait while the host takes the tokens and schedules."""
         with self._lock:
+            ahead = self._launch_ahead() if self.config.async_scheduling else None
             produced = self._resolve()
-            self._launch()
+            if ahead is not None:
+                self._in_flight = ahead
+            else:
+                self._launch()
             return self._postprocess(produced)
 
     def drain_inter_token_latencies(self) -> list[float]:
@@ -245,12 +259,50 @@ class LLMEngine:
         self._in_flight = _Flight(out, sampled, PendingTokens([r.token_id for r in results]),
                                   [r.logprob for r in results])
 
+    def _launch_ahead(self) -> _Flight | None:
+        """Async scheduling (vLLM's): launch the next step before the in-flight one's tokens reach
+        the host, when the next step is the in-flight decodes again, one token each. Its input
+        tokens are gathered on the device from the in-flight step's; the host holds placeholders
+        until ``_resolve``. A sequence that the in-flight step's token ends (EOS, a stop token: not
+        known yet) wastes one row of the new step, whose token is dropped. None, and nothing
+        changed, when the next step needs anything else: a waiting request to admit, a partial
+        prefill, sampling on the host, a preemption, nothing to continue."""
+        flight = self._in_flight
+        if flight is None or flight.tokens.device is None or flight.logprobs is not None or self.scheduler.waiting:
+            return None
+        running = self.scheduler.running
+        live = [(i, seq) for i, seq in enumerate(flight.sampled) if seq.status is SequenceStatus.RUNNING]
+        if len(live) != len(running):
+            return None   # someone running was not sampled by the in-flight step (a partial prefill)
+        max_model_len = self.max_model_len
+        rows, continuing = [], []
+        for i, seq in live:
+            p = seq.sampling_params
+            num_output = seq.num_output_tokens + 1   # with the in-flight token
+            if p.min_tokens and num_output < p.min_tokens:
+                return None   # EOS masking: sampled on the host
+            if (num_output >= p.max_tokens and num_output >= p.min_tokens) or seq.num_tokens + 1 >= max_model_len:
+                continue      # the in-flight token is its last ("length")
+            rows.append(i)
+            continuing.append(seq)
+        if not continuing or self.scheduler.num_blocks_to_continue(continuing) > self.scheduler.block_manager.num_free_blocks:
+            return None
+        for _, seq in live:
+            seq.token_ids.append(PLACEHOLDER)
+        self.scheduler.advance(flight.scheduled)
+        flight.advanced = True
+        out = self.scheduler.schedule_continuation(continuing)
+        tokens = self.runner.launch_greedy(out.seqs, out.num_new_tokens, InputsFrom(flight.tokens.device, rows))
+        self.num_launched_ahead += 1
+        return _Flight(out, continuing, tokens)
+
     def _resolve(self) -> list[_Request]:
         """Append the in-flight step's tokens and apply the stop rules that need no text."""
         flight, self._in_flight = self._in_flight, None
         if flight is None:
             return []
         token_ids = flight.tokens.result()
+        advanced = flight.advanced
         logprobs = flight.logprobs or itertools.repeat(None)
         now = time.monotonic()
         requests, latencies = self._requests, self._inter_token_latencies
@@ -260,7 +312,10 @@ class LLMEngine:
         for seq, token_id, logprob in zip(flight.sampled, token_ids, logprobs):
             if seq.status is finished:
                 continue    # aborted, or a stop string ended it after this step was launched
-            seq.append_token(token_id, logprob)
+            if advanced:
+                seq.token_ids[-1] = token_id   # the placeholder (greedy on the device: no logprob)
+            else:
+                seq.append_token(token_id, logprob)
             timings = seq.timings
             if timings.first_token is None:
                 timings.first_token = now
@@ -273,7 +328,10 @@ class LLMEngine:
                 seq.finish(*stop)
             produced.append(requests[seq.request_id])
         self.generation_tokens_total += len(produced)
-        self.scheduler.update(flight.scheduled)
+        if advanced:
+            self.scheduler.retire(flight.scheduled)
+        else:
+            self.scheduler.update(flight.scheduled)
         return produced
 
     def _postprocess(self, produced: list[_Request]) -> list[RequestOutput]:

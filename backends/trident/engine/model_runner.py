@@ -53,19 +53,34 @@ class StepLogits:
 class PendingTokens:
     """The greedy tokens of a launched step. On CUDA they are on their way to pinned host memory
     behind a recorded event and ``result()`` waits for it (the step's one host sync); on the CPU
-    they are there at once."""
+    they are there at once. ``device`` keeps them where the forward left them, for a next step
+    launched before they reach the host (async scheduling: ``launch_greedy(inputs_from=...)``)."""
 
     def __init__(self, token_ids: list[int] | None = None, host: torch.Tensor | None = None,
-                 event: "torch.cuda.Event | None" = None):
+                 event: "torch.cuda.Event | None" = None, device: torch.Tensor | None = None):
         self._token_ids = token_ids
         self._host = host          # [num_sampled] pinned
         self._event = event
+        self.device = device       # [num_sampled] on the model's device
 
     def result(self) -> list[int]:
         if self._token_ids is None:
             self._event.synchronize()
             self._token_ids = self._host.tolist()
         return self._token_ids
+
+
+@dataclass
+class InputsFrom:
+    """Async scheduling: the input token of each row of a decode step is the token that row's
+    sequence sampled in the previous step, still on the device (``PendingTokens.device``) while the
+    host has a placeholder for it. ``rows[i]``: where row i's token is in ``tokens``."""
+    tokens: torch.Tensor          # [num_sampled_before] on the device
+    rows: list[int]
+
+    def gather_into(self, input_ids: torch.Tensor) -> None:
+        index = torch.tensor(self.rows, dtype=torch.long, pin_memory=self.tokens.is_cuda)  # [num_rows]
+        input_ids.copy_(self.tokens.index_select(0, index.to(self.tokens.device, non_blocking=True)))
 
 
 class ModelRunner:
@@ -108,9 +123,12 @@ class ModelRunner:
             self.graphs.capture()
         self.use_cuda_graphs = self.graphs is not None
         is_cuda = self.device.type == "cuda"
-        self._token_ids_host = torch.zeros(config.max_num_seqs, dtype=torch.long, pin_memory=True) if is_cuda else None
-        # One event serves every step: the engine keeps at most one step in flight.
-        self._copy_done = torch.cuda.Event() if is_cuda else None
+        # Two steps may be in flight (async scheduling launches one before taking the last one's
+        # tokens): their host copies alternate between two pinned buffers, each with its event.
+        self._token_ids_host = [torch.zeros(config.max_num_seqs, dtype=torch.long, pin_memory=True)
+                                for _ in range(2)] if is_cuda else None
+        self._copy_done = [torch.cuda.Event() for _ in range(2)] if is_cuda else None
+        self._num_launched = 0
 
     @torch.inference_mode()
     def execute(self, seqs: list[Sequence], num_new_tokens: list[int]) -> torch.Tensor:
@@ -120,24 +138,31 @@ class ModelRunner:
         return self.forward(seqs, num_new_tokens).logits.to(torch.float32, copy=True)  # [num_sampled, vocab]
 
     @torch.inference_mode()
-    def launch_greedy(self, seqs: list[Sequence], num_new_tokens: list[int]) -> "PendingTokens":
+    def launch_greedy(self, seqs: list[Sequence], num_new_tokens: list[int],
+                      inputs_from: "InputsFrom | None" = None) -> "PendingTokens":
         """Launch the forward and the copy of its argmax tokens to pinned host memory; returns at
-        once on CUDA, so the host can do other work while the GPU runs (the engine's pipeline)."""
-        token_ids = self.forward(seqs, num_new_tokens).token_ids  # [num_sampled]
+        once on CUDA, so the host can do other work while the GPU runs (the engine's pipeline).
+        ``inputs_from``: the input tokens are still on the device (see ``InputsFrom``)."""
+        token_ids = self.forward(seqs, num_new_tokens, inputs_from).token_ids  # [num_sampled]
         num_sampled = token_ids.shape[0]
-        host = self._token_ids_host
-        if num_sampled == 0 or host is None or num_sampled > host.shape[0]:
-            return PendingTokens(token_ids.tolist())   # CPU (or nothing sampled): already resolved
-        host[:num_sampled].copy_(token_ids, non_blocking=True)
-        self._copy_done.record()
-        return PendingTokens(host=host[:num_sampled], event=self._copy_done)
+        if num_sampled == 0 or self._token_ids_host is None or num_sampled > self._token_ids_host[0].shape[0]:
+            return PendingTokens(token_ids.tolist(), device=token_ids)   # CPU (or nothing sampled): resolved
+        k = self._num_launched % 2
+        self._num_launched += 1
+        host, event = self._token_ids_host[k][:num_sampled], self._copy_done[k]
+        host.copy_(token_ids, non_blocking=True)
+        event.record()
+        return PendingTokens(host=host, event=event, device=token_ids)
 
-    def forward(self, seqs: list[Sequence], num_new_tokens: list[int]) -> StepLogits:
+    def forward(self, seqs: list[Sequence], num_new_tokens: list[int],
+                inputs_from: "InputsFrom | None" = None) -> StepLogits:
         """Logits and greedy tokens of the sampled rows; a decode-only step replays a CUDA graph."""
         if self._is_graphable(seqs, num_new_tokens):
-            out = self.graphs.run(seqs)
+            out = self.graphs.run(seqs, inputs_from)
             return StepLogits(out.logits, out.token_ids)
         batch = self.prepare(seqs, num_new_tokens)
+        if inputs_from is not None:   # a decode step: row i is sequence i's one token
+            inputs_from.gather_into(batch.input_ids[:len(seqs)])
         hidden = self.model(batch.input_ids, batch.positions, self.kv_cache, batch.metadata)  # [num_tokens, hidden]
         logits = self.model.compute_logits(hidden[batch.sample_rows])  # [num_sampled, vocab]
         return StepLogits(logits, logits.argmax(dim=-1))

@@ -1,0 +1,104 @@
+"""Async scheduling (EngineConfig.async_scheduling): a step of greedy decodes launches the next one
+before its tokens reach the host, the next step's input tokens gathered on the device. Whatever the
+run-ahead does, the tokens must be Hugging Face's, the placeholders must never leave step(), and a
+sequence that a token the host has not seen yet ends (a stop token) must lose its extra row."""
+from __future__ import annotations
+
+import pytest
+
+from tests.unit.test_engine import (EOS, MAX_TOKENS, PROMPT_LENS, drain, greedy, hf_greedy, make_engine,  # noqa: F401
+                                    make_prompts, corpus, tiny)
+from trident.engine.engine import PLACEHOLDER
+from trident.engine.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def no_placeholder_between_steps(engine) -> None:
+    for seq in list(engine.scheduler.running) + list(engine.scheduler.waiting):
+        assert PLACEHOLDER not in seq.token_ids, seq
+
+
+def drain_checked(engine, on_step=None) -> dict[str, list]:
+    """``drain`` that also checks, after every step, that no placeholder is left anywhere."""
+    def check(engine, step):
+        no_placeholder_between_steps(engine)
+        if on_step:
+            on_step(engine, step)
+    outputs = drain(engine, check)
+    for outs in outputs.values():
+        assert all(PLACEHOLDER not in out.output_token_ids for out in outs)
+    return outputs
+
+
+def test_decode_steps_launch_ahead_and_match_hf(tiny, corpus):
+    prompts = make_prompts(corpus)
+    engine = make_engine(tiny)
+    for i, (prompt, n) in enumerate(zip(prompts, MAX_TOKENS)):
+        engine.add_request(str(i), prompt, greedy(n))
+    outputs = drain_checked(engine)
+    for i, (prompt, n) in enumerate(zip(prompts, MAX_TOKENS)):
+        assert outputs[str(i)][-1].output_token_ids == hf_greedy(tiny, prompt, n), i
+    # Most steps after the prefill are decodes of the same sequences: they ran ahead.
+    assert engine.num_launched_ahead >= max(MAX_TOKENS) // 2
+    assert engine.stats().kv_cache_usage == 0.0
+
+
+def test_a_stop_token_the_host_has_not_seen_drops_the_extra_row(tiny, corpus):
+    prompts = make_prompts(corpus)
+    engine = make_engine(tiny)
+    expected = {}
+    for i, prompt in enumerate(prompts):
+        reference = hf_greedy(tiny, prompt, 24)
+        stop_at = 3 + i % 7   # a token in the middle of the output, which no length rule predicts
+        stop_token = reference[stop_at]
+        first = reference.index(stop_token)
+        expected[str(i)] = (reference[:first + 1], "stop")
+        engine.add_request(str(i), prompt, greedy(24, stop_token_ids=[stop_token]))
+    outputs = drain_checked(engine)
+    for rid, (tokens, reason) in expected.items():
+        final = outputs[rid][-1]
+        assert (final.output_token_ids, final.finish_reason) == (tokens, reason), rid
+    assert engine.num_launched_ahead > 0
+    bm = engine.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks   # the dropped rows' blocks came back too
+
+
+def test_async_and_sync_agree_through_preemption_arrivals_aborts_and_sampling(tiny, corpus):
+    """A small KV cache (preemption), requests arriving during decode, an abort, and sampled
+    requests beside greedy ones: async and sync scheduling give the same tokens."""
+    prompts = make_prompts(corpus)
+    params = [greedy(n) if i % 3 else SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=n)
+              for i, n in enumerate(MAX_TOKENS)]
+
+    def run(async_scheduling: bool):
+        engine = make_engine(tiny, max_tokens_in_paged_kv_cache=8 * 40, max_num_batched_tokens=64,
+                             async_scheduling=async_scheduling)
+        aborted = []
+
+        def feed(engine, step):
+            if step == 0:
+                for i in range(8):
+                    engine.add_request(str(i), prompts[i], params[i])
+            elif step == 12:
+                for i in range(8, len(prompts)):
+                    engine.add_request(str(i), prompts[i], params[i])
+            elif step == 20:
+                aborted.extend(engine.abort("9"))   # its final output comes from abort(), not step()
+        outputs = drain_checked(engine, feed)
+        finals = {rid: (outs[-1].output_token_ids, outs[-1].finish_reason) for rid, outs in outputs.items()}
+        (last,) = aborted
+        finals["9"] = (last.output_token_ids, last.finish_reason)
+        return engine, finals
+
+    sync_engine, sync = run(False)
+    async_engine, async_ = run(True)
+    assert sync_engine.num_launched_ahead == 0 and async_engine.num_launched_ahead > 0
+    assert async_engine.stats().num_preemptions_total > 0
+    aborted_sync, aborted_async = sync.pop("9"), async_.pop("9")
+    assert aborted_async[1] == "abort" and aborted_sync[1] == "abort"
+    # An abort lands between steps: what the request got by then may differ by the step in flight.
+    full = hf_greedy(tiny, prompts[9], MAX_TOKENS[9]) if params[9].temperature == 0 else None
+    if full is not None:
+        assert aborted_async[0] == full[:len(aborted_async[0])]
+    assert async_ == sync
