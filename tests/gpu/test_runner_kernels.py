@@ -68,3 +68,29 @@ def test_greedy_tokens_match_plain_path_and_cpu(model_dir):
     assert kernel_tokens == _greedy(plain)
     assert kernel_tokens == _greedy(_engine(model_dir, "cpu"))
     assert [len(t) for t in kernel_tokens] == [12] + MAX_TOKENS + [12]
+
+
+def test_async_scheduling_under_cuda_graphs_gives_the_sync_tokens(model_dir):
+    """Steps launched ahead replay decode graphs whose input ids are gathered on the GPU from the
+    previous graph's output: the tokens must be those of the engine that waits for each step, also
+    when a stop token (unforeseeable) ends sequences while their next step is in flight."""
+    def run(async_scheduling: bool, stops: list[list[int]] | None = None):
+        engine = LLMEngine(EngineConfig(model=str(model_dir), device="cuda", dtype="float32", block_size=16,
+                                        max_model_len=256, max_num_seqs=16, max_num_batched_tokens=512,
+                                        async_scheduling=async_scheduling))
+        lengths = [12] + MAX_TOKENS + [12]
+        params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, stop_token_ids=stop or [])
+                  for n, stop in zip(lengths, stops or [None] * len(lengths))]
+        tokens = [out.output_token_ids for out in engine.generate(_prompts(), params)]
+        return engine, tokens
+
+    sync_engine, sync = run(False)
+    async_engine, async_ = run(True)
+    assert async_ == sync
+    assert sync_engine.num_launched_ahead == 0 and async_engine.num_launched_ahead > 10
+    assert async_engine.runner.graphs.num_replays > 10
+    stops = [[t[len(t) // 2]] if len(t) > 2 else [] for t in sync]   # mid-output: no length rule sees it
+    _, sync_stopped = run(False, stops)
+    _, async_stopped = run(True, stops)
+    assert async_stopped == sync_stopped
+    assert sum(map(len, sync_stopped)) < sum(map(len, sync))
