@@ -79,7 +79,7 @@ def test_child_matches_the_in_process_engine_for_every_output_kind(core, config)
         assert final[0].token_ids == want.output_token_ids and final[0].text == want.text
         assert [t for out in delta for t in out.token_ids] == want.output_token_ids
         assert "".join(out.text for out in delta) == want.text
-        assert len(delta) == 24   # one output per token
+        assert 1 <= len(delta) <= 24   # one per step while the consumer keeps up; merged when it lags
         assert cumulative[-1].token_ids == want.output_token_ids and cumulative[-1].text == want.text
         assert final[0].num_prompt_tokens == len(tokenizer.encode(prompt))
         arrival, _, first_token, finished = final[0].times
@@ -279,3 +279,22 @@ def test_the_engine_exits_when_the_process_it_watches_is_gone(config):
         assert any(isinstance(m, EngineDied) for m in core.get(timeout=5))
     finally:
         core.shutdown(timeout_s=5)
+
+
+def test_outputs_merge_while_the_consumer_lags_and_add_up_exactly(core, config):
+    """Backpressure: the engine sends a frontend its next step only once it has taken the last one,
+    and merges a request's outputs meanwhile (DELTA appended, CUMULATIVE replaced)."""
+    params = dict(temperature=0.0, max_tokens=30, ignore_eos=True)
+    (expected,) = LLMEngine(config).generate([[5, 6, 7]], SamplingParams(**params))
+    core.add_request("lag-delta", [5, 6, 7], SamplingParams(output_kind=RequestOutputKind.DELTA, **params),
+                     time.monotonic())
+    core.add_request("lag-cumulative", [5, 6, 7], SamplingParams(output_kind=RequestOutputKind.CUMULATIVE, **params),
+                     time.monotonic())
+    time.sleep(3)   # the engine finishes both (30 steps) while nobody takes its steps
+    seen = collect(core, {"lag-delta", "lag-cumulative"})
+    delta, cumulative = seen["lag-delta"], seen["lag-cumulative"]
+    assert len(delta) < 30 and len(cumulative) < 30                 # merged
+    assert [t for out in delta for t in out.token_ids] == expected.output_token_ids
+    assert "".join(out.text for out in delta) == expected.text
+    assert cumulative[-1].token_ids == expected.output_token_ids and cumulative[-1].text == expected.text
+    assert delta[-1].finished and delta[-1].finish_reason == "length"

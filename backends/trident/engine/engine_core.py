@@ -25,7 +25,7 @@ from multiprocessing.connection import Connection, Listener, Pipe, wait
 
 from .config import EngineConfig
 from .engine_process import STATS_FIELDS_TOTAL, CoreStep, EngineInfo, StartupError, file_lock, pid_alive
-from .sampling_params import SamplingParams
+from .sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("trident.engine_core")
 WATCH_INTERVAL_S = 1.0
@@ -82,13 +82,22 @@ def _remove(path: str) -> None:
 
 
 class _Frontend:
-    """One attached frontend: its connection, its live requests, the columns of its share of the
-    step being collected, and the writer thread that sends its steps."""
+    """One attached frontend: its connection, its live requests, the columns of what it has not
+    been sent yet, and the writer thread that sends its steps.
+
+    Backpressure (vLLM's output collector): a frontend gets a step only once it has taken the
+    previous one (it says "ready"). Until then its outputs wait here, and a request's outputs of
+    several steps merge into one (DELTA: the new tokens and text appended; otherwise the latest
+    replaces), so a frontend that falls behind receives fewer, larger outputs instead of a backlog
+    of per-step ones, and takes them apart at a cost per request rather than per token.
+    """
 
     def __init__(self, conn: Connection, index: int):
         self.conn = conn
         self.index = index
-        self.live: set[str] = set()
+        self.live: dict[str, bool] = {}          # live request id -> its outputs are DELTA
+        self.waiting_ready = False               # a step was sent and not yet taken
+        self.latencies: list[float] = []         # inter-token latencies not yet sent (the lead's)
         self.writes: queue.SimpleQueue = queue.SimpleQueue()
         self.writer = threading.Thread(target=self._write_loop, name=f"trident-engine-writer-{index}", daemon=True)
         self.writer.start()
@@ -101,9 +110,31 @@ class _Frontend:
         self.finals: dict[int, tuple] = {}
         self.logprobs: dict[int, float] = {}
         self.errors: list[tuple[str, str]] = []
+        self.column_of: dict[str, int] = {}      # request id -> its column, for merging
 
     def has_output(self) -> bool:
         return bool(self.request_ids or self.errors)
+
+    def add_output(self, out, is_delta: bool) -> None:
+        """One request's output of this step, merged into its column when it already has one."""
+        column = self.column_of.get(out.request_id)
+        if column is None:
+            column = self.column_of[out.request_id] = len(self.request_ids)
+            self.request_ids.append(out.request_id)
+            self.token_ids.append(out.output_token_ids)
+            self.texts.append(out.text)
+        elif is_delta:
+            self.token_ids[column] = self.token_ids[column] + out.output_token_ids
+            self.texts[column] += out.text
+        else:   # CUMULATIVE / FINAL_ONLY: the latest output holds everything
+            self.token_ids[column] = out.output_token_ids
+            self.texts[column] = out.text
+        if out.finished:
+            t = out.timings
+            self.finals[column] = (out.finish_reason, out.num_prompt_tokens,
+                                   (t.arrival, t.first_scheduled, t.first_token, t.finished))
+        if out.cumulative_logprob is not None:
+            self.logprobs[column] = out.cumulative_logprob
 
     def send(self, message) -> None:
         self.writes.put(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
@@ -227,6 +258,8 @@ class _Core:
                     self._collect(self.engine.abort(message[1]))
             elif kind == "abort_all":
                 self._fail(frontend, message[1])
+            elif kind == "ready":
+                frontend.waiting_ready = False
             elif kind == "detach":
                 self._detach(frontend, acknowledge=True)
                 return
@@ -244,7 +277,7 @@ class _Core:
             logger.exception("adding request %s failed", request_id)
             frontend.errors.append((request_id, f"engine error: {type(e).__name__}: {e}"))
             return
-        frontend.live.add(request_id)
+        frontend.live[request_id] = params.output_kind is RequestOutputKind.DELTA
         self.owner[request_id] = frontend
 
     def _step(self) -> None:
@@ -263,18 +296,11 @@ class _Core:
             frontend = owner.get(out.request_id)
             if frontend is None:   # its frontend detached
                 continue
-            column = len(frontend.request_ids)
+            is_delta = frontend.live[out.request_id]
             if out.finished:
                 del owner[out.request_id]
-                frontend.live.discard(out.request_id)
-                t = out.timings
-                frontend.finals[column] = (out.finish_reason, out.num_prompt_tokens,
-                                           (t.arrival, t.first_scheduled, t.first_token, t.finished))
-            if out.cumulative_logprob is not None:
-                frontend.logprobs[column] = out.cumulative_logprob
-            frontend.request_ids.append(out.request_id)
-            frontend.token_ids.append(out.output_token_ids)
-            frontend.texts.append(out.text)
+                del frontend.live[out.request_id]
+            frontend.add_output(out, is_delta)
 
     def _fail(self, frontend: _Frontend, message: str) -> None:
         """End every live request of ``frontend`` with ``message``."""
@@ -288,25 +314,33 @@ class _Core:
         frontend.live.clear()
 
     def _send(self) -> None:
-        """Each frontend with outputs gets its step; the lead gets one whenever anyone does, with
-        the engine-wide stats and the step's inter-token latencies."""
-        if not any(frontend.has_output() for frontend in self.frontends):
+        """Each frontend that has taken its previous step gets what it has waiting; the lead gets a
+        step whenever anyone has outputs, with the engine-wide stats and the inter-token latencies."""
+        frontends = self.frontends
+        if not frontends:
             return
-        lead = self.frontends[0]
-        stats = self.engine.stats()
-        increments = {}
-        for name in STATS_FIELDS_TOTAL:
-            total = getattr(stats, name)
-            increments[name] = total - self._reported_totals[name]
-            self._reported_totals[name] = total
-        latencies = self.engine.drain_inter_token_latencies()
-        for frontend in self.frontends:
+        lead = frontends[0]
+        lead.latencies += self.engine.drain_inter_token_latencies()
+        if not any(frontend.has_output() for frontend in frontends):
+            return
+        for frontend in frontends:
             is_lead = frontend is lead
-            if frontend.has_output() or is_lead:
-                frontend.send(CoreStep(frontend.request_ids, frontend.token_ids, frontend.texts, frontend.finals,
-                                       frontend.logprobs, frontend.errors, latencies if is_lead else [],
-                                       stats if is_lead else None, increments if is_lead else None))
-                frontend.clear()
+            if frontend.waiting_ready or not (frontend.has_output() or is_lead):
+                continue
+            stats = increments = None
+            if is_lead:
+                stats, increments = self.engine.stats(), {}
+                for name in STATS_FIELDS_TOTAL:   # since the last stats any frontend was sent
+                    total = getattr(stats, name)
+                    increments[name] = total - self._reported_totals[name]
+                    self._reported_totals[name] = total
+            frontend.send(CoreStep(frontend.request_ids, frontend.token_ids, frontend.texts, frontend.finals,
+                                   frontend.logprobs, frontend.errors, frontend.latencies if is_lead else [],
+                                   stats, increments))
+            frontend.waiting_ready = True
+            frontend.clear()
+            if is_lead:
+                frontend.latencies = []
 
 
 if __name__ == "__main__":

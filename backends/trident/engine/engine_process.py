@@ -23,11 +23,13 @@ order is preserved per connection):
                                                      unless it finished before the abort arrived
                         ("abort_all", message)       every live request of this frontend ends with
                                                      that error
+                        ("ready",)                   the last step sent was taken: send the next
+                                                     (until then outputs merge, per request)
                         ("detach",)                  this frontend's requests are dropped; answered
                                                      with ("detached", frontends_left)
-    engine -> frontend  EngineInfo once on connecting (or StartupError), then one CoreStep per
-                        engine step that produced anything for this frontend (or, for the lead
-                        frontend, engine-wide stats).
+    engine -> frontend  EngineInfo once on connecting (or StartupError), then CoreSteps: the
+                        outputs of the engine steps since the last one (one step's when the
+                        frontend keeps up), and, for the lead frontend, engine-wide stats.
 
 Request ids are the frontends' own and must be unique across them (the engine refuses a duplicate).
 ``time.monotonic()`` reads the same clock in every process (CLOCK_MONOTONIC), so arrival times set
@@ -193,7 +195,9 @@ class EngineProcess:
         self._send(("abort_all", message))
 
     def get(self, timeout: float) -> list[CoreStep | EngineDied]:
-        """Everything the engine sent since the last call; waits up to ``timeout`` for the first."""
+        """Everything the engine sent since the last call; waits up to ``timeout`` for the first.
+        Taking a step tells the engine to send the next: until then it merges this frontend's
+        outputs (backpressure: engine_core._Frontend), so call this from the one consumer thread."""
         try:
             items = [self._outputs.get(timeout=timeout)]
         except queue.Empty:
@@ -202,7 +206,13 @@ class EngineProcess:
             try:
                 items.append(self._outputs.get_nowait())
             except queue.Empty:
-                return items
+                break
+        if not isinstance(items[-1], EngineDied):
+            try:
+                self._send(("ready",))
+            except OSError:   # the engine is gone; its EngineDied is on its way
+                pass
+        return items
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Detach; the last frontend out also waits for the engine to exit (its GPU memory is free
