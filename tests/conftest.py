@@ -53,6 +53,25 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
+def start_server(repository: Path, workdir: Path, extra: list[str] | None = None,
+                 ready_timeout_s: float = 300) -> TritonServer:
+    """A tritonserver of its own on ``repository`` (free ports, log in ``workdir/server.log``),
+    ready to serve; the caller stops it (``launch.stop(server.process)``)."""
+    from trident.server import launch
+
+    http_port, grpc_port, metrics_port = free_ports(3)
+    log_path = workdir / "server.log"
+    with open(log_path, "wb") as log:
+        process = launch.start(repository, http_port, grpc_port, metrics_port, stdout=log, extra=extra)
+    server = TritonServer(http_port, grpc_port, metrics_port, repository, log_path, process)
+    try:
+        launch.wait_ready(http_port, process, timeout_s=ready_timeout_s)
+    except Exception as e:
+        launch.stop(process)
+        pytest.fail(f"Triton did not become ready ({e}); log tail:\n{server.log()[-6000:]}")
+    return server
+
+
 @pytest.fixture(scope="session")
 def triton_server(tmp_path_factory) -> TritonServer:
     from tests.e2e.repository import assemble_repository
@@ -67,18 +86,9 @@ def triton_server(tmp_path_factory) -> TritonServer:
 
     workdir = tmp_path_factory.mktemp("triton")
     repository = assemble_repository(workdir / "model_repository")
-    http_port, grpc_port, metrics_port = free_ports(3)
-    log_path = workdir / "tritonserver.log"
-    with open(log_path, "wb") as log:
-        process = launch.start(repository, http_port, grpc_port, metrics_port, stdout=log)
-    server = TritonServer(http_port, grpc_port, metrics_port, repository, log_path, process)
-    try:
-        launch.wait_ready(http_port, process, timeout_s=600)
-    except Exception:
-        launch.stop(process)
-        pytest.fail(f"Triton did not become ready; log tail:\n{server.log()[-6000:]}")
+    server = start_server(repository, workdir, ready_timeout_s=600)
     yield server
-    code = launch.stop(process)
+    code = launch.stop(server.process)
     assert code == 0, f"Triton exited with {code} on shutdown; log tail:\n{server.log()[-4000:]}"
 
 

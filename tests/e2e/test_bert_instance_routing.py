@@ -17,7 +17,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from build.bert_gpu import GpuModelOptions, write_gpu_model
-from tests.conftest import free_ports
+from tests.conftest import start_server
 from trident.server import launch
 
 pytestmark = pytest.mark.e2e
@@ -55,13 +55,9 @@ def test_sequential_requests_stay_on_one_instance_and_bursts_use_all(tmp_path, m
     repository = tmp_path / "repository"
     cpu_copy_of_gpu_model(repository)
     monkeypatch.setenv("TRIDENT_BERT_PHASES", str(tmp_path / "phases"))
-    http_port, grpc_port, metrics_port = free_ports(3)
-    url = f"127.0.0.1:{grpc_port}"
-    with open(tmp_path / "server.log", "wb") as log:
-        process = launch.start(repository, http_port, grpc_port, metrics_port, stdout=log,
-                               extra=["--rate-limit=execution_count"])
+    server = start_server(repository, tmp_path, extra=["--rate-limit=execution_count"])
+    process, url = server.process, server.grpc_url
     try:
-        launch.wait_ready(http_port, process, timeout_s=300)
         infer(url, TEXTS)  # every instance has loaded; the first calls may go anywhere (ties)
         sequential = [time.time()]
         for i in range(40):

@@ -5,11 +5,10 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import free_ports
+from tests.conftest import start_server
 from tests.e2e.test_gpt import PROMPTS, Stream, hf_greedy, joined, metrics  # noqa: F401  (hf_greedy: a fixture)
 from trident.engine.engine_process import pid_alive
 from trident.server import launch
@@ -37,21 +36,17 @@ def test_instances_share_one_engine_split_the_requests_and_count_metrics_once(tm
     repository = instances_repository(tmp_path / "repository", gpt_model_dir, count=3)
     phases = tmp_path / "phases"
     monkeypatch.setenv("TRIDENT_GPT_PHASES", str(phases))   # each stub logs its execute() calls
-    http_port, grpc_port, metrics_port = free_ports(3)
-    log_path = tmp_path / "server.log"
-    with open(log_path, "wb") as log:
-        process = launch.start(repository, http_port, grpc_port, metrics_port, stdout=log)
+    server = start_server(repository, tmp_path)
     try:
-        launch.wait_ready(http_port, process, timeout_s=300)
         started = re.findall(r"gpt: engine process (\d+): .*\((started by|shared with) instance (\S+)\)",
-                             log_path.read_text())
-        assert len(started) == 3, log_path.read_text()[-3000:]
+                             server.log())
+        assert len(started) == 3, server.log()[-3000:]
         assert len({pid for pid, _, _ in started}) == 1               # one engine
         assert sorted(how for _, how, _ in started) == ["shared with", "shared with", "started by"]
         engine_pid = int(started[0][0])
 
         prompts = PROMPTS[:10]
-        stream = Stream(f"127.0.0.1:{grpc_port}")
+        stream = Stream(server.grpc_url)
         try:
             for i, prompt in enumerate(prompts):
                 stream.send(f"r{i}", prompt, stream=i % 2 == 0, max_tokens=MAX_TOKENS, temperature=0.0)
@@ -72,7 +67,7 @@ def test_instances_share_one_engine_split_the_requests_and_count_metrics_once(tm
         num_tokens = sum(len(ids) for _, ids, _ in served)
         deadline = time.monotonic() + 5
         while True:
-            values = metrics(SimpleNamespace(metrics_url=f"http://127.0.0.1:{metrics_port}/metrics"))
+            values = metrics(server)
             finished = sum(v for k, v in values.items() if k.startswith("trident:request_success_total["))
             landed = finished == len(prompts) and values.get("trident:generation_tokens_total") == num_tokens
             if landed or time.monotonic() > deadline:
@@ -82,8 +77,8 @@ def test_instances_share_one_engine_split_the_requests_and_count_metrics_once(tm
         assert values["trident:generation_tokens_total"] == num_tokens, values
         assert values["trident:inter_token_latency_seconds_count"] == num_tokens - len(prompts), values
     finally:
-        code = launch.stop(process)
-    assert code == 0, log_path.read_text()[-3000:]
+        code = launch.stop(server.process)
+    assert code == 0, server.log()[-3000:]
     deadline = time.monotonic() + 10
     while pid_alive(engine_pid) and time.monotonic() < deadline:   # the last instance out stops it
         time.sleep(0.1)

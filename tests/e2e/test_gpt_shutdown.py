@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import free_ports
+from tests.conftest import start_server
 from tests.e2e.test_gpt import Stream
 from trident.server import launch
 
@@ -20,14 +20,11 @@ def test_in_flight_requests_get_a_final_error_on_shutdown(tmp_path, gpt_model_di
     repository = tmp_path / "repository"
     repository.mkdir()
     (repository / "gpt").symlink_to(gpt_model_dir)
-    http_port, grpc_port, metrics_port = free_ports(3)
-    with open(tmp_path / "server.log", "wb") as log:
-        # A short exit timeout: Triton waits that long for in-flight requests, then unloads the model.
-        process = launch.start(repository, http_port, grpc_port, metrics_port, stdout=log,
-                               extra=["--exit-timeout-secs=20"])
+    # A short exit timeout: Triton waits that long for in-flight requests, then unloads the model.
+    server = start_server(repository, tmp_path, extra=["--exit-timeout-secs=20"])
+    process = server.process
     try:
-        launch.wait_ready(http_port, process, timeout_s=300)
-        stream = Stream(f"127.0.0.1:{grpc_port}")
+        stream = Stream(server.grpc_url)
         for i in range(3):
             stream.send(f"r{i}", "Count to ten thousand:", stream=True, max_tokens=1500, ignore_eos=True,
                         temperature=0.0)
@@ -54,15 +51,12 @@ def test_a_dead_engine_process_fails_in_flight_and_later_requests_and_the_server
     repository = tmp_path / "repository"
     repository.mkdir()
     (repository / "gpt").symlink_to(gpt_model_dir)
-    http_port, grpc_port, metrics_port = free_ports(3)
-    log_path = tmp_path / "server.log"
-    with open(log_path, "wb") as log:
-        process = launch.start(repository, http_port, grpc_port, metrics_port, stdout=log)
+    server = start_server(repository, tmp_path)
+    process = server.process
     try:
-        launch.wait_ready(http_port, process, timeout_s=300)
-        found = re.search(r"gpt: engine process (\d+):", log_path.read_text())
-        assert found, log_path.read_text()[-3000:]
-        stream = Stream(f"127.0.0.1:{grpc_port}")
+        found = re.search(r"gpt: engine process (\d+):", server.log())
+        assert found, server.log()[-3000:]
+        stream = Stream(server.grpc_url)
         stream.send("long", "Count to ten thousand:", stream=True, max_tokens=1500, ignore_eos=True, temperature=0.0)
         deadline = time.monotonic() + 120
         while not stream.responses["long"] and time.monotonic() < deadline:
