@@ -279,15 +279,19 @@ class _Timer:
         setattr(owner, name, timed)
 
 
-def run_engine(config, case: Case, prompts, profile_dir: Path | None = None, system: str = "engine") -> Result:
-    """What an offline user runs (vLLM's ``LLM``): FINAL_ONLY requests, one output each, all at once."""
+def run_engine(config, case: Case, prompts, profile_dir: Path | None = None, system: str = "engine",
+               streaming: bool = False) -> Result:
+    """What an offline user runs (vLLM's ``LLM``): FINAL_ONLY requests, one output each, all at once.
+    ``streaming``: what the Triton model asks of the engine for a stream instead (DELTA outputs, one
+    per request per step, token ids only: the text is decoded by the stub)."""
     from trident.engine.engine import LLMEngine
     from trident.engine.model_runner import PendingTokens
     from trident.engine.sampling_params import RequestOutputKind, SamplingParams
 
     engine = LLMEngine(config)
     params = SamplingParams(temperature=0.0, max_tokens=case.output_len, ignore_eos=True,
-                            output_kind=RequestOutputKind.FINAL_ONLY)
+                            output_kind=RequestOutputKind.DELTA if streaming else RequestOutputKind.FINAL_ONLY,
+                            detokenize=not streaming)
     for i, prompt in enumerate(prompts[:8]):     # warm-up: prefill + a few decode buckets
         engine.add_request(f"warm-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     while engine.has_unfinished():
@@ -302,12 +306,16 @@ def run_engine(config, case: Case, prompts, profile_dir: Path | None = None, sys
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), prompt, params, arrival_time=t0)
     finals, steps = [], 0
+    counts: dict[str, int] = {}   # output tokens per request (a DELTA output holds only its new ones)
     profiler = None
     try:
         while engine.has_unfinished():
             if profile_dir is not None and steps == 40:
                 profiler = _start_profiler()
-            finals += [out for out in engine.step() if out.finished]
+            for out in engine.step():
+                counts[out.request_id] = counts.get(out.request_id, 0) + out.num_output_tokens
+                if out.finished:
+                    finals.append(out)
             steps += 1
             if profiler is not None and steps == 60:
                 _stop_profiler(profiler, profile_dir)
@@ -316,9 +324,9 @@ def run_engine(config, case: Case, prompts, profile_dir: Path | None = None, sys
         PendingTokens.result = unpatched_result
     elapsed = time.monotonic() - t0
     ttft = [o.timings.time_to_first_token for o in finals]
-    tpot = [(o.timings.finished - o.timings.first_token) / max(len(o.output_token_ids) - 1, 1) for o in finals]
-    total = sum(len(o.output_token_ids) for o in finals)
-    notes = {"steps": steps, "output_kind": "final_only", "launch_s": round(launch.total, 3),
+    tpot = [(o.timings.finished - o.timings.first_token) / max(counts[o.request_id] - 1, 1) for o in finals]
+    total = sum(counts[o.request_id] for o in finals)
+    notes = {"steps": steps, "output_kind": "delta" if streaming else "final_only", "launch_s": round(launch.total, 3),
              "wait_s": round(wait.total, 3), "schedule_s": round(schedule.total, 3),
              "other_host_s": round(elapsed - launch.total - wait.total - schedule.total, 3),
              "max_num_seqs": config.max_num_seqs, "max_num_batched_tokens": config.max_num_batched_tokens,
@@ -584,6 +592,8 @@ def run_case(case: Case, args, work: Path, tokenizers: Path | None) -> list[Resu
                             args.max_num_batched_tokens, args.kv_fraction)
     profile_dir = Path(args.profile_dir) if args.profile_dir and case == args.cases[0] else None
     attempt("engine", lambda: run_engine(econfig, case, prompts, profile_dir))
+    # The engine as a Triton stream drives it: an output per request per step.
+    attempt("engine_stream", lambda: run_engine(econfig, case, prompts, None, "engine_stream", streaming=True))
     # The same engine with every step waiting for the previous one's tokens (no async scheduling).
     attempt("engine_sync", lambda: run_engine(dataclasses.replace(econfig, async_scheduling=False), case, prompts,
                                               None, "engine_sync"))
@@ -744,13 +754,13 @@ def _print_ratios(rows: list[dict]) -> None:
         if not ours:
             continue
         parts = [f"{s} {ours / by[(case, s)]:.1f}x" for s in ("hf_static", "hf_cb") if by.get((case, s))]
-        parts += [f"{s} {by[(case, s)] / ours:.0%} of in-process" for s in ("triton", "triton_stream", "engine_w8a16", "engine_sync")
+        parts += [f"{s} {by[(case, s)] / ours:.0%} of in-process" for s in ("triton", "triton_stream", "engine_w8a16", "engine_sync", "engine_stream")
                   if by.get((case, s))]
         print(f"{case}: engine vs " + ", ".join(parts))
 
 
 # -- plots ---------------------------------------------------------------------------------------
-COLORS = {"engine": "#1f77b4", "engine_sync": "#6baed6", "engine_w8a16": "#aec7e8", "triton": "#2ca02c", "triton_stream": "#98df8a", "hf_static": "#ff7f0e",
+COLORS = {"engine": "#1f77b4", "engine_sync": "#6baed6", "engine_stream": "#9ecae1", "engine_w8a16": "#aec7e8", "triton": "#2ca02c", "triton_stream": "#98df8a", "hf_static": "#ff7f0e",
           "hf_cb": "#d62728"}
 
 
