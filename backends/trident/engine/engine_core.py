@@ -170,6 +170,7 @@ class _Core:
         self._wake_recv, self._wake_send = Pipe(duplex=False)
         self._indexes = itertools.count()
         self._reported_totals = {name: 0 for name in STATS_FIELDS_TOTAL}
+        self._stats_due = False      # a step produced outputs since the lead was last sent stats
         threading.Thread(target=self._accept_loop, name="trident-engine-acceptor", daemon=True).start()
 
     # -- frontends come and go --------------------------------------------------------------------
@@ -321,14 +322,15 @@ class _Core:
             return
         lead = frontends[0]
         lead.latencies += self.engine.drain_inter_token_latencies()
-        if not any(frontend.has_output() for frontend in frontends):
-            return
+        if any(frontend.has_output() for frontend in frontends):
+            self._stats_due = True   # kept until the lead can take them, even if the engine idles
         for frontend in frontends:
             is_lead = frontend is lead
-            if frontend.waiting_ready or not (frontend.has_output() or is_lead):
+            if frontend.waiting_ready or not (frontend.has_output() or (is_lead and self._stats_due)):
                 continue
             stats = increments = None
             if is_lead:
+                self._stats_due = False
                 stats, increments = self.engine.stats(), {}
                 for name in STATS_FIELDS_TOTAL:   # since the last stats any frontend was sent
                     total = getattr(stats, name)
