@@ -27,7 +27,7 @@ from .sampler import Sampler
 from .sampling_params import RequestOutputKind, SamplingParams
 from .scheduler import QueueFullError, Scheduler, SchedulerOutput
 from .sequence import Sequence, SequenceStatus
-from .stop_checker import StopDecision, check_stop, check_token_stop
+from .stop_checker import StopDecision, check_stop, check_token_stop, ends_by_length
 
 __all__ = ["LLM", "LLMEngine", "QueueFullError"]
 
@@ -281,7 +281,7 @@ class LLMEngine:
             num_output = seq.num_output_tokens + 1   # with the in-flight token
             if p.min_tokens and num_output < p.min_tokens:
                 return None   # EOS masking: sampled on the host
-            if (num_output >= p.max_tokens and num_output >= p.min_tokens) or seq.num_tokens + 1 >= max_model_len:
+            if ends_by_length(p, num_output, seq.num_tokens + 1, max_model_len):
                 continue      # the in-flight token is its last ("length")
             rows.append(i)
             continuing.append(seq)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trident.engine.sampling_params import SamplingParams
 from trident.engine.sequence import Sequence
 
 
@@ -34,12 +35,17 @@ def check_stop(seq: Sequence, output_text: str, num_new_chars: int, eos_token_id
             output_text, num_new_chars, params.stop, params.include_stop_str_in_output)
         if decision is not None:
             return decision
-        if seq.num_output_tokens >= params.max_tokens:
-            return StopDecision("length", None, len(output_text))
-    # The context limit is hard: the model has no positions beyond it, min_tokens or not.
-    if seq.num_tokens >= max_model_len:
+    if ends_by_length(params, seq.num_output_tokens, seq.num_tokens, max_model_len):
         return StopDecision("length", None, len(output_text))
     return StopDecision(None, None, len(output_text) - held_back(output_text, params.stop))
+
+
+def ends_by_length(params: SamplingParams, num_output_tokens: int, num_tokens: int, max_model_len: int) -> bool:
+    """Whether a sequence of this many tokens is done by its length alone: ``max_tokens`` once
+    ``min_tokens`` are out, or the context limit, which is hard (the model has no positions beyond
+    it, min_tokens or not). Async scheduling asks it ahead of a token the host has not seen yet."""
+    return (num_output_tokens >= params.min_tokens and num_output_tokens >= params.max_tokens) \
+        or num_tokens >= max_model_len
 
 
 def check_token_stop(seq: Sequence, eos_token_ids: list[int], max_model_len: int) -> tuple[str, int | None] | None:
@@ -59,9 +65,7 @@ def check_token_stop(seq: Sequence, eos_token_ids: list[int], max_model_len: int
             return "stop", None
         if token in params.stop_token_ids:
             return "stop", token
-        if num_output_tokens >= params.max_tokens:
-            return "length", None
-    if len(token_ids) >= max_model_len:
+    if ends_by_length(params, num_output_tokens, len(token_ids), max_model_len):
         return "length", None
     return None
 
