@@ -171,41 +171,51 @@ def run_greedy(core: EngineProcess, prefix: str, prompts: list[list[int]]) -> di
     return collect(core, {f"{prefix}{i}" for i in range(len(prompts))})
 
 
-def test_frontends_with_one_key_share_one_engine_and_each_gets_only_its_own_outputs(config, tmp_path):
-    key = f"test-{tmp_path.name}"
-    first = EngineProcess(config, key=key)
-    second = EngineProcess(config, key=key)
-    try:
-        assert first.started_here and not second.started_here
-        assert second.pid == first.pid and second.info == first.info
-        prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9]]
-        (expected_a, expected_b, expected_c) = LLMEngine(config).generate(
-            prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
-        # Interleaved: both frontends' requests run in the same engine steps.
-        first.add_request("a", prompts[0], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), time.monotonic())
-        second.add_request("b", prompts[1], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), time.monotonic())
-        first.add_request("c", prompts[2], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), time.monotonic())
-        seen_first, seen_second = collect(first, {"a", "c"}), collect(second, {"b"})
-        assert seen_first["a"][-1].token_ids == expected_a.output_token_ids
-        assert seen_first["c"][-1].token_ids == expected_c.output_token_ids
-        assert seen_second["b"][-1].token_ids == expected_b.output_token_ids
-        # An id already in flight through the other frontend is refused, not crossed.
-        first.add_request("dup", [1, 2], SamplingParams(max_tokens=50, ignore_eos=True), time.monotonic())
-        second.add_request("dup", [1, 2], SamplingParams(max_tokens=2), time.monotonic())
-        assert "already in flight" in collect(second, {"dup"})["dup"][0]
-        assert collect(first, {"dup"})["dup"][-1].finished
-        # A different config under the same key gets an engine of its own.
-        other = EngineProcess(dataclasses.replace(config, max_num_seqs=4), key=key)
-        assert other.started_here and other.pid != first.pid
-        other.shutdown()
-        assert not other.is_alive()
-    finally:
-        second.shutdown()
-        first.shutdown()
+@pytest.fixture
+def shared_key(tmp_path) -> str:
+    return f"test-{tmp_path.name}"
 
 
-def test_the_engine_lives_while_any_frontend_is_attached_and_stops_with_the_last(config, tmp_path):
-    key = f"test-{tmp_path.name}"
+@pytest.fixture
+def pair(config, shared_key):
+    """Two frontends on one key (the first starts the engine, the second attaches), detached in
+    reverse order."""
+    first = EngineProcess(config, key=shared_key)
+    second = EngineProcess(config, key=shared_key)
+    yield first, second
+    second.shutdown()
+    first.shutdown()
+
+
+def test_frontends_with_one_key_share_one_engine_and_each_gets_only_its_own_outputs(config, pair, shared_key):
+    first, second = pair
+    assert first.started_here and not second.started_here
+    assert second.pid == first.pid and second.info == first.info
+    prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    (expected_a, expected_b, expected_c) = LLMEngine(config).generate(prompts, greedy)
+    # Interleaved: both frontends' requests run in the same engine steps.
+    first.add_request("a", prompts[0], greedy, time.monotonic())
+    second.add_request("b", prompts[1], greedy, time.monotonic())
+    first.add_request("c", prompts[2], greedy, time.monotonic())
+    seen_first, seen_second = collect(first, {"a", "c"}), collect(second, {"b"})
+    assert seen_first["a"][-1].token_ids == expected_a.output_token_ids
+    assert seen_first["c"][-1].token_ids == expected_c.output_token_ids
+    assert seen_second["b"][-1].token_ids == expected_b.output_token_ids
+    # An id already in flight through the other frontend is refused, not crossed.
+    first.add_request("dup", [1, 2], SamplingParams(max_tokens=50, ignore_eos=True), time.monotonic())
+    second.add_request("dup", [1, 2], SamplingParams(max_tokens=2), time.monotonic())
+    assert "already in flight" in collect(second, {"dup"})["dup"][0]
+    assert collect(first, {"dup"})["dup"][-1].finished
+    # A different config under the same key gets an engine of its own.
+    other = EngineProcess(dataclasses.replace(config, max_num_seqs=4), key=shared_key)
+    assert other.started_here and other.pid != first.pid
+    other.shutdown()
+    assert not other.is_alive()
+
+
+def test_the_engine_lives_while_any_frontend_is_attached_and_stops_with_the_last(config, shared_key):
+    key = shared_key
     starter = EngineProcess(config, key=key)
     attached = EngineProcess(config, key=key)
     pid = starter.pid
@@ -224,47 +234,35 @@ def test_the_engine_lives_while_any_frontend_is_attached_and_stops_with_the_last
         fresh.shutdown()
 
 
-def test_a_frontend_that_vanishes_loses_its_requests_and_the_others_keep_going(config, tmp_path):
-    key = f"test-{tmp_path.name}"
-    lead = EngineProcess(config, key=key)
-    doomed = EngineProcess(config, key=key)
-    try:
-        doomed.add_request("orphan", [1, 2, 3], SamplingParams(max_tokens=100, ignore_eos=True), time.monotonic())
-        # As if its process had died: the engine reads EOF.
-        socket.socket(fileno=os.dup(doomed._conn.fileno())).shutdown(socket.SHUT_RDWR)
-        seen = run_greedy(lead, "y", [[5, 6, 7]])
-        assert seen["y0"][-1].finish_reason == "length"
-        assert any(isinstance(m, EngineDied) for m in doomed.get(timeout=5))
-    finally:
-        doomed.shutdown(timeout_s=1)
-        lead.shutdown()
+def test_a_frontend_that_vanishes_loses_its_requests_and_the_others_keep_going(pair):
+    lead, doomed = pair
+    doomed.add_request("orphan", [1, 2, 3], SamplingParams(max_tokens=100, ignore_eos=True), time.monotonic())
+    # As if its process had died: the engine reads EOF.
+    socket.socket(fileno=os.dup(doomed._conn.fileno())).shutdown(socket.SHUT_RDWR)
+    seen = run_greedy(lead, "y", [[5, 6, 7]])
+    assert seen["y0"][-1].finish_reason == "length"
+    assert any(isinstance(m, EngineDied) for m in doomed.get(timeout=5))
 
 
-def test_only_the_lead_frontend_gets_stats_and_the_increments_add_up_to_the_totals(config, tmp_path):
-    key = f"test-{tmp_path.name}"
-    lead = EngineProcess(config, key=key)
-    follower = EngineProcess(config, key=key)
-    try:
-        follower.add_request("f", [1, 2, 3], SamplingParams(max_tokens=7, ignore_eos=True), time.monotonic())
-        lead_steps, follower_steps = [], []
-        deadline = time.monotonic() + 60
-        while not any(o.finished for s in follower_steps for o in s.outputs()):
-            assert time.monotonic() < deadline
-            follower_steps += follower.get(timeout=0.2)
-            lead_steps += lead.get(timeout=0.0)
-        # The last stats reach the lead once it has taken the steps before them (backpressure),
-        # even though the engine is idle by then.
-        while not (lead_steps and lead_steps[-1].stats.generation_tokens_total >= 7):
-            assert time.monotonic() < deadline, lead_steps[-1:]
-            lead_steps += lead.get(timeout=0.2)
-        assert all(s.stats is None and not s.inter_token_latencies for s in follower_steps)
-        assert lead_steps and all(not s.request_ids and s.stats is not None for s in lead_steps)
-        generated = sum(s.stat_increments["generation_tokens_total"] for s in lead_steps)
-        assert generated == lead_steps[-1].stats.generation_tokens_total >= 7
-        assert len([x for s in lead_steps for x in s.inter_token_latencies]) == 6
-    finally:
-        follower.shutdown()
-        lead.shutdown()
+def test_only_the_lead_frontend_gets_stats_and_the_increments_add_up_to_the_totals(pair):
+    lead, follower = pair
+    follower.add_request("f", [1, 2, 3], SamplingParams(max_tokens=7, ignore_eos=True), time.monotonic())
+    lead_steps, follower_steps = [], []
+    deadline = time.monotonic() + 60
+    while not any(o.finished for s in follower_steps for o in s.outputs()):
+        assert time.monotonic() < deadline
+        follower_steps += follower.get(timeout=0.2)
+        lead_steps += lead.get(timeout=0.0)
+    # The last stats reach the lead once it has taken the steps before them (backpressure),
+    # even though the engine is idle by then.
+    while not (lead_steps and lead_steps[-1].stats.generation_tokens_total >= 7):
+        assert time.monotonic() < deadline, lead_steps[-1:]
+        lead_steps += lead.get(timeout=0.2)
+    assert all(s.stats is None and not s.inter_token_latencies for s in follower_steps)
+    assert lead_steps and all(not s.request_ids and s.stats is not None for s in lead_steps)
+    generated = sum(s.stat_increments["generation_tokens_total"] for s in lead_steps)
+    assert generated == lead_steps[-1].stats.generation_tokens_total >= 7
+    assert len([x for s in lead_steps for x in s.inter_token_latencies]) == 6
 
 
 def test_the_engine_exits_when_the_process_it_watches_is_gone(config):
