@@ -149,14 +149,13 @@ class EngineProcess:
                  start_timeout_s: float = 900.0):
         name = f"{key}-{config_fingerprint(config)}" if key else f"private-{os.getpid()}-{secrets.token_hex(4)}"
         self.address, self._lock_path = engine_paths(name)
-        lock_path = self._lock_path
         self._popen: subprocess.Popen | None = None
         # Under the lock: whether an engine is there, starting one, and the handshake, so that two
         # frontends never start two engines and an engine never exits under a frontend attaching.
-        with file_lock(lock_path):
+        with file_lock(self._lock_path):
             conn = connect(self.address)
             if conn is None:
-                self._popen = spawn(config, self.address, lock_path, watch_pid or os.getpid())
+                self._popen = spawn(config, self.address, self._lock_path, watch_pid or os.getpid())
                 conn = self._connect_spawned(start_timeout_s)
             self.info = self._handshake(conn, start_timeout_s)
         self._conn = conn
