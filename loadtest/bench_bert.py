@@ -63,10 +63,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "backends")]
 from build.bert_gpu import GpuModelOptions  # noqa: E402
 from trident.bert.torch_model import BertShape, PackedBert, hf_state_dict  # noqa: E402
 from trident.bert.torch_runtime import TorchRuntime, TorchRuntimeOptions, prepare  # noqa: E402
+from trident.triton.phase_log import BERT_PHASES_ENV, read_records  # noqa: E402
 
 # trident.triton.bert_model.PhaseLog (that module imports Triton's stub utilities): the variable it
 # reads, and the keys of its records that are not phases.
-PHASES_ENV = "TRIDENT_BERT_PHASES"
 PHASE_RECORD_KEYS = ("start", "num_requests", "num_texts")
 RATE_LIMIT = "--rate-limit=execution_count"
 
@@ -497,8 +497,7 @@ def measure_triton_model(server, name: str, num_instances: int, texts_file: Path
 def stub_phases_ms(directory: Path, model: str, window: tuple[float, float]) -> dict[str, float]:
     """Median ms per execute() phase (trident.triton.bert_model.PhaseLog) of ``model``'s calls that
     started inside ``window``, and their total; empty when the stubs wrote nothing."""
-    records = [json.loads(line) for path in directory.glob(f"{model}.*.jsonl") for line in path.open()]
-    records = [r for r in records if window[0] <= r["start"] <= window[1]]
+    records = [r for rows in read_records(directory, model, window).values() for r in rows]
     if not records:
         return {}
     names = [key for key in records[0] if key not in PHASE_RECORD_KEYS]
@@ -544,7 +543,7 @@ def bench_triton(args) -> tuple[list[TritonResult], dict]:
     served = write_repository(work / "model_repository", artifacts, precisions, args)
     write_floor_model(work / "model_repository", args)
     phases_dir = work / "phases"  # the stubs record their execute() phases there (trident.triton.phase_log)
-    os.environ[PHASES_ENV] = str(phases_dir)
+    os.environ[BERT_PHASES_ENV] = str(phases_dir)
     started = time.perf_counter()
     # build/bert_gpu.py's preferred instance takes sequential requests only under the rate limiter
     server = TritonServer(work / "model_repository", work,
@@ -574,7 +573,7 @@ def bench_triton(args) -> tuple[list[TritonResult], dict]:
                   + (f": {first_error[:200]}" if first_error else ""), flush=True)
     finally:
         server.stop()
-        os.environ.pop(PHASES_ENV, None)
+        os.environ.pop(BERT_PHASES_ENV, None)
         shutil.copyfile(server.log_path, args.out / "bench_bert_tritonserver.log")
     for name, result in zip(served, results):  # the stubs write their last records at unload
         result.phases_ms = stub_phases_ms(phases_dir, name, windows[name])

@@ -49,8 +49,8 @@ sys.path.insert(0, str(REPO_ROOT / "backends"))
 sys.path.insert(0, str(REPO_ROOT / "loadtest"))
 
 from triton_server import TritonServer, site_dir, triton_python  # noqa: E402
+from trident.triton.phase_log import GPT_PHASES_ENV, read_records  # noqa: E402
 
-PHASES_ENV = "TRIDENT_GPT_PHASES"   # trident.triton.gpt_model's profiling switch
 HBM_BYTES_PER_S = 3.35e12   # H100 SXM datasheet (reference.md); 3.03e12 measured copy
 
 # Real shapes (random weights: values do not change speed). SmolLM2-135M and GPT-2 124M.
@@ -519,8 +519,7 @@ def stub_phases(directory: Path, start: float, end: float) -> dict:
     engine steps; senders: per batch of responses, all shards)."""
     summary: dict = {}
     for log in ("execute", "admit", "router", "senders"):
-        rows = [json.loads(line) for f in directory.glob(f"gpt-{log}.*.jsonl") for line in f.read_text().splitlines()]
-        rows = [r for r in rows if start <= r["start"] <= end]
+        rows = [r for rows in read_records(directory, f"gpt-{log}", (start, end)).values() for r in rows]
         summary[log] = {"records": len(rows)}
         if rows:
             summary[log]["span_s"] = round(max(r["start"] for r in rows) - min(r["start"] for r in rows), 3)
@@ -635,11 +634,11 @@ def run_triton_systems(case: Case, systems: list[str], texts: list[str], model_d
             with open(repository / "gpt" / "config.pbtxt", "a") as f:
                 f.write(f'parameters {{ key: "response_threads" value: {{ string_value: "{response_threads}" }} }}\n')
         phases = server_work / "phases"
-        os.environ[PHASES_ENV] = str(phases)   # the server's stub inherits it
+        os.environ[GPT_PHASES_ENV] = str(phases)   # the server's stub inherits it
         try:
             server = TritonServer(repository, server_work)
         finally:
-            os.environ.pop(PHASES_ENV, None)
+            os.environ.pop(GPT_PHASES_ENV, None)
         for system, stream in (("triton", False), ("triton_stream", True)):
             if system in systems:
                 result = attempt(system, lambda: run_triton(server, case, texts, stream, args.clients, phases),

@@ -160,7 +160,7 @@ def through_triton(artifacts: Path, texts_file: Path, work: Path, args) -> list[
 
     write_variants(work / "repository", artifacts, args)
     phases_dir = work / "phases"
-    os.environ[bench_bert.PHASES_ENV] = str(phases_dir)
+    os.environ[bench_bert.BERT_PHASES_ENV] = str(phases_dir)
     started = time.perf_counter()
     server = TritonServer(work / "repository", work, extra=[bench_bert.RATE_LIMIT] if args.rate_limit else [])
     print(f"triton: {len(VARIANTS) + len(FLOORS)} models ready in {time.perf_counter() - started:.0f} s", flush=True)
@@ -190,7 +190,7 @@ def through_triton(artifacts: Path, texts_file: Path, work: Path, args) -> list[
                                                 f"{row['mean_batch']:.1f}" if "seq_per_s" in row else ""), flush=True)
     finally:
         server.stop()
-        os.environ.pop(bench_bert.PHASES_ENV, None)
+        os.environ.pop(bench_bert.BERT_PHASES_ENV, None)
     for row in rows:
         if row["name"] in VARIANTS:
             row["phases_ms"] = bench_bert.stub_phases_ms(phases_dir, row["name"], row["window"])

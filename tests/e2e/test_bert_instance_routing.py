@@ -6,9 +6,7 @@ device), and which stub process ran each execute() comes from the model's phase 
 """
 from __future__ import annotations
 
-import json
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import tritonclient.grpc as grpcclient
 from build.bert_gpu import GpuModelOptions, write_gpu_model
 from tests.conftest import start_server
 from trident.server import launch
+from trident.triton.phase_log import BERT_PHASES_ENV, read_records
 
 pytestmark = pytest.mark.e2e
 
@@ -43,18 +42,15 @@ def infer(url: str, texts: list[str]) -> None:
 
 
 def executes_per_instance(phases: Path, window: tuple[float, float]) -> list[int]:
-    counts = Counter()
-    for path in phases.glob("bert_routed.*.jsonl"):
-        for line in path.open():
-            if window[0] <= json.loads(line)["start"] <= window[1]:
-                counts[path.name] += 1  # one file per stub process
-    return sorted(counts.values(), reverse=True)
+    """execute() calls that started inside ``window``, per stub process that made any."""
+    counts = [len(rows) for rows in read_records(phases, "bert_routed", window).values()]
+    return sorted((n for n in counts if n), reverse=True)
 
 
 def test_sequential_requests_stay_on_one_instance_and_bursts_use_all(tmp_path, monkeypatch):
     repository = tmp_path / "repository"
     cpu_copy_of_gpu_model(repository)
-    monkeypatch.setenv("TRIDENT_BERT_PHASES", str(tmp_path / "phases"))
+    monkeypatch.setenv(BERT_PHASES_ENV, str(tmp_path / "phases"))
     server = start_server(repository, tmp_path, extra=["--rate-limit=execution_count"])
     process, url = server.process, server.grpc_url
     try:

@@ -12,6 +12,7 @@ from tests.conftest import start_server
 from tests.e2e.test_gpt import PROMPTS, Stream, hf_greedy, joined, metrics  # noqa: F401  (hf_greedy: a fixture)
 from trident.engine.engine_process import pid_alive
 from trident.server import launch
+from trident.triton.phase_log import GPT_PHASES_ENV, read_records
 
 pytestmark = pytest.mark.e2e
 MAX_TOKENS = 12
@@ -35,7 +36,7 @@ def test_instances_share_one_engine_split_the_requests_and_count_metrics_once(tm
                                                                                monkeypatch):
     repository = instances_repository(tmp_path / "repository", gpt_model_dir, count=3)
     phases = tmp_path / "phases"
-    monkeypatch.setenv("TRIDENT_GPT_PHASES", str(phases))   # each stub logs its execute() calls
+    monkeypatch.setenv(GPT_PHASES_ENV, str(phases))   # each stub logs its execute() calls
     server = start_server(repository, tmp_path)
     try:
         started = re.findall(r"gpt: engine process (\d+): .*\((started by|shared with) instance (\S+)\)",
@@ -58,9 +59,7 @@ def test_instances_share_one_engine_split_the_requests_and_count_metrics_once(tm
 
         # The instances took requests (Triton spreads concurrent ones over idle instances).
         time.sleep(1.5)   # the phase logs flush every second
-        per_stub = {}
-        for f in phases.glob("gpt-execute.*.jsonl"):
-            per_stub[f.name] = len(f.read_text().splitlines())
+        per_stub = {pid: len(rows) for pid, rows in read_records(phases, "gpt-execute").items()}
         assert len(per_stub) == 3 and sum(per_stub.values()) == len(prompts), per_stub
 
         # Shared counters count each request and token once, whichever instance recorded them.

@@ -33,11 +33,10 @@ import triton_python_backend_utils as pb_utils
 
 from trident.bert.encoder import BertEncoder
 from trident.triton.io import RequestError, decode_texts, string_array
-from trident.triton.phase_log import PhaseLog
+from trident.triton.phase_log import BERT_PHASES_ENV, PhaseLog
 from trident.triton.shutdown import on_sigterm
 
 OUTPUTS_BY_TASK = {"embedding": {"embedding"}, "classification": {"logits", "label"}}
-PHASES_ENV = "TRIDENT_BERT_PHASES"
 PHASES = ("decode", "tokenize", "model", "respond")
 
 
@@ -85,7 +84,7 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"artifacts in {artifacts} are a {self.encoder.task} model with outputs {sorted(expected)}, "
                 f"but config.pbtxt declares {sorted(declared)}")
-        self.phases = PhaseLog.from_env(PHASES_ENV, args["model_name"], ("num_requests", "num_texts"), PHASES)
+        self.phases = PhaseLog.from_env(BERT_PHASES_ENV, args["model_name"], ("num_requests", "num_texts"), PHASES)
         options = self.encoder.options
         self.logger.log_info(f"bert: {self.encoder.task} model from {artifacts}, runtime={options.runtime} "
                              f"device={options.device} precision={options.precision}, "

@@ -46,7 +46,7 @@ from trident.engine.tokenizer import encode_batch, load_tokenizer
 from trident.triton.gpt_metrics import GptMetrics
 from trident.triton.gpt_request import GenerateRequest, parse_request
 from trident.triton.io import RequestError, string_array
-from trident.triton.phase_log import PhaseLog
+from trident.triton.phase_log import GPT_PHASES_ENV, PhaseLog
 from trident.triton.shutdown import on_sigterm
 
 CANCEL_CHECK_INTERVAL_S = 0.02
@@ -69,7 +69,6 @@ SHUTDOWN_MESSAGE = "the server is shutting down; the request was not completed"
 # Profiling: with TRIDENT_GPT_PHASES=<directory> in the server's environment, execute(), the
 # admission thread, the router and the senders record where their time goes
 # (trident.triton.phase_log); bench_gpt.py reads it.
-PHASES_ENV = "TRIDENT_GPT_PHASES"
 PHASES_FLUSH_S = 1.0
 
 
@@ -130,11 +129,11 @@ class TritonPythonModel:
         # see what a busy or stuck model is doing without stopping it.
         faulthandler.register(signal.SIGUSR1, all_threads=True)
         name = args["model_name"]
-        self.execute_log = PhaseLog.from_env(PHASES_ENV, f"{name}-execute", (), ("inputs", "parse", "queue"))
-        self.admit_log = PhaseLog.from_env(PHASES_ENV, f"{name}-admit", ("requests",), ("tokenize", "submit"))
-        self.router_log = PhaseLog.from_env(PHASES_ENV, f"{name}-router", ("steps", "outputs", "requests"),
+        self.execute_log = PhaseLog.from_env(GPT_PHASES_ENV, f"{name}-execute", (), ("inputs", "parse", "queue"))
+        self.admit_log = PhaseLog.from_env(GPT_PHASES_ENV, f"{name}-admit", ("requests",), ("tokenize", "submit"))
+        self.router_log = PhaseLog.from_env(GPT_PHASES_ENV, f"{name}-router", ("steps", "outputs", "requests"),
                                             ("wait", "take", "dispatch"))
-        self.sender_log = PhaseLog.from_env(PHASES_ENV, f"{name}-senders", ("responses",), ("send", "poll"))
+        self.sender_log = PhaseLog.from_env(GPT_PHASES_ENV, f"{name}-senders", ("responses",), ("send", "poll"))
         self._logs = (self.execute_log, self.admit_log, self.router_log, self.sender_log)
         num_shards = int(params.get("response_threads") or RESPONSE_THREADS)
         if num_shards < 1:

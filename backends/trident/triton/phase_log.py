@@ -13,6 +13,11 @@ import threading
 from pathlib import Path
 
 
+# The server-environment switches of the models' phase logs (read by loadtest/ and tests/ too).
+GPT_PHASES_ENV = "TRIDENT_GPT_PHASES"
+BERT_PHASES_ENV = "TRIDENT_BERT_PHASES"
+
+
 class PhaseLog:
     FLUSH_EVERY = 512
 
@@ -45,3 +50,15 @@ class PhaseLog:
         if records:
             with open(self.path, "a") as f:
                 f.writelines(json.dumps(dict(zip(self.keys, r))) + "\n" for r in records)
+
+
+def read_records(directory: Path, name: str, window: tuple[float, float] | None = None) -> dict[int, list[dict]]:
+    """The records of the logs called ``name`` under ``directory``, per writing process (pid), as
+    dicts of ``PhaseLog.keys``; ``window``: only those whose start lies in it (wall clock)."""
+    records: dict[int, list[dict]] = {}
+    for path in sorted(Path(directory).glob(f"{name}.*.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        if window is not None:
+            rows = [r for r in rows if window[0] <= r["start"] <= window[1]]
+        records[int(path.name[len(name) + 1:-len(".jsonl")])] = rows
+    return records
