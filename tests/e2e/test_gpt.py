@@ -76,8 +76,14 @@ class Stream:
         return self.responses[request_id]
 
     def close(self, cancel=False):
-        for client in self.clients.values():
-            client.stop_stream(cancel_requests=cancel)
+        """Close every stream; with ``cancel``, cancel the requests still waiting for their final
+        response. A stream whose request has ended is closed, not cancelled: in Triton 2.51's gRPC
+        frontend a cancellation that races a request's final response can leave the stream's state
+        behind (the kind of race triton-inference-server/server#8078 fixed later), and that state
+        holds the model, so the server cannot unload it at shutdown (a suite-end hang on
+        `gpt_small_queue`, once in four CI runs, after its queue-full test cancelled an answered stream)."""
+        for request_id, client in self.clients.items():
+            client.stop_stream(cancel_requests=cancel and not self.finals[request_id].is_set())
             client.close()
 
 

@@ -290,6 +290,8 @@ class TritonPythonModel:
                 self._fail_all(self.engine_error)
             if self.shutting_down.is_set() and not shutdown_handled:
                 shutdown_handled = True
+                self.logger.log_info(f"gpt: shutting down: answering {len(self.active)} request(s) in flight "
+                                     f"({', '.join(list(self.active)[:8])})")
                 self._fail_all(SHUTDOWN_MESSAGE)
                 self._tell_engine(self.core.abort_all, SHUTDOWN_MESSAGE)
             if self.router_log:
