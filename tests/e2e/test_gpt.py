@@ -57,14 +57,15 @@ class Stream:
         self.responses: dict[str, list] = {}
         self.finals: dict[str, threading.Event] = {}
 
-    def send(self, request_id: str, prompt: str, stop=None, model="gpt", inputs=None, **options):
+    def send(self, request_id: str, prompt: str, stop=None, model="gpt", inputs=None, outputs=None, **options):
         client = grpcclient.InferenceServerClient(self.url)
         self.clients[request_id] = client
         self.responses[request_id] = []
         self.finals[request_id] = threading.Event()
         client.start_stream(callback=lambda result, error: self._on_response(request_id, result, error))
+        requested = [grpcclient.InferRequestedOutput(name) for name in outputs] if outputs else None
         client.async_stream_infer(model, inputs or grpc_inputs(prompt, options, stop), request_id=request_id,
-                                  enable_empty_final_response=True)
+                                  outputs=requested, enable_empty_final_response=True)
 
     def _on_response(self, request_id, result, error):
         self.responses[request_id].append(error if error is not None else result)
@@ -193,6 +194,26 @@ def test_streaming_concatenation_equals_non_streaming_for_the_same_seed(gpt_serv
     assert len([r for r in nonstreamed if r.as_numpy("text_output") is not None]) == 1
     assert len(streamed) > 2
     assert joined(streamed) == joined(nonstreamed)
+
+
+def test_a_stream_gets_only_the_outputs_it_asks_for(gpt_server):
+    options = dict(max_tokens=24, temperature=0.0, ignore_eos=True)
+    stream = Stream(gpt_server.grpc_url)
+    try:
+        stream.send("all", "The three primary colors are", stream=True, **options)
+        stream.send("some", "The three primary colors are", stream=True, outputs=["text_output", "num_output_tokens"],
+                    **options)
+        everything, some = stream.wait("all"), stream.wait("some")
+    finally:
+        stream.close()
+    named = [{o.name for o in r.get_response().outputs} for r in some]
+    content = [names for names in named if names]   # the empty final response has none
+    assert len(content) > 1 and all(names == {"text_output", "num_output_tokens"} for names in content), named
+    text = "".join(r.as_numpy("text_output").reshape(-1)[0].decode() for r in some if r.as_numpy("text_output") is not None)
+    counts = [int(r.as_numpy("num_output_tokens").reshape(-1)[0]) for r in some if r.as_numpy("num_output_tokens") is not None]
+    full_text, full_ids, _ = joined(everything)
+    assert text == full_text
+    assert counts == sorted(counts) and counts[-1] == len(full_ids) == 24
 
 
 def test_http_generate_and_generate_stream_agree(gpt_server):

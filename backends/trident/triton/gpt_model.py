@@ -80,6 +80,7 @@ class Active:
     sender: object
     shard: int                   # the sender shard that makes every call on `sender`
     arrival: float               # time.monotonic() when execute() took it
+    outputs: frozenset[str] = frozenset()   # the outputs the client asked for (all, unless it named some)
     num_prompt_tokens: int = 0
     detokenizer: StreamDetokenizer | None = None   # a stream's text is built here (see _admit_batch)
     num_output_tokens: int = 0   # tokens already sent (streaming)
@@ -182,7 +183,7 @@ class TritonPythonModel:
                 continue
             number = next(self.ids)
             self.admissions.put(Active(f"{self.id_prefix}{number}", parsed, sender, shard=number % len(self.shards),
-                                       arrival=time.monotonic()))
+                                       arrival=time.monotonic(), outputs=frozenset(request.requested_output_names())))
             if self.execute_log:
                 self.execute_log.record(started, (), marks + [time.perf_counter()])
         return None
@@ -411,14 +412,24 @@ class TritonPythonModel:
         if not request.exclude_input_in_output and not item.prompt_sent:
             text = request.prompt + text
             item.prompt_sent = True
-        tensors = [
-            pb_utils.Tensor("text_output", string_array([text], (1,))),
-            pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int32)),
-            pb_utils.Tensor("finish_reason", string_array([last.finish_reason or ""] if last.finished else [""], (1,))),
-            pb_utils.Tensor("num_input_tokens", np.array([item.num_prompt_tokens], dtype=np.int32)),
-            pb_utils.Tensor("num_output_tokens", np.array([item.num_output_tokens], dtype=np.int32)),
-        ]
-        if request.sampling_params.logprobs:
+        # Only the outputs the client asked for (Triton asks for all when it names none): each
+        # tensor is serialized into shared memory and copied once more by the server, a large
+        # share of a streamed response's cost (docs/benchmarks.md), and Triton would drop an
+        # unrequested one after paying for it.
+        wanted = item.outputs
+        tensors = []
+        if "text_output" in wanted:
+            tensors.append(pb_utils.Tensor("text_output", string_array([text], (1,))))
+        if "output_ids" in wanted:
+            tensors.append(pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int32)))
+        if "finish_reason" in wanted:
+            reason = (last.finish_reason or "") if last.finished else ""
+            tensors.append(pb_utils.Tensor("finish_reason", string_array([reason], (1,))))
+        if "num_input_tokens" in wanted:
+            tensors.append(pb_utils.Tensor("num_input_tokens", np.array([item.num_prompt_tokens], dtype=np.int32)))
+        if "num_output_tokens" in wanted:
+            tensors.append(pb_utils.Tensor("num_output_tokens", np.array([item.num_output_tokens], dtype=np.int32)))
+        if request.sampling_params.logprobs and "cumulative_logprob" in wanted:
             tensors.append(pb_utils.Tensor("cumulative_logprob",
                                            np.array([last.cumulative_logprob or 0.0], dtype=np.float32)))
         return tensors
