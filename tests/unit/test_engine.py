@@ -354,6 +354,35 @@ def test_output_kinds_final_only_delta_and_cumulative_agree(tiny, corpus):
     assert finals[RequestOutputKind.CUMULATIVE]["1"][-1].stop_reason == stop_id
 
 
+def test_stream_interval_sends_fewer_larger_outputs_with_the_same_content(tiny, corpus):
+    prompts = make_prompts(corpus)[:6]
+    stop_id = make_engine(tiny).generate(prompts[1:2], greedy(20, ignore_eos=True))[0].output_token_ids[9]
+    variants = [dict(ignore_eos=True), dict(ignore_eos=True, stop_token_ids=[stop_id])]
+    runs = {}
+    for interval in (1, 4):
+        engine = make_engine(tiny, stream_interval=interval)
+        for i, prompt in enumerate(prompts):
+            kind = RequestOutputKind.CUMULATIVE if i == 5 else RequestOutputKind.DELTA
+            engine.add_request(str(i), prompt, greedy(19, output_kind=kind, **variants[i % 2]))
+        runs[interval] = drain(engine)
+    for i in map(str, range(5)):
+        every, chunked = runs[1][i], runs[4][i]
+        assert [len(out.output_token_ids) for out in every] == [1] * len(every)
+        sizes = [len(out.output_token_ids) for out in chunked]
+        # the first token at once (time to first token), then 4 at a time, the rest with the last
+        assert sizes[0] == 1 and all(size == 4 for size in sizes[1:-1]) and 1 <= sizes[-1] <= 4, sizes
+        assert [t for out in chunked for t in out.output_token_ids] == [t for out in every for t in out.output_token_ids]
+        assert "".join(out.text for out in chunked) == "".join(out.text for out in every)
+        assert chunked[-1].finished and (chunked[-1].finish_reason, chunked[-1].stop_reason) == \
+            (every[-1].finish_reason, every[-1].stop_reason)
+    assert runs[4]["1"][-1].finish_reason == "stop"   # a stop token ends a stream between intervals
+    cumulative = runs[4]["5"]
+    assert [len(out.output_token_ids) for out in cumulative] == [1, 5, 9, 13, 17, 19]
+    assert cumulative[-1].output_token_ids == runs[1]["5"][-1].output_token_ids
+    with pytest.raises(ValueError, match="stream_interval must be >= 1"):
+        EngineConfig(model="m", stream_interval=0)
+
+
 def test_text_detokenized_outside_the_engine_equals_the_engines(tiny, corpus):
     """detokenize=False: the engine sends ids only, and StreamDetokenizer (what the Triton adapter
     runs on coalesced chunks) must rebuild the engine's own text, chunked any way."""

@@ -43,6 +43,11 @@ class EngineConfig:
     # vLLM's name: a step of greedy decodes launches the next one before its tokens reach the host
     # (docs/engine.md, "The step pipeline"); False: every step waits for the previous one's tokens.
     async_scheduling: bool = True
+    # SGLang's name: a stream (DELTA / CUMULATIVE outputs) gets an output once it has this many new
+    # tokens, and always on its first token and its last. 1: every token. Larger values trade
+    # smoothness for fewer, larger responses, each of which costs the serving path a round trip
+    # (docs/benchmarks.md: the Triton stream's throughput falls with its response count).
+    stream_interval: int = 1
 
     def __post_init__(self) -> None:
         require(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
@@ -60,6 +65,7 @@ class EngineConfig:
         require(self.kv_cache_dtype in KV_CACHE_DTYPES,
                f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         require(self.max_queue_size >= 0, f"max_queue_size must be >= 0, got {self.max_queue_size}")
+        require(self.stream_interval >= 1, f"stream_interval must be >= 1, got {self.stream_interval}")
         require(0 < self.kv_cache_free_gpu_mem_fraction <= 1,
                f"kv_cache_free_gpu_mem_fraction must be in (0, 1], got {self.kv_cache_free_gpu_mem_fraction}")
         require(self.max_tokens_in_paged_kv_cache is None or self.max_tokens_in_paged_kv_cache >= self.block_size,

@@ -347,9 +347,20 @@ class LLMEngine:
             if seq.status is SequenceStatus.FINISHED:
                 self._retire(seq)
                 outputs.append(request.output())
-            elif request.kind is not final_only:
+            elif request.kind is not final_only and self._stream_output_due(request):
                 outputs.append(request.output())
         return outputs
+
+    def _stream_output_due(self, request: _Request) -> bool:
+        """``stream_interval``: a running stream's output goes out on its first token and then once
+        it has that many new tokens; the ones held meanwhile ride in that output (DELTA outputs
+        start where the previous one ended)."""
+        interval = self.config.stream_interval
+        if interval == 1:
+            return True
+        seq = request.seq
+        emitted = request.num_tokens_emitted
+        return emitted == seq.num_prompt_tokens or len(seq.token_ids) - emitted >= interval
 
     def _detokenize_token(self, request: _Request) -> None:
         seq, detokenizer = request.seq, request.detokenizer
