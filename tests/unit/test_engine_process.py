@@ -282,6 +282,45 @@ def test_the_engine_exits_when_the_process_it_watches_is_gone(config):
         core.shutdown(timeout_s=5)
 
 
+def test_files_of_an_engine_killed_with_its_server_are_removed_by_the_next_start(config, tmp_path):
+    import fcntl
+    import subprocess
+
+    from trident.engine.engine_process import engine_paths, remove_stale
+
+    server = subprocess.Popen(["sleep", "600"])
+    core = EngineProcess(config, key="killed", watch_pid=server.pid)
+    sock, lock = core.address, core._lock_path
+    # `kill -9` of the server's process group: engine, server and the stub (whose shutdown would
+    # clean up after a dead engine) all go; here the frontend stays, silent, until the end.
+    os.kill(core.pid, signal.SIGKILL)
+    server.kill()
+    server.wait()
+    deadline = time.monotonic() + 10
+    while core.is_alive():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert sock.exists() and lock.read_text() == str(server.pid)
+    # Beside it: a lock whose watched process runs, one without a pid, one that someone holds.
+    live, empty, held = (sock.parent / f"stale-test-{name}.lock" for name in ("live", "empty", "held"))
+    live.write_text(str(os.getpid()))
+    empty.write_text("")
+    held.write_text(str(server.pid))
+    with open(held) as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        fresh = EngineProcess(config)   # any start sweeps the directory first
+        try:
+            assert not sock.exists() and not lock.exists()
+            assert live.exists() and empty.exists() and held.exists()
+        finally:
+            fresh.shutdown(timeout_s=30)
+    assert remove_stale(sock.parent) == [held]   # no longer held
+    for path in (live, empty):
+        path.unlink()
+    assert engine_paths("killed-x")[0].parent == sock.parent
+    core.shutdown(timeout_s=5)
+
+
 def test_outputs_merge_while_the_consumer_lags_and_add_up_exactly(core, config):
     """Backpressure: the engine sends a frontend its next step only once it has taken the last one,
     and merges a request's outputs meanwhile (DELTA appended, CUMULATIVE replaced)."""

@@ -152,10 +152,13 @@ class EngineProcess:
         self._popen: subprocess.Popen | None = None
         # Under the lock: whether an engine is there, starting one, and the handshake, so that two
         # frontends never start two engines and an engine never exits under a frontend attaching.
+        remove_stale(self._lock_path.parent)
         with file_lock(self._lock_path):
             conn = connect(self.address)
             if conn is None:
-                self._popen = spawn(config, self.address, self._lock_path, watch_pid or os.getpid())
+                watched = watch_pid or os.getpid()
+                self._lock_path.write_text(str(watched))   # for remove_stale, should the engine be killed
+                self._popen = spawn(config, self.address, self._lock_path, watched)
                 conn = self._connect_spawned(start_timeout_s)
             self.info = self._handshake(conn, start_timeout_s)
         self._conn = conn
@@ -340,6 +343,31 @@ def file_lock(path: Path | str):
     finally:
         fcntl.flock(f, fcntl.LOCK_UN)
         f.close()
+
+
+def remove_stale(directory: Path) -> list[Path]:
+    """Remove the socket and lock files of engines whose watched process (the server) is gone and
+    that nobody holds: an engine killed with its server (SIGKILL, OOM) cannot remove its own. A
+    lock file names the watched pid; one without a pid, or whose pid runs, or that someone holds,
+    stays. Returns what was removed."""
+    removed = []
+    for lock_path in directory.glob("*.lock"):
+        try:
+            with open(lock_path) as f:
+                text = f.read().strip()
+                if not text.isdigit() or pid_alive(int(text)):
+                    continue
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:   # held: an engine exiting, or a frontend attaching
+                    continue
+                for path in (lock_path.with_suffix(".sock"), lock_path):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                        removed.append(path)
+        except OSError:   # vanished meanwhile, or unreadable: not ours to judge
+            continue
+    return removed
 
 
 def connect(address: Path) -> Connection | None:
