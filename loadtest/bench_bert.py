@@ -63,7 +63,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "backends")]
 from build.bert_gpu import GpuModelOptions  # noqa: E402
 from trident.bert.torch_model import BertShape, PackedBert, hf_state_dict  # noqa: E402
 from trident.bert.torch_runtime import TorchRuntime, TorchRuntimeOptions, prepare  # noqa: E402
-from trident.triton.phase_log import BERT_PHASES_ENV, read_records  # noqa: E402
+from trident.phase_log import BERT_PHASES_ENV, read_records  # noqa: E402
 
 # trident.triton.bert_model.PhaseLog (that module imports Triton's stub utilities): the variable it
 # reads, and the keys of its records that are not phases.
@@ -542,7 +542,7 @@ def bench_triton(args) -> tuple[list[TritonResult], dict]:
     inprocess = {(m, p): measure_inprocess(artifacts[m], p, texts, args) for m in artifacts for p in precisions}
     served = write_repository(work / "model_repository", artifacts, precisions, args)
     write_floor_model(work / "model_repository", args)
-    phases_dir = work / "phases"  # the stubs record their execute() phases there (trident.triton.phase_log)
+    phases_dir = work / "phases"  # the stubs record their execute() phases there (trident.phase_log)
     os.environ[BERT_PHASES_ENV] = str(phases_dir)
     started = time.perf_counter()
     # build/bert_gpu.py's preferred instance takes sequential requests only under the rate limiter

@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO_ROOT / "backends"))
 sys.path.insert(0, str(REPO_ROOT / "loadtest"))
 
 from triton_server import TritonServer, site_dir, triton_python  # noqa: E402
-from trident.triton.phase_log import GPT_PHASES_ENV, read_records  # noqa: E402
+from trident.phase_log import GPT_PHASES_ENV, read_records  # noqa: E402
 
 HBM_BYTES_PER_S = 3.35e12   # H100 SXM datasheet (reference.md); 3.03e12 measured copy
 
@@ -523,9 +523,10 @@ def stub_phases(directory: Path, start: float, end: float) -> dict:
     """What the gpt model's threads did between ``start`` and ``end`` (wall clock), from the phase
     logs it writes under TRIDENT_GPT_PHASES: per log, the records, their counts and phase seconds
     summed (execute: one record per request; admit: per batch tokenized; router: per batch of
-    engine steps; senders: per batch of responses, all shards)."""
+    engine steps; senders: per batch of responses, all shards; engine: per loop of the engine
+    process)."""
     summary: dict = {}
-    for log in ("execute", "admit", "router", "senders"):
+    for log in ("execute", "admit", "router", "senders", "engine"):
         rows = [r for rows in read_records(directory, f"gpt-{log}", (start, end)).values() for r in rows]
         summary[log] = {"records": len(rows)}
         if rows:

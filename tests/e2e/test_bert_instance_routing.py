@@ -17,7 +17,7 @@ import tritonclient.grpc as grpcclient
 from build.bert_gpu import GpuModelOptions, write_gpu_model
 from tests.conftest import start_server
 from trident.server import launch
-from trident.triton.phase_log import BERT_PHASES_ENV, read_records
+from trident.phase_log import BERT_PHASES_ENV, read_records
 
 pytestmark = pytest.mark.e2e
 

@@ -12,7 +12,7 @@ from tests.conftest import start_server
 from tests.e2e.test_gpt import PROMPTS, Stream, hf_greedy, joined, metrics  # noqa: F401  (hf_greedy: a fixture)
 from trident.engine.engine_process import pid_alive
 from trident.server import launch
-from trident.triton.phase_log import GPT_PHASES_ENV, read_records
+from trident.phase_log import GPT_PHASES_ENV, read_records
 
 pytestmark = pytest.mark.e2e
 MAX_TOKENS = 12

@@ -26,6 +26,7 @@ from multiprocessing.connection import Connection, Listener, Pipe, wait
 from .config import EngineConfig
 from .engine_process import STATS_FIELDS_TOTAL, CoreStep, EngineInfo, StartupError, file_lock, pid_alive
 from .sampling_params import RequestOutputKind, SamplingParams
+from ..phase_log import GPT_PHASES_ENV, PhaseLog
 
 logger = logging.getLogger("trident.engine_core")
 WATCH_INTERVAL_S = 1.0
@@ -171,6 +172,11 @@ class _Core:
         self._indexes = itertools.count()
         self._reported_totals = {name: 0 for name in STATS_FIELDS_TOTAL}
         self._stats_due = False      # a step produced outputs since the lead was last sent stats
+        # Profiling (TRIDENT_GPT_PHASES, which the server's stubs pass on): per loop, the wait for
+        # messages, taking them, the engine step, sorting its outputs, sending the frontends theirs.
+        self.phase_log = PhaseLog.from_env(GPT_PHASES_ENV, "gpt-engine", ("outputs", "sent"),
+                                           ("wait", "take", "step", "collect", "send"))
+        self._next_flush = 0.0
         threading.Thread(target=self._accept_loop, name="trident-engine-acceptor", daemon=True).start()
 
     # -- frontends come and go --------------------------------------------------------------------
@@ -228,19 +234,37 @@ class _Core:
 
     # -- the loop -----------------------------------------------------------------------------------
     def run(self) -> None:
+        log = self.phase_log
         while True:
             busy = self.engine.has_unfinished()
+            if log and not busy:   # about to idle: a profiler reads what the last burst did
+                log.flush()
+            marks = [time.perf_counter()]
             ready = wait([self._wake_recv, *self.by_conn], timeout=0 if busy else None)
+            started = time.time()
+            marks.append(time.perf_counter())
             for conn in ready:
                 if conn is self._wake_recv:
                     self._take_arrivals()
                 else:
                     self._take_messages(self.by_conn[conn])
             if not self.frontends and self._exit_if_unused():
+                if log:
+                    log.flush()
                 return
+            marks.append(time.perf_counter())
+            num_outputs = 0
             if self.engine.has_unfinished():
-                self._step()
-            self._send()
+                num_outputs = self._step(marks)
+            else:
+                marks += [marks[-1]] * 2
+            sent = self._send()
+            if log:
+                marks.append(time.perf_counter())
+                log.record(started, (num_outputs, sent), marks)
+                if started >= self._next_flush:
+                    log.flush()
+                    self._next_flush = started + 1.0
 
     def _take_messages(self, frontend: _Frontend) -> None:
         conn = frontend.conn
@@ -281,15 +305,21 @@ class _Core:
         frontend.live[request_id] = params.output_kind is RequestOutputKind.DELTA
         self.owner[request_id] = frontend
 
-    def _step(self) -> None:
+    def _step(self, marks: list[float]) -> int:
+        """One engine step and its outputs sorted to their frontends; appends two marks (after the
+        step, after sorting); returns the number of outputs."""
         try:
             outputs = self.engine.step()
         except Exception as e:   # a broken step must not strand requests: fail what is in flight
             logger.exception("engine step failed")
             for frontend in self.frontends:
                 self._fail(frontend, f"engine error: {type(e).__name__}: {e}")
-            return
+            marks += [time.perf_counter()] * 2
+            return 0
+        marks.append(time.perf_counter())
         self._collect(outputs)
+        marks.append(time.perf_counter())
+        return len(outputs)
 
     def _collect(self, outputs) -> None:
         owner = self.owner
@@ -314,12 +344,14 @@ class _Core:
             frontend.errors.append((request_id, message))
         frontend.live.clear()
 
-    def _send(self) -> None:
+    def _send(self) -> int:
         """Each frontend that has taken its previous step gets what it has waiting; the lead gets a
-        step whenever anyone has outputs, with the engine-wide stats and the inter-token latencies."""
+        step whenever anyone has outputs, with the engine-wide stats and the inter-token latencies.
+        Returns how many frontends were sent a step."""
         frontends = self.frontends
+        sent = 0
         if not frontends:
-            return
+            return sent
         lead = frontends[0]
         lead.latencies += self.engine.drain_inter_token_latencies()
         if any(frontend.has_output() for frontend in frontends):
@@ -341,8 +373,10 @@ class _Core:
                                    stats, increments))
             frontend.waiting_ready = True
             frontend.clear()
+            sent += 1
             if is_lead:
                 frontend.latencies = []
+        return sent
 
 
 if __name__ == "__main__":

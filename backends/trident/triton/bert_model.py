@@ -18,7 +18,7 @@ The GPU configuration (runtime torch, KIND_GPU, batcher sized for the GPU) is wr
 
 Where execute() spends its time: with ``TRIDENT_BERT_PHASES=<directory>`` in the server's
 environment every instance records, per execute(), the wall time of decoding the inputs,
-tokenizing, running the model and building the responses (trident.triton.phase_log), and writes
+tokenizing, running the model and building the responses (trident.phase_log), and writes
 them to ``<directory>/<model>.<pid>.jsonl`` (every ``PhaseLog.FLUSH_EVERY`` calls and at unload);
 loadtest/bench_bert.py sets it and prints the breakdown beside Triton's own queue/compute split.
 """
@@ -33,7 +33,7 @@ import triton_python_backend_utils as pb_utils
 
 from trident.bert.encoder import BertEncoder
 from trident.triton.io import RequestError, decode_texts, string_array
-from trident.triton.phase_log import BERT_PHASES_ENV, PhaseLog
+from trident.phase_log import BERT_PHASES_ENV, PhaseLog
 from trident.triton.shutdown import on_sigterm
 
 OUTPUTS_BY_TASK = {"embedding": {"embedding"}, "classification": {"logits", "label"}}

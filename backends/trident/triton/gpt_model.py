@@ -46,7 +46,7 @@ from trident.engine.tokenizer import encode_batch, load_tokenizer
 from trident.triton.gpt_metrics import GptMetrics
 from trident.triton.gpt_request import GenerateRequest, parse_request
 from trident.triton.io import RequestError, string_array
-from trident.triton.phase_log import GPT_PHASES_ENV, PhaseLog
+from trident.phase_log import GPT_PHASES_ENV, PhaseLog
 from trident.triton.shutdown import on_sigterm
 
 CANCEL_CHECK_INTERVAL_S = 0.02
@@ -68,7 +68,7 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 SHUTDOWN_MESSAGE = "the server is shutting down; the request was not completed"
 # Profiling: with TRIDENT_GPT_PHASES=<directory> in the server's environment, execute(), the
 # admission thread, the router and the senders record where their time goes
-# (trident.triton.phase_log); bench_gpt.py reads it.
+# (trident.phase_log); bench_gpt.py reads it.
 PHASES_FLUSH_S = 1.0
 
 

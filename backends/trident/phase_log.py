@@ -1,4 +1,5 @@
-"""Where a Python model's threads spend their time, for profiling a server under load.
+"""Where the serving threads spend their time (the Triton models' and the engine process's), for
+profiling a server under load.
 
 Off unless the server's environment names a directory (``PhaseLog.from_env``). A record is a
 wall-clock start (``time.time()``, comparable with a client's clock on the same host), a few counts,
