@@ -243,6 +243,8 @@ class _Core:
             ready = wait([self._wake_recv, *self.by_conn], timeout=0 if busy else None)
             started = time.time()
             marks.append(time.perf_counter())
+            if not busy:   # idle time is not loop time
+                marks[0] = marks[1]
             for conn in ready:
                 if conn is self._wake_recv:
                     self._take_arrivals()
