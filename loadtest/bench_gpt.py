@@ -418,10 +418,11 @@ def _client_worker(url: str, texts: list[str], max_tokens: int, stream: bool, go
             response = result.get_response()
             rec = records[response.id]
             n = result.as_numpy("num_output_tokens")   # None on the empty final response
-            if n is not None and int(n.reshape(-1)[0]) > rec["tokens"]:
+            tokens = int(n.reshape(-1)[0]) if n is not None else 0
+            if tokens > rec["tokens"]:
                 rec.setdefault("first", now)
                 rec["chunks"] += 1
-                rec["tokens"] = int(n.reshape(-1)[0])
+                rec["tokens"] = tokens
             if response.parameters["triton_final_response"].bool_param:
                 rec["end"] = now
                 remaining[0] -= 1
@@ -457,9 +458,10 @@ def _client_worker(url: str, texts: list[str], max_tokens: int, stream: bool, go
 
 
 # What a client of the bench reads: the text, and the token count for the figures. Each output a
-# client asks for costs the server a tensor per response (a streamed response of all six costs
-# ~1.6x one of one, docs/benchmarks.md), so the others are left unasked, as a chat client would;
-# `triton_stream_all` asks for every output (a client that names none).
+# client asks for costs the server a tensor per response (on the H200 a streamed response took
+# 0.8 ms of sender time with these two against 1.0-1.1 ms with all six, docs/benchmarks.md), so
+# the others are left unasked, as a chat client would; `triton_stream_all` asks for every output
+# (a client that names none).
 BENCH_OUTPUTS = ("text_output", "num_output_tokens")
 
 
@@ -616,13 +618,13 @@ def run_case(case: Case, args, work: Path, tokenizers: Path | None) -> list[Resu
         values["max_model_len"] = 2 * case.input_len + case.output_len
         tokenizer = _load_tokenizer(model_dir)
         texts = [tokenizer.decode(p) for p in prompts]
+        # The served model's stream_interval unless one is given: the bench measures what ships.
+        shipped = json.loads((REPO_ROOT / "model_repository/gpt/1/engine.json").read_text())
         for threads, instances, interval in itertools.product(args.response_threads, args.instances,
                                                               args.stream_interval):
             suffix = ("" if len(args.response_threads) == 1 else f"_rt{threads}") + \
                      ("" if len(args.instances) == 1 else f"_i{instances}") + \
                      ("" if len(args.stream_interval) == 1 else f"_si{interval}")
-            # The served model's stream_interval unless one is given: the bench measures what ships.
-            shipped = json.loads((REPO_ROOT / "model_repository/gpt/1/engine.json").read_text())
             server_values = {**values, "stream_interval": interval or shipped.get("stream_interval", 1)}
             run_triton_systems(case, systems, texts, model_dir, server_values,
                                work / f"triton-{case.shape}-{case.input_len}{suffix}",
@@ -639,7 +641,7 @@ def run_triton_systems(case: Case, systems: list[str], texts: list[str], model_d
                        results: list) -> None:
     """One Triton server for this case (engine settings ``values``; the gpt model's
     ``response_threads`` and instance count where given), then its non-streaming and streaming
-    runs, named ``triton{suffix}`` / ``triton_stream{suffix}``."""
+    runs, named ``triton{suffix}`` / ``triton_stream{suffix}`` / ``triton_stream_all{suffix}``."""
     server = None
     try:
         server_work.mkdir()

@@ -413,9 +413,9 @@ class TritonPythonModel:
             text = request.prompt + text
             item.prompt_sent = True
         # Only the outputs the client asked for (Triton asks for all when it names none): each
-        # tensor is serialized into shared memory and copied once more by the server, a large
-        # share of a streamed response's cost (docs/benchmarks.md), and Triton would drop an
-        # unrequested one after paying for it.
+        # tensor is serialized into shared memory and copied once more by the server (two of six
+        # took a streamed response from 1.0-1.1 to 0.8 ms of sender time on the H200,
+        # docs/benchmarks.md), and Triton would drop an unrequested one after paying for it.
         wanted = item.outputs
         tensors = []
         if "text_output" in wanted:
