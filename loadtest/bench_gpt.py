@@ -775,9 +775,9 @@ def _print_ratios(rows: list[dict]) -> None:
         if not ours:
             continue
         parts = [f"{s} {ours / by[(case, s)]:.1f}x" for s in ("hf_static", "hf_cb") if by.get((case, s))]
-        parts += [f"{s} {by[(case, s)] / ours:.0%} of in-process" for s in ("triton", "triton_stream", "triton_stream_all", "engine_w8a16", "engine_sync",
-                                                                     "engine_stream")
-                  if by.get((case, s))]
+        # every other system of ours, variants (triton_stream_si2, triton_rt4_i2, ...) included
+        parts += [f"{s} {value / ours:.0%} of in-process" for (c, s), value in by.items()
+                  if c == case and value and s != "engine" and not s.startswith("hf_")]
         print(f"{case}: engine vs " + ", ".join(parts))
 
 
