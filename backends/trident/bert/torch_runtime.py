@@ -7,8 +7,9 @@ them) and pool into a spare row, so they cost a little compute but never change 
 captured lazily, one per bucket, sharing one memory pool; batches beyond ``max_graph_tokens`` run
 eagerly (at that size the GPU, not the launch overhead, sets the pace).
 
-INT8 is W8A8: per-token int8 activations (dynamic; static for the down projection by default, below),
-per-channel int8 weights, int32 accumulation, on the four linears of every layer (embeddings, LayerNorms, attention and the heads stay fp16). The
+INT8 is W8A8: per-token int8 activations (dynamic; static for the down projection by default,
+below), per-channel int8 weights, int32 accumulation, on the four linears of every layer
+(embeddings, LayerNorms, attention and the heads stay fp16). The
 GEMM is ``trident.bert.int8_linear`` (default: bias, GELU and residual in the epilogue, and the
 kernels that produce a linear's input quantize its rows as they write them: the LayerNorms for QKV
 and the up projection, the attention kernel for the out-projection; with ``int8_ffn="dynamic"`` the
@@ -373,12 +374,12 @@ def text_calibration(artifacts: BertArtifacts, max_seqlen: int) -> list[tuple[li
     """Real English calibration text for ``prepare``, tokenized with the model's tokenizer: the
     calibration half of ``trident.corpus``'s split (disjoint from the held-out text the accuracy
     tests and the build's gate use), sentences and long passages."""
-    from trident import corpus as text
+    from trident import corpus
     from trident.bert.tokenizer import TextTokenizer
 
-    split = text.text_split().calibration
+    split = corpus.text_split().calibration
     texts = list(split[:NUM_CALIBRATION_TEXTS])
-    texts += text.passages(list(split[NUM_CALIBRATION_TEXTS:]), CALIBRATION_PASSAGE_WORDS)[:NUM_CALIBRATION_TEXTS // 8]
+    texts += corpus.passages(list(split[NUM_CALIBRATION_TEXTS:]), CALIBRATION_PASSAGE_WORDS)[:NUM_CALIBRATION_TEXTS // 8]
     encodings = TextTokenizer.from_file(artifacts.tokenizer_path, max_seqlen).encode(texts)
     return [(e.ids, e.type_ids) for e in encodings]
 
