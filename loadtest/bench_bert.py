@@ -122,9 +122,11 @@ VARIANTS = {
     "int8 flash attention": ("int8", {"attention": "flash"}),
     "fp16 our attention": ("fp16", {"attention": "triton"}),
     "int8 erf gelu": ("int8", {"int8_gelu": "erf"}),
-    "int8 session 2": ("int8", {"attention": "flash", "int8_gelu": "erf", "int8_ffn": "dynamic"}),
+    "int8 session 2": ("int8", {"attention": "flash", "int8_gelu": "erf", "int8_ffn": "dynamic",
+                                "int8_attn": "dynamic"}),
     "int8 static ffn": ("int8", {"int8_ffn": "static"}),
     "int8 dynamic ffn": ("int8", {"int8_ffn": "dynamic"}),
+    "int8 dynamic attn": ("int8", {"int8_attn": "dynamic"}),  # the fifth session's default
 }
 PIPELINED = " pipelined"  # the label suffix of a runtime's run_many twin
 

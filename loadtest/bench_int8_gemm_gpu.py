@@ -5,10 +5,11 @@ One run times, per shape (M = 16384 tokens; (N, K) = QKV, attention out, up, dow
   int_mm   ``torch._int_mm`` with a column-major weight (int32 out, no epilogue)
   triton   ``int8_kernels.w8a8_matmul`` over a sweep of tile configs (BLOCK_M/N/K, warps, stages,
            GROUP_M swizzle, TMA descriptors, persistent grid), fp16 out with both scales applied
-Every config is timed as BERT calls it (bias always, GELU on the up projection, the residual on the
-two output projections) and checked twice: with unit scales, no epilogue and an fp32 output the
-result must *equal* the int32 product (int32 -> fp32 rounds the same way on both sides), and BERT's
-fp16 output must match PyTorch's fp32 epilogue on that product. GPU time comes from CUDA events
+Every config is timed as the INT8 runtime calls it (``bert_call``: bias always, per-row scales on QKV
+and up, static input steps on attn_out and down, tanh GELU and an int8 output on up, the residual on
+the two output projections) and checked twice: with unit scales, no epilogue and an fp32 output the
+result must *equal* the int32 product (int32 -> fp32 rounds the same way on both sides), and the
+epilogue's output must match PyTorch's fp32 epilogue on that product. GPU time comes from CUDA events
 around CUDA-graph replays of 10 calls (no host launch cost), median of 25 replays after warm-up.
 Prints TOPS per config, the best per shape, the whole-layer sums and the row kernels (LayerNorm +
 quantize, quantize alone).
@@ -30,6 +31,7 @@ from trident.models.int8_kernels import W8A8Tiles
 
 M = 16384
 SHAPES = {"qkv": (2304, 768), "attn_out": (768, 768), "up": (3072, 768), "down": (768, 3072)}
+STATIC_STEP = 6e-4  # a static input step, folded into the weight scale (the per-row scales' middle)
 CALLS_PER_GRAPH = 10
 REPLAYS = 25
 
@@ -54,6 +56,11 @@ def sweep() -> list[W8A8Tiles]:
         (128, 256, 64, 8, 3, 8, True, True, True, 2),
         (128, 128, 128, 8, 3, 8, True, False, True, 1),    # the 3rd sweep's winner: the rule now
         (128, 128, 64, 8, 4, 8, False, False, False, 1),   # the tiles BERT ran with before
+        (128, 128, 64, 8, 5, 8, True, False, True, 1),     # 6th session: deeper K pipeline, still 2 per SM
+        (128, 256, 128, 8, 3, 8, True, True, True, 1),     # wider N tile, persistent
+        (128, 256, 64, 8, 4, 8, True, True, True, 1),
+        (128, 64, 128, 4, 3, 8, True, False, True, 1),     # smaller tiles, more programs per SM
+        (64, 128, 128, 4, 3, 8, True, False, True, 1),
     ]
     return [W8A8Tiles(*r) for r in rows]
 
@@ -92,6 +99,7 @@ def operands(n: int, k: int) -> dict[str, torch.Tensor]:
             "w_scale": torch.rand(n, device="cuda", generator=g) * 1e-3 + 1e-4,        # [N]
             "bias": torch.randn(n, device="cuda", generator=g).half(),                # [N]
             "residual": torch.randn(M, n, device="cuda", generator=g).half(),         # [M, N]
+            "out_inv_step": torch.full((n,), 127 / 6.0, device="cuda"),               # [N]: GELU outputs up to ~6
             "x16": torch.randn(M, k, device="cuda", generator=g).half(),              # [M, K]
             "w16": torch.randn(n, k, device="cuda", generator=g).half() * 0.02}       # [N, K]
 
@@ -103,20 +111,32 @@ def is_exact(ops: dict, exact: torch.Tensor, tiles: W8A8Tiles) -> bool:
     return torch.equal(out, exact.float())
 
 
-def bert_call(name: str, ops: dict, tiles: W8A8Tiles | None):
-    """The shape's GEMM as BERT runs it: bias always, GELU on the up projection, residual on the outputs."""
-    residual = ops["residual"] if name in ("attn_out", "down") else None
-    return lambda: int8_kernels.w8a8_matmul(ops["qx"], ops["x_scale"], ops["qw"], ops["w_scale"], torch.float16,
-                                            bias=ops["bias"], residual=residual, gelu=name == "up", tiles=tiles)
+def bert_call(name: str, ops: dict, tiles: W8A8Tiles | None, gelu_impl: str = "tanh"):
+    """The shape's GEMM as the INT8 runtime runs it (its defaults): bias always; QKV and up read per-row
+    scaled rows (from a LayerNorm), attn_out and down rows at a static step (folded into the weight
+    scale); up applies GELU (``gelu_impl``) and writes int8 rows at the down projection's static step;
+    attn_out and down add the residual."""
+    is_static_input = name in ("attn_out", "down")
+    return lambda: int8_kernels.w8a8_matmul(
+        ops["qx"], None if is_static_input else ops["x_scale"], ops["qw"],
+        ops["w_scale"] * STATIC_STEP if is_static_input else ops["w_scale"], torch.float16,
+        bias=ops["bias"], residual=ops["residual"] if is_static_input else None, gelu=name == "up",
+        tiles=tiles, gelu_impl=gelu_impl, out_inv_step=ops["out_inv_step"] if name == "up" else None)
 
 
-def epilogue_error(name: str, ops: dict, exact: torch.Tensor, tiles: W8A8Tiles | None) -> float:
-    """Max abs error of BERT's fp16 output against PyTorch in fp32 on the int32 product (|ref| <~ 10:
-    fp16 rounding alone is <= 4e-3 there)."""
-    reference = exact.float() * ops["x_scale"] * ops["w_scale"] + ops["bias"].float()
-    reference = F.gelu(reference) if name == "up" else reference
-    reference = reference + ops["residual"].float() if name in ("attn_out", "down") else reference
-    return (bert_call(name, ops, tiles)().float() - reference).abs().max().item()
+def epilogue_error(name: str, ops: dict, exact: torch.Tensor, tiles: W8A8Tiles | None, gelu_impl: str = "tanh"
+                   ) -> tuple[float, bool]:
+    """(max abs error, within bounds) of ``bert_call``'s output against PyTorch in fp32 on the int32
+    product: fp16 outputs (|ref| <~ 10) within 8e-3 (fp16 rounding alone is <= 4e-3 there); the int8
+    output of up within one step of the fp32 reference rounded (GELU forms differ by <= ~1e-3)."""
+    is_static_input = name in ("attn_out", "down")
+    reference = exact.float() * ops["w_scale"] * (STATIC_STEP if is_static_input else ops["x_scale"]) + ops["bias"].float()
+    if name == "up":
+        reference = torch.round((F.gelu(reference) * ops["out_inv_step"]).clamp(-127, 127))
+    if is_static_input:
+        reference = reference + ops["residual"].float()
+    error = (bert_call(name, ops, tiles, gelu_impl)().float() - reference).abs().max().item()
+    return error, error <= (1.0 if name == "up" else 8e-3)
 
 
 def bench_shape(name: str, n: int, k: int, configs: list[W8A8Tiles]) -> dict:
@@ -132,12 +152,12 @@ def bench_shape(name: str, n: int, k: int, configs: list[W8A8Tiles]) -> dict:
     for tiles in configs:
         try:
             exact_ok = is_exact(ops, exact, tiles)
-            error = epilogue_error(name, ops, exact, tiles)
+            error, close = epilogue_error(name, ops, exact, tiles)
             ms = gpu_ms(bert_call(name, ops, tiles))
         except Exception as e:  # a config that does not compile or fit shared memory is a result too
             print(f"  {_label(tiles):52s} FAILED {type(e).__name__}: {str(e).splitlines()[0][:70]}", flush=True)
             continue
-        ok = exact_ok and error <= 8e-3
+        ok = exact_ok and close
         row["configs"].append({**asdict(tiles), "ms": ms, "tops": tops(n, k, ms), "max_err": error,
                                "exact": exact_ok, "ok": ok})
         print(f"  {_label(tiles):52s} {ms * 1e3:6.1f} us {tops(n, k, ms):5.0f} TOPS  "
@@ -148,7 +168,12 @@ def bench_shape(name: str, n: int, k: int, configs: list[W8A8Tiles]) -> dict:
     row["best_plain_ms"] = gpu_ms(lambda: int8_kernels.w8a8_matmul(ops["qx"], ops["x_scale"], ops["qw"],
                                                                    ops["w_scale"], torch.float16, tiles=best_tiles))
     row["rule_ms"] = gpu_ms(bert_call(name, ops, None))
-    row["rule_err"] = epilogue_error(name, ops, exact, None)
+    row["rule_err"] = epilogue_error(name, ops, exact, None)[0]
+    if name == "up":  # the GELU forms, with the rule's tiles
+        row["gelu_us"] = {impl: gpu_ms(bert_call(name, ops, None, impl)) * 1e3 for impl in int8_kernels.GELU_IMPLS}
+        row["gelu_err"] = {impl: epilogue_error(name, ops, exact, None, impl)[0] for impl in int8_kernels.GELU_IMPLS}
+        print(f"  GELU forms (rule tiles, int8 out): " + ", ".join(
+            f"{impl} {us:.1f} us (err {row['gelu_err'][impl]:.0f} steps)" for impl, us in row["gelu_us"].items()), flush=True)
     print(f"  best: {_label(best_tiles)} {best['tops']:.0f} TOPS with the epilogue, "
           f"{tops(n, k, row['best_plain_ms']):.0f} without; "
           f"tile rule {row['rule_ms'] * 1e3:.1f} us {tops(n, k, row['rule_ms']):.0f} TOPS (err {row['rule_err']:.1e})",

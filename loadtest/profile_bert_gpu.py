@@ -11,7 +11,7 @@
 2. Batch time: the batch's CUDA graph replayed alone (GPU ms from CUDA events) against
    ``TorchRuntime.run`` end to end (host packing, copies, the sync on the result), ``pack`` alone,
    and ``TorchRuntime.run_many`` per batch (packing overlapped with the previous batch's GPU work).
-   ``--precisions int8_dynamic int8_static``: INT8 with the GELU output's hand-off pinned either way.
+   ``--precisions int8_dynamic int8_static int8_dynamic_attn``: INT8 with its hand-offs pinned (VARIANTS).
 3. ``--knobs``: attention at [128, 12, 128, 64] fp16 (varlen FlashAttention as the runtime called it,
    SDPA's flash / efficient / cuDNN backends on the dense batch, our ``attention_quantize`` with and
    without its int8 rows against FlashAttention + ``quantize_rows``) and the GELU epilogue's erf
@@ -62,8 +62,10 @@ def batch_of(vocab_size: int, seed: int = 0) -> list[tuple[list[int], list[int]]
     return [(rng.integers(1000, vocab_size, SEQLEN).tolist(), [0] * SEQLEN) for _ in range(BATCH)]
 
 
-# --precisions: "int8" is the runtime's default INT8; the others pin its GELU-output hand-off.
-VARIANTS = {"int8_dynamic": ("int8", {"int8_ffn": "dynamic"}), "int8_static": ("int8", {"int8_ffn": "static"})}
+# --precisions: "int8" is the runtime's default INT8; the others pin its hand-offs (attention and GELU outputs).
+VARIANTS = {"int8_dynamic": ("int8", {"int8_ffn": "dynamic", "int8_attn": "dynamic"}),
+            "int8_static": ("int8", {"int8_ffn": "static", "int8_attn": "static"}),
+            "int8_dynamic_attn": ("int8", {"int8_attn": "dynamic"})}  # the fifth session's default
 
 
 def runtime(precision: str, use_cuda_graphs: bool) -> TorchRuntime:

@@ -21,6 +21,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 from build.text import held_out_texts, passages
 from trident.bert.encoder import BertEncoder
+from trident.bert.int8_linear import round_to_int8
 from trident.bert.tokenizer import TextTokenizer
 from trident.bert.torch_model import load_packed_bert
 from trident.bert.torch_runtime import TorchRuntime, TorchRuntimeOptions, prepare
@@ -249,6 +250,7 @@ TILE_VARIANTS = {  # the decode rule's small tiles, pointer loads, TMA, TMA + pe
     "tma": W8A8Tiles(64, 128, 64, 4, 3, 4, is_tma=True),
     "tma_persistent": W8A8Tiles(64, 64, 128, 4, 3, 2, is_tma=True, is_persistent=True, is_subtiled=True),
     "large_m_rule": int8_kernels.LARGE_M_TILES,  # what M >= 1024 runs, here on ragged edges
+    "wide_n_rule": int8_kernels.WIDE_N_TILES,    # and what it runs for wide N over short K
 }
 
 
@@ -275,7 +277,7 @@ def test_w8a8_gemm_accumulates_exactly(variant):
 
 
 @needs_kernels
-@pytest.mark.parametrize("variant", ["rule", "pointers_subtiled", "tma_persistent", "large_m_rule"])
+@pytest.mark.parametrize("variant", ["rule", "pointers_subtiled", "tma_persistent", "large_m_rule", "wide_n_rule"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("has_bias,gelu,has_residual", [(True, False, False), (True, True, False),
                                                         (True, False, True), (False, True, True)])
@@ -296,7 +298,7 @@ def test_w8a8_epilogue_flags_match_torch(variant, dtype, has_bias, gelu, has_res
 
 
 @needs_kernels
-@pytest.mark.parametrize("variant", ["rule", "pointers_subtiled", "tma_persistent", "large_m_rule"])
+@pytest.mark.parametrize("variant", ["rule", "pointers_subtiled", "tma_persistent", "large_m_rule", "wide_n_rule"])
 def test_w8a8_int8_output_at_a_static_step_feeds_a_gemm_without_row_scales(variant):
     # The static hand-off: the up projection writes round(gelu(.) * out_inv_step) as int8; the down
     # projection takes those rows with x_scale None (the step folded into its weight scales).
@@ -391,6 +393,26 @@ def test_attention_quantize_matches_sdpa_and_quantize_rows(is_head_walk, lengths
     ref_q, ref_scale = quantize_per_token(out[:n].cpu().float() * inv_smooth.float())
     torch.testing.assert_close(scale[:n].cpu(), ref_scale, rtol=1e-6, atol=0)
     assert (q[:n].cpu().long() - ref_q.long()).abs().max() <= 1  # only exact .5 ties may round apart
+
+
+@needs_kernels
+@pytest.mark.parametrize("lengths,max_seqlen,head_dim", [([1, 7, 16, 17, 64, 100, 128, 0, 3], 128, 32),
+                                                         ([5, 20, 1], 20, 64)])
+def test_attention_at_a_static_step_writes_only_the_int8_rows_of_its_fp16_output(lengths, max_seqlen, head_dim):
+    # The static hand-off to the out-projection: a program per head writes round(out * out_inv_step),
+    # out as the dynamic kernel stores it in fp16, and nothing in fp16.
+    g = torch.Generator().manual_seed(len(lengths))
+    cu_seqlens = [0] + np.cumsum(lengths).tolist()
+    qkv = (torch.randn(cu_seqlens[-1] + 5, 3, 4, head_dim, generator=g) * 2).half().to(KERNEL_DEVICE)
+    cu = torch.tensor(cu_seqlens, dtype=torch.int32, device=KERNEL_DEVICE)
+    inv_step = (torch.rand(4 * head_dim, generator=g) * 40 + 20).to(KERNEL_DEVICE)  # [H * D] fp32, saturates some
+    out, q, scale = int8_kernels.attention_quantize(qkv, cu, max_seqlen, out_inv_step=inv_step)
+    assert out is None and scale is None and q.dtype == torch.int8
+    fp16, _, _ = int8_kernels.attention_quantize(qkv, cu, max_seqlen)
+    n = cu_seqlens[-1]
+    expected = round_to_int8(fp16[:n].float() * inv_step)
+    assert (q[:n].long() - expected.long()).abs().max() <= 1  # only exact .5 ties may round apart
+    assert (expected.abs() == 127).any() and (expected.abs() < 127).float().mean() > 0.5  # both regimes seen
 
 
 @needs_kernels

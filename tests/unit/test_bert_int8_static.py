@@ -1,5 +1,5 @@
-"""INT8 BERT on the CPU reference path: the static hand-off of the GELU output (calibration against
-Hugging Face's own intermediate activations, accuracy against HF fp32) and ``run_many``."""
+"""INT8 BERT on the CPU reference path: the static hand-offs of the attention and GELU outputs
+(calibration against Hugging Face's own activations, accuracy against HF fp32) and ``run_many``."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,8 +8,8 @@ import torch
 from transformers import BertConfig, BertModel
 
 from trident.bert.int8_linear import QuantizedRows
-from trident.bert.torch_model import BertShape, PackedBert, hf_state_dict
-from trident.bert.torch_runtime import (TorchRuntime, TorchRuntimeOptions, ffn_input_absmax, pack, prepare,
+from trident.bert.torch_model import BertShape, PackedBert, attention, hf_state_dict
+from trident.bert.torch_runtime import (TorchRuntime, TorchRuntimeOptions, input_absmax, pack, prepare,
                                         to_device)
 
 LENGTHS = [1, 9, 30, 2, 17]
@@ -46,10 +46,12 @@ def _hf_embeddings(hf: BertModel, sequences) -> np.ndarray:
     return np.stack(embeddings)
 
 
-def test_ffn_calibration_sees_what_hf_feeds_its_output_dense(hf):
+@pytest.mark.parametrize("ours,theirs", [("down", lambda layer: layer.output.dense),
+                                         ("attn_out", lambda layer: layer.attention.output.dense)])
+def test_calibration_sees_what_hf_feeds_the_same_linear(hf, ours, theirs):
     sequences = _sequences(LENGTHS)
-    seen: list[list[torch.Tensor]] = [[] for _ in hf.encoder.layer]  # per layer, per sequence [intermediate]
-    hooks = [layer.output.dense.register_forward_pre_hook(lambda _m, inputs, i=i: seen[i].append(inputs[0].abs().amax((0, 1))))
+    seen: list[list[torch.Tensor]] = [[] for _ in hf.encoder.layer]  # per layer, per sequence [in]
+    hooks = [theirs(layer).register_forward_pre_hook(lambda _m, inputs, i=i: seen[i].append(inputs[0].abs().amax((0, 1))))
              for i, layer in enumerate(hf.encoder.layer)]
     try:
         with torch.inference_mode():
@@ -59,13 +61,13 @@ def test_ffn_calibration_sees_what_hf_feeds_its_output_dense(hf):
         for hook in hooks:
             hook.remove()
     observed = [torch.stack(maxima).amax(0) for maxima in seen]
-    absmax = ffn_input_absmax(_packed(hf), sequences)
-    for ours, reference in zip(absmax, observed):
-        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+    absmax = input_absmax(_packed(hf), sequences, (ours,))[ours]
+    for mine, reference in zip(absmax, observed):
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-5)
 
 
 def test_static_ffn_int8_hands_int8_rows_to_the_down_projection_and_stays_close_to_hf(hf):
-    options = TorchRuntimeOptions(precision="int8", device="cpu", int8_ffn="static")
+    options = TorchRuntimeOptions(precision="int8", device="cpu", int8_ffn="static", int8_attn="dynamic")
     calibration = _sequences([32] * 8, seed=1)
     runtime = TorchRuntime(prepare(_packed(hf), options, calibration), options, max_seqlen=64)
     layer = runtime.model.layers[0]
@@ -84,14 +86,36 @@ def test_static_ffn_int8_hands_int8_rows_to_the_down_projection_and_stays_close_
     assert cosines.min() > 0.99
 
 
-def test_static_ffn_applies_to_the_fused_gemm_only(hf):
-    # cuBLAS and the engine's GEMM have no epilogue to write int8 rows from: their hand-off stays dynamic.
-    options = TorchRuntimeOptions(precision="int8", device="cpu", int8_ffn="static", int8_gemm="cublas")
-    assert not options.is_static_ffn
+def test_static_attention_hands_int8_rows_to_the_out_projection_and_stays_close_to_hf(hf):
+    options = TorchRuntimeOptions(precision="int8", device="cpu", int8_attn="static", int8_ffn="dynamic")
+    runtime = TorchRuntime(prepare(_packed(hf), options, _sequences([32] * 8, seed=1)), options, max_seqlen=64)
+    layers = runtime.model.layers
+    assert all(layer.attn_out.input_inv_step is not None and layer.down.static_weight_scale is None for layer in layers)
+    sequences = _sequences(LENGTHS, seed=2)
+    rows, cu_seqlens = pack(sequences, sum(LENGTHS), len(LENGTHS))
+    with torch.inference_mode():
+        batch = to_device(rows, cu_seqlens, max(LENGTHS), torch.device("cpu"))
+        qkv = layers[0].qkv(runtime.model.embed_norm(runtime.model.word_embeddings(batch.input_ids)
+                                                      + runtime.model.position_embeddings(batch.position_ids)
+                                                      + runtime.model.token_type_embeddings(batch.token_type_ids)))
+        handed = attention(qkv.view(sum(LENGTHS), 3, 4, 16), batch, "auto", layers[0].attn_out)
+    assert isinstance(handed, QuantizedRows) and handed.scale is None and handed.hidden is None
+    assert handed.q.dtype == torch.int8 and 64 < handed.q.abs().max() <= 127  # calibrated: the range is used
+    cosines = (runtime.run(sequences) * _hf_embeddings(hf, sequences)).sum(-1)
+    assert cosines.min() > 0.99
+
+
+def test_static_hand_offs_apply_to_the_fused_gemm_only(hf):
+    # cuBLAS and the engine's GEMM have no epilogue to write int8 rows from: their hand-offs stay dynamic.
+    options = TorchRuntimeOptions(precision="int8", device="cpu", int8_ffn="static", int8_attn="static",
+                                  int8_gemm="cublas")
+    assert options.static_inputs == {}
     model = prepare(_packed(hf), options)
-    assert all(not hasattr(layer.up, "out_inv_step") for layer in model.layers)
-    with pytest.raises(ValueError, match="int8_ffn"):
-        TorchRuntimeOptions(precision="int8", int8_ffn="per-group")
+    assert all(not hasattr(layer.up, "out_inv_step") and not hasattr(layer.attn_out, "input_inv_step")
+               for layer in model.layers)
+    for name in ("int8_ffn", "int8_attn"):
+        with pytest.raises(ValueError, match=name):
+            TorchRuntimeOptions(precision="int8", **{name: "per-group"})
 
 
 def test_run_many_returns_what_run_returns_per_batch(hf):

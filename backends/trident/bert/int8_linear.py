@@ -65,10 +65,11 @@ class FusedInt8Linear(Int8Linear):
     of erf GELU, some 20x below the int8 step of the down projection's input; the up projection
     then takes 106 us instead of 151 us on the H200 at 16k tokens).
 
-    Static int8 hand-off (``hand_off_int8(up, down, step)``): ``down`` reads int8 rows at one static
-    step per tensor instead of a per-row scale, so ``up`` writes them from its epilogue (no fp16
-    [tokens, intermediate] written and read back by a separate quantize pass) and returns
-    ``QuantizedRows(None, q, None)``.
+    Static int8 input (``read_static_input(linear, step)``): the linear reads int8 rows at one static
+    step per tensor instead of a per-row scale, so their producer writes them as it computes them and
+    no row of the model dtype is written and read back by a quantize pass: the up projection from its
+    epilogue for the down projection (``hand_off_int8(up, down, step)``; it then returns
+    ``QuantizedRows(None, q, None)``), the attention kernel for the out-projection.
     """
 
     fuses_epilogue = True
@@ -78,6 +79,8 @@ class FusedInt8Linear(Int8Linear):
         super().__init__(*args, **kwargs)
         self.register_buffer("out_inv_step", None)         # [out] fp32: writes int8 rows for the next linear
         self.register_buffer("static_weight_scale", None)  # [out] fp32: weight_scale * its input's static step
+        self.register_buffer("input_inv_step", None)       # [in] fp32: inv_smooth / that step, what a producer
+                                                           # multiplies its rows by before rounding them to int8
 
     def forward(self, x: torch.Tensor | QuantizedRows, residual: torch.Tensor | None = None,
                 gelu: bool = False) -> torch.Tensor | QuantizedRows:
@@ -117,16 +120,23 @@ class FusedInt8Linear(Int8Linear):
 
 
 def round_to_int8(v: torch.Tensor) -> torch.Tensor:
-    """Round half away from zero and clamp to +-127, as the kernels' ``_quantize_store`` does."""
-    return torch.where(v >= 0, torch.floor(v + 0.5), torch.ceil(v - 0.5)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    """Clamp to +-127 and round to nearest, ties to even, as the kernels' ``_round_int8`` does."""
+    return torch.round(v.clamp(-INT8_MAX, INT8_MAX)).to(torch.int8)
+
+
+def read_static_input(linear: FusedInt8Linear, step: torch.Tensor) -> None:
+    """``linear`` reads int8 rows at the static ``step`` (fp32 scalar: its smoothed input's calibrated
+    absmax / 127): ``round(x * linear.input_inv_step)``, the step folded into its weight scales."""
+    step = step.float().to(linear.weight_scale.device)
+    linear.register_buffer("static_weight_scale", linear.weight_scale * step)  # [out]
+    linear.register_buffer("input_inv_step", linear.inv_smooth.float() / step)  # [in]
 
 
 def hand_off_int8(up: FusedInt8Linear, down: FusedInt8Linear, step: torch.Tensor) -> None:
-    """``down`` takes int8 rows at the static ``step`` (fp32 scalar: its smoothed input's calibrated
-    absmax / 127) and ``up`` writes them in its epilogue: ``round(gelu(...) * down.inv_smooth / step)``."""
-    step = step.float().to(down.weight_scale.device)
-    down.register_buffer("static_weight_scale", down.weight_scale * step)            # [out]
-    up.register_buffer("out_inv_step", down.inv_smooth.float() / step)              # [intermediate]
+    """``down`` reads int8 rows at the static ``step`` and ``up`` writes them in its epilogue:
+    ``round(gelu(...) * down.inv_smooth / step)``."""
+    read_static_input(down, step)
+    up.register_buffer("out_inv_step", down.input_inv_step)  # [intermediate]
 
 
 class CublasInt8Linear(Int8Linear):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from trident.bert.int8_linear import QuantizedRows, hidden_of
+from trident.bert.int8_linear import QuantizedRows, hidden_of, round_to_int8
 from trident.models import int8_kernels
 
 if int8_kernels.IS_AVAILABLE:
@@ -93,19 +93,27 @@ def attention(qkv: torch.Tensor, batch: PackedBatch, kernel: str, out_linear: nn
 
     ``kernel`` "triton" (or "auto" before a fused int8 ``out_linear``) on CUDA for sequences of at
     most 128 tokens: our kernel, which also quantizes the rows for a fused int8 ``out_linear`` (then
-    returns ``QuantizedRows``); else FlashAttention varlen (or the CPU reference). "auto" keeps
-    FlashAttention for fp16: on the H200 (BERT-base, batches of 128) ours was 2% faster at 128 tokens
-    each but 5% slower on lengths 16..128, while before an int8 projection it was faster on both
-    (41 + quantize fused = 61 us vs 51 + 18 us for FlashAttention + quantize_rows at 128 x 128)."""
+    returns ``QuantizedRows``: per-row scales, or at the linear's static step when it reads one); else
+    FlashAttention varlen (or the CPU reference). "auto" keeps FlashAttention for fp16: on the H200
+    (BERT-base, batches of 128) ours was 2% faster at 128 tokens each but 5% slower on lengths
+    16..128, while before an int8 projection it was faster on both (41 + quantize fused = 61 us vs
+    51 + 18 us for FlashAttention + quantize_rows at 128 x 128)."""
     num_tokens = qkv.shape[0]
     quantizes = getattr(out_linear, "fuses_epilogue", False)
+    inv_step = getattr(out_linear, "input_inv_step", None)  # [hidden]: the linear reads int8 at a static step
     if ((kernel == "triton" or (kernel == "auto" and quantizes)) and int8_kernels.supports(qkv)
             and qkv.dtype in (torch.float16, torch.bfloat16) and batch.max_seqlen <= int8_kernels.MAX_ATTENTION_SEQLEN):
+        if inv_step is not None:
+            return QuantizedRows(None, int8_kernels.attention_quantize(qkv, batch.cu_seqlens, batch.max_seqlen,
+                                                                       out_inv_step=inv_step)[1], None)
         inv_smooth = out_linear.inv_smooth if quantizes else None
         out, q, scale = int8_kernels.attention_quantize(qkv, batch.cu_seqlens, batch.max_seqlen, inv_smooth)
         return out if q is None else QuantizedRows(out, q, scale)
     out = varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], batch.cu_seqlens, batch.max_seqlen)  # [num_tokens, num_heads, head_dim]
-    return out.reshape(num_tokens, -1)
+    out = out.reshape(num_tokens, -1)
+    if inv_step is not None:  # as the kernel rounds: from the rows in the model dtype
+        return QuantizedRows(None, round_to_int8(out.float() * inv_step), None)
+    return out
 
 
 def _attention_per_sequence(q, k, v, cu_seqlens) -> torch.Tensor:

@@ -44,7 +44,8 @@ import numpy as np
 import torch
 
 from trident.bert.artifacts import MANIFEST, ArtifactsError, BertArtifacts
-from trident.bert.int8_linear import CublasInt8Linear, FusedInt8Linear, QuantizingLayerNorm, hand_off_int8
+from trident.bert.int8_linear import (CublasInt8Linear, FusedInt8Linear, QuantizingLayerNorm, hand_off_int8,
+                                      read_static_input)
 from trident.bert.options import EncoderOptions
 from trident.bert.torch_model import PackedBatch, PackedBert, load_packed_bert
 from trident.models.quant import INT8_MAX, Int8Linear, smoothing_factors
@@ -53,7 +54,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, 
 INT8_GEMMS = ("fused", "triton", "cublas")
 ATTENTION_KERNELS = ("auto", "triton", "flash")
 GELU_IMPLS = ("tanh", "erf")
-INT8_FFNS = ("dynamic", "static")
+HAND_OFFS = ("dynamic", "static")  # int8_ffn, int8_attn
 LINEARS = ("qkv", "attn_out", "up", "down")
 WEIGHTS = "model.safetensors"
 
@@ -76,6 +77,11 @@ class TorchRuntimeOptions:
     int8_ffn_smooth: float | None = 0.9  # static: SmoothQuant alpha of the down projection's input (None: off);
                                          # real MiniLM vs fp32 HF (CPU): None 0.986 / 0.966 mean / min cosine,
                                          # 0.5 0.917 / 0.773, 0.8 0.9959 / 0.9911, 0.9 0.9968 / 0.9899, 1.0 0.9966 / 0.9920
+    int8_attn: str = "static"          # the attention output's int8 hand-off to the out-projection (int8_gemm
+                                       # "fused"): static (one calibrated step per layer, written by the
+                                       # attention kernel, a program per head) | dynamic (per-row scale: one
+                                       # program walks a row block's heads to find its absmax)
+    int8_attn_smooth: float | None = 0.5  # static: SmoothQuant alpha of the out-projection's input (None: off)
 
     def __post_init__(self) -> None:
         if self.precision not in DTYPES:
@@ -86,37 +92,50 @@ class TorchRuntimeOptions:
             raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
         if self.int8_gelu not in GELU_IMPLS:
             raise ValueError(f"int8_gelu must be one of {GELU_IMPLS}, got {self.int8_gelu!r}")
-        if self.int8_ffn not in INT8_FFNS:
-            raise ValueError(f"int8_ffn must be one of {INT8_FFNS}, got {self.int8_ffn!r}")
+        for name in ("int8_ffn", "int8_attn"):
+            if getattr(self, name) not in HAND_OFFS:
+                raise ValueError(f"{name} must be one of {HAND_OFFS}, got {getattr(self, name)!r}")
 
     @property
-    def is_static_ffn(self) -> bool:
-        """Static hand-off in effect: the other int8 GEMMs have no epilogue to write int8 rows from."""
-        return self.precision == "int8" and self.int8_ffn == "static" and self.int8_gemm == "fused"
+    def static_inputs(self) -> dict[str, float | None]:
+        """The linears that read int8 rows at a static step, each with its SmoothQuant alpha: static
+        hand-offs are in effect for the fused GEMM only (the other int8 GEMMs have no epilogue to
+        write int8 rows from)."""
+        if self.precision != "int8" or self.int8_gemm != "fused":
+            return {}
+        chosen = {"attn_out": (self.int8_attn, self.int8_attn_smooth), "down": (self.int8_ffn, self.int8_ffn_smooth)}
+        return {name: alpha for name, (hand_off, alpha) in chosen.items() if hand_off == "static"}
 
 
 def quantize_int8(model: PackedBert, int8_gemm: str = "fused", gelu_impl: str = "erf",
-                  ffn_input_absmax: list[torch.Tensor] | None = None, ffn_smooth: float | None = None) -> PackedBert:
+                  static_inputs: dict[str, tuple[list[torch.Tensor], float | None]] | None = None) -> PackedBert:
     """Swaps every layer's linears for W8A8 ones in place (no SmoothQuant on the dynamic per-token
     inputs: per-token scales already absorb BERT's per-token outliers; measured in
     tests/gpu/test_bert_cuda.py). ``gelu_impl`` is the fused up projection's GELU
-    (``FusedInt8Linear.gelu_impl``). ``ffn_input_absmax`` (per layer, the down projection's input
-    max |x| per channel, from ``ffn_input_absmax``): static int8 hand-off from up to down, the down
-    projection smoothed with SmoothQuant alpha ``ffn_smooth`` first (None: not smoothed)."""
+    (``FusedInt8Linear.gelu_impl``). ``static_inputs``: linear name ("attn_out", "down") -> (per
+    layer its input's max |x| per channel, from ``input_absmax``; SmoothQuant alpha or None): that
+    linear reads int8 rows at one static step per layer, smoothed first, written by its producer (the
+    attention kernel; the up projection's epilogue)."""
     cls = {"fused": FusedInt8Linear, "triton": Int8Linear, "cublas": CublasInt8Linear}[int8_gemm]
+    static_inputs = static_inputs or {}
     for index, layer in enumerate(model.layers):
-        absmax = None if ffn_input_absmax is None else ffn_input_absmax[index].float()  # [intermediate]
         for name in LINEARS:
             linear = getattr(layer, name)
             smooth = None
-            if name == "down" and absmax is not None and ffn_smooth is not None:
-                smooth = smoothing_factors(absmax.to(linear.weight.device), linear.weight, ffn_smooth)  # [intermediate]
+            if name in static_inputs and static_inputs[name][1] is not None:
+                absmax = static_inputs[name][0][index].float().to(linear.weight.device)  # [in]
+                smooth = smoothing_factors(absmax, linear.weight, static_inputs[name][1])  # [in]
             setattr(layer, name, cls.from_linear(linear, smooth))
         if int8_gemm == "fused":
             layer.up.gelu_impl = gelu_impl
-        if absmax is not None:
-            smoothed = absmax.to(layer.down.inv_smooth.device) * layer.down.inv_smooth.float()  # [intermediate]
-            hand_off_int8(layer.up, layer.down, (smoothed.max() / INT8_MAX).clamp(min=1e-8))
+        for name, (absmax, _) in static_inputs.items():
+            linear = getattr(layer, name)
+            smoothed = absmax[index].float().to(linear.inv_smooth.device) * linear.inv_smooth.float()  # [in]
+            step = (smoothed.max() / INT8_MAX).clamp(min=1e-8)
+            if name == "down":
+                hand_off_int8(layer.up, layer.down, step)
+            else:
+                read_static_input(linear, step)
     if int8_gemm == "fused":
         quantize_norm_outputs(model)
     return model
@@ -138,18 +157,20 @@ def prepare(model: PackedBert, options: TorchRuntimeOptions,
             calibration: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None) -> PackedBert:
     """The fp32 model cast to the options' dtype and device, quantized for int8.
 
-    ``calibration``: (input_ids, token_type_ids) per text, for ``int8_ffn="static"`` (the fp16 model
-    runs them to calibrate the down projections' input steps); None: ``random_calibration``, random
+    ``calibration``: (input_ids, token_type_ids) per text, for the static int8 hand-offs (the fp16
+    model runs them to calibrate the out- and down projections' input steps); None: ``random_calibration``, random
     ids (what the random-weight benchmarks run; real models should pass real text, as
     ``open_torch_runtime`` does)."""
     model = model.to(device=options.device, dtype=DTYPES[options.precision]).eval()
     for layer in model.layers:
         layer.attention_kernel = options.attention
     if options.precision == "int8":
-        absmax = None
-        if options.is_static_ffn:
-            absmax = ffn_input_absmax(model, calibration or random_calibration(model.shape.vocab_size))
-        quantize_int8(model, options.int8_gemm, options.int8_gelu, absmax, options.int8_ffn_smooth)
+        static = options.static_inputs
+        absmax = {}
+        if static:
+            absmax = input_absmax(model, calibration or random_calibration(model.shape.vocab_size), tuple(static))
+        quantize_int8(model, options.int8_gemm, options.int8_gelu,
+                      {name: (absmax[name], alpha) for name, alpha in static.items()})
     return model
 
 
@@ -164,19 +185,23 @@ def random_calibration(vocab_size: int, num_seqs: int = 128, seqlen: int = 128,
 
 
 @torch.no_grad()  # not inference_mode: the maxima feed the quantized weights, built outside it
-def ffn_input_absmax(model: PackedBert, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[torch.Tensor]:
-    """Per layer, max |x| per channel of the down projection's input (the GELU output) over every
-    token of ``sequences``, run eagerly through ``model`` before it is quantized: fp32 [intermediate]."""
+def input_absmax(model: PackedBert, sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
+                 names: Sequence[str] = ("down",)) -> dict[str, list[torch.Tensor]]:
+    """Per linear name, per layer, max |x| per channel of that linear's input (the GELU output for
+    "down", the attention output for "attn_out") over every token of ``sequences``, run eagerly through
+    ``model`` before it is quantized: fp32 [in_features]."""
     device = next(model.parameters()).device
-    absmax = [torch.zeros(layer.down.in_features, device=device) for layer in model.layers]
+    absmax = {name: [torch.zeros(getattr(layer, name).in_features, device=device) for layer in model.layers]
+              for name in names}
 
-    def observe(index: int):
+    def observe(seen: torch.Tensor):
         def hook(_module, inputs):
-            rows = inputs[0].reshape(-1, inputs[0].shape[-1])  # [num_tokens, intermediate]
-            torch.maximum(absmax[index], rows.abs().amax(0).float(), out=absmax[index])
+            rows = inputs[0].reshape(-1, inputs[0].shape[-1])  # [num_tokens, in]
+            torch.maximum(seen, rows.abs().amax(0).float(), out=seen)
         return hook
 
-    handles = [layer.down.register_forward_pre_hook(observe(i)) for i, layer in enumerate(model.layers)]
+    handles = [getattr(layer, name).register_forward_pre_hook(observe(absmax[name][i]))
+               for name in names for i, layer in enumerate(model.layers)]
     try:
         for first in range(0, len(sequences), CALIBRATION_BATCH):
             chunk = sequences[first:first + CALIBRATION_BATCH]
@@ -362,7 +387,7 @@ def open_torch_runtime(artifacts: BertArtifacts, options: EncoderOptions, max_se
         raise RuntimeError("runtime 'torch' needs CUDA, and torch.cuda.is_available() is False")
     model = load_packed_bert(checkpoint_dir(artifacts), is_classifier=artifacts.task == "classification")
     runtime_options = TorchRuntimeOptions(precision=options.precision, device=options.device)
-    calibration = text_calibration(artifacts, max_seqlen) if runtime_options.is_static_ffn else None
+    calibration = text_calibration(artifacts, max_seqlen) if runtime_options.static_inputs else None
     return TorchRuntime(prepare(model, runtime_options, calibration), runtime_options, max_seqlen)
 
 

@@ -114,9 +114,10 @@ def w8a8_tiles(m: int, n: int, k: int) -> W8A8Tiles:
     """The W8A8 tile rule.
 
     Below 1024 rows: the tiles the engine's decode GEMM was written with (int8 MMA wants K steps of at
-    least 32; 64-wide N tiles). From 1024 rows (prefill, BERT batches): ``LARGE_M_TILES``."""
+    least 32; 64-wide N tiles). From 1024 rows (prefill, BERT batches): ``WIDE_N_TILES`` for wide
+    outputs over short inputs (BERT's QKV and up projections), else ``LARGE_M_TILES``."""
     if m >= 1024:
-        return LARGE_M_TILES
+        return WIDE_N_TILES if n >= 2048 and k <= 1024 else LARGE_M_TILES
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     return W8A8Tiles(block_m, 64, 128 if m <= 32 else 64)
 
@@ -132,10 +133,18 @@ def w8a8_tiles(m: int, n: int, k: int) -> W8A8Tiles:
 # The GELU epilogue's erf: "erf" libdevice's erff; "erf_poly" Abramowitz-Stegun 7.1.26 (|error| <= 2.2e-7
 # on GELU, where fp16 output rounding is >= 3e-5) with one fast reciprocal and one exp2; "tanh" the tanh
 # form of GELU on the tanh.approx instruction (up to ~1e-3 from erf GELU: not BERT's function; CUDA only).
+# Sixth session: tanh.approx.f16x2 (two values an instruction) measured no faster (117.6 vs 118.3 us).
 GELU_IMPLS = ("erf", "erf_poly", "tanh")
 GELU_IMPL = "erf"
 
 LARGE_M_TILES = W8A8Tiles(128, 128, 128, num_warps=8, num_stages=3, group_m=8, is_tma=True, is_subtiled=True)
+# Sixth sweep (the runtime's epilogues: tanh GELU and int8 rows out of up, static steps into attn_out
+# and down): a persistent grid of two 4-warp programs per SM, whose flattened loop loads the next tile
+# while this one's epilogue runs, took QKV 70.1 -> 57.8 us and up 118.1 -> 105.8 us; it lost on the
+# 768-wide outputs (attn_out 34.0 -> 44.6, down 71.4 -> 102.7 us), whose few tiles per program leave
+# little to overlap.
+WIDE_N_TILES = W8A8Tiles(128, 128, 128, num_warps=4, num_stages=3, group_m=8, is_tma=True, is_persistent=True,
+                         is_subtiled=True, programs_per_sm=2)
 
 
 def w8a8_matmul(qx: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.Tensor, w_scale: torch.Tensor,
@@ -148,7 +157,7 @@ def w8a8_matmul(qx: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.T
     already folded into ``w_scale``), qweight [N, K] int8, w_scale [N] fp32, bias [N], residual [M, N]
     with the output's strides (contiguous). The int32 accumulator is exact; the epilogue works in
     fp32 and rounds once at the store. ``out_inv_step`` [N] fp32: the output is int8 instead,
-    ``round(v * out_inv_step)`` clamped to +-127 (rounded half away from zero, as ``quantize_rows``),
+    ``round(v * out_inv_step)`` clamped to +-127 (ties to even, as ``quantize_rows`` and torch.round),
     the operand of a next GEMM called with ``x_scale=None``; ``dtype`` is then ignored and
     ``residual`` not allowed. ``tiles`` overrides the rule and ``gelu_impl`` (one of ``GELU_IMPLS``)
     the GELU's erf (benchmarks).
@@ -220,8 +229,9 @@ MAX_ATTENTION_SEQLEN = 128  # one key block: the whole softmax row lives in regi
 
 
 def attention_quantize(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                       inv_smooth: torch.Tensor | None = None, is_head_walk: bool | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                       inv_smooth: torch.Tensor | None = None, is_head_walk: bool | None = None,
+                       out_inv_step: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Bidirectional attention within each packed sequence, and with ``inv_smooth`` its rows quantized.
 
     qkv [T, 3, H, D] contiguous (the fused QKV projection's output), cu_seqlens [S + 1] int32, every
@@ -233,24 +243,39 @@ def attention_quantize(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: 
     (sequence, block of query rows) walks the heads, so a row's absmax is complete when the walk ends.
     Batches too small to fill the GPU that way (``is_head_walk`` False; None: the rule) run a program
     per head instead and quantize in ``quantize_rows`` after.
+
+    ``out_inv_step`` [H * D] fp32 (the reading linear's static input step, smoothing folded in):
+    returns (None, int8 [T, H * D], None) instead, ``round(out * out_inv_step)`` of the rows as
+    rounded to qkv's dtype, written by a program per (sequence, row block, head): no row walk, no
+    absmax, and no ``out`` in the model dtype written at all.
     """
     t, three, num_heads, head_dim = qkv.shape
     assert three == 3 and qkv.is_contiguous() and max_seqlen <= MAX_ATTENTION_SEQLEN
+    assert out_inv_step is None or inv_smooth is None, "a static step has its smoothing folded in"
     num_seqs = cu_seqlens.shape[0] - 1
     block_n = max(16, triton.next_power_of_2(max_seqlen))
     block_m = min(64, block_n)
     num_row_blocks = triton.cdiv(max_seqlen, block_m)
-    if is_head_walk is None:
+    is_static = out_inv_step is not None
+    if is_static:
+        is_head_walk = False
+    elif is_head_walk is None:
         is_head_walk = num_seqs * num_row_blocks >= _num_sms(qkv.device)
     is_quantized = inv_smooth is not None and is_head_walk
-    out = torch.empty(t, num_heads * head_dim, dtype=qkv.dtype, device=qkv.device)  # [T, H * D]
-    q8 = torch.empty(t, num_heads * head_dim, dtype=torch.int8, device=qkv.device) if is_quantized else out  # [T, H * D]
-    scale = torch.empty(t, 1, dtype=torch.float32, device=qkv.device) if is_quantized else out               # [T, 1]
+    q8 = None
+    if is_static or is_quantized:
+        q8 = torch.empty(t, num_heads * head_dim, dtype=torch.int8, device=qkv.device)  # [T, H * D]
+    out = None if is_static else torch.empty(t, num_heads * head_dim, dtype=qkv.dtype, device=qkv.device)  # [T, H * D]
+    scale = torch.empty(t, 1, dtype=torch.float32, device=qkv.device) if is_quantized else None  # [T, 1]
     heads_per_program = num_heads if is_head_walk else 1
+    per_column = out_inv_step if is_static else inv_smooth
     _attention_quantize_kernel[(num_seqs, num_row_blocks, num_heads // heads_per_program)](
-        qkv, out, q8, scale, qkv if inv_smooth is None else inv_smooth, cu_seqlens, 1.4426950408889634 / head_dim ** 0.5,
+        qkv, qkv if out is None else out, qkv if q8 is None else q8, qkv if scale is None else scale,
+        qkv if per_column is None else per_column, cu_seqlens, 1.4426950408889634 / head_dim ** 0.5,
         NUM_HEADS=num_heads, HEADS=heads_per_program, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        QUANTIZE=is_quantized, num_warps=4, num_stages=2)
+        QUANTIZE=is_quantized, STATIC=is_static, num_warps=4, num_stages=2)
+    if is_static:
+        return None, q8, None
     if inv_smooth is None:
         return out, None, None
     if not is_quantized:
@@ -294,13 +319,18 @@ if IS_AVAILABLE:
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
 
     @triton.jit
+    def _round_int8(v):
+        # fp32 -> the int8 grid as fp32: clamp to +-127 (quant.INT8_MAX), then round to nearest, ties to
+        # even (torch.round's rule): adding and taking away 1.5 * 2**23 leaves an fp32 of magnitude below
+        # 2**22 rounded to an integer, in two adds where floor / ceil / select took six instructions.
+        v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+        return (v + 12582912.0) - 12582912.0
+
+    @triton.jit
     def _quantize_store(v, rows, cols, inside, q_ptr, scale_ptr, M, K):
         # v [ROWS, BLOCK] fp32 (zeros outside) -> int8 rows at q_ptr, one fp32 scale per row.
         scale = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-8) / 127.0  # [ROWS]
-        q = v / scale[:, None]
-        q = tl.where(q >= 0, tl.floor(q + 0.5), tl.ceil(q - 0.5))  # round half away from zero
-        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-        tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(tl.int8), mask=inside)
+        tl.store(q_ptr + rows[:, None] * K + cols[None, :], _round_int8(v / scale[:, None]).to(tl.int8), mask=inside)
         tl.store(scale_ptr + rows, scale, mask=rows < M)
 
     @triton.jit
@@ -382,9 +412,7 @@ if IS_AVAILABLE:
         if GELU != "":  # BERT's hidden_act "gelu" is the erf form
             v = _gelu(v, GELU)
         if QUANTIZE_OUT:  # the next GEMM's int8 operand, at its static step per column
-            v = v * tl.load(qs_ptr + rn, mask=rn < N, other=0.0)[None, :]
-            v = tl.where(v >= 0, tl.floor(v + 0.5), tl.ceil(v - 0.5))  # as _quantize_store rounds
-            v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+            v = _round_int8(v * tl.load(qs_ptr + rn, mask=rn < N, other=0.0)[None, :])
         if IS_TMA:  # rows and columns past the edges are neither read nor written
             if HAS_RESIDUAL:
                 v += r.load([off_m, off_n]).to(tl.float32)
@@ -398,8 +426,10 @@ if IS_AVAILABLE:
     @triton.jit
     def _attention_quantize_kernel(qkv_ptr, out_ptr, q_ptr, scale_ptr, s_ptr, cu_ptr, qk_scale,
                                    NUM_HEADS: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUANTIZE: tl.constexpr):
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUANTIZE: tl.constexpr,
+                                   STATIC: tl.constexpr):
         # HEADS: heads per program, from head program_id(2) * HEADS; QUANTIZE needs all NUM_HEADS.
+        # s_ptr: the per-column smoothing (QUANTIZE) or the static inverse step (STATIC, int8 rows only).
         start = tl.load(cu_ptr + tl.program_id(0))
         length = tl.load(cu_ptr + tl.program_id(0) + 1) - start
         first = tl.program_id(1) * BLOCK_M
@@ -424,8 +454,13 @@ if IS_AVAILABLE:
             s = tl.where(is_key[None, :], s, float("-inf"))
             p = tl.exp2(s - tl.max(s, axis=1)[:, None])
             o = tl.dot(p.to(v.dtype), v) / tl.sum(p, axis=1)[:, None]                   # [BLOCK_M, HEAD_DIM]
-            o = o.to(out_ptr.dtype.element_ty)
-            tl.store(out_ptr + out_at + h * HEAD_DIM, o, mask=is_row[:, None])
+            o = o.to(qkv_ptr.dtype.element_ty)  # rounded as the model dtype would store it
+            if STATIC:  # the int8 rows at the reading linear's static step: nothing else is written
+                inv_step = tl.load(s_ptr + h * HEAD_DIM + d)  # [HEAD_DIM] fp32
+                tl.store(q_ptr + out_at + h * HEAD_DIM, _round_int8(o.to(tl.float32) * inv_step[None, :]).to(tl.int8),
+                         mask=is_row[:, None])
+            else:
+                tl.store(out_ptr + out_at + h * HEAD_DIM, o, mask=is_row[:, None])
             if QUANTIZE:
                 smooth = tl.load(s_ptr + h * HEAD_DIM + d).to(tl.float32)
                 absmax = tl.maximum(absmax, tl.max(tl.abs(o.to(tl.float32) * smooth[None, :]), axis=1))
@@ -435,10 +470,8 @@ if IS_AVAILABLE:
             for h in range(NUM_HEADS):
                 o = tl.load(out_ptr + out_at + h * HEAD_DIM, mask=is_row[:, None], other=0.0).to(tl.float32)
                 o = o * tl.load(s_ptr + h * HEAD_DIM + d).to(tl.float32)[None, :]
-                q = o / scale[:, None]
-                q = tl.where(q >= 0, tl.floor(q + 0.5), tl.ceil(q - 0.5))  # as _quantize_store rounds
-                q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-                tl.store(q_ptr + out_at + h * HEAD_DIM, q.to(tl.int8), mask=is_row[:, None])
+                tl.store(q_ptr + out_at + h * HEAD_DIM, _round_int8(o / scale[:, None]).to(tl.int8),
+                         mask=is_row[:, None])
             tl.store(scale_ptr + start + rows, scale, mask=is_row)
 
     @triton.jit
