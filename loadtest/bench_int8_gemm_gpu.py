@@ -61,6 +61,9 @@ def sweep() -> list[W8A8Tiles]:
         (128, 256, 64, 8, 4, 8, True, True, True, 1),
         (128, 64, 128, 4, 3, 8, True, False, True, 1),     # smaller tiles, more programs per SM
         (64, 128, 128, 4, 3, 8, True, False, True, 1),
+        (256, 128, 128, 8, 3, 8, True, False, True, 1),    # for the 768-wide outputs: taller tiles, plain grid
+        (128, 128, 256, 8, 2, 8, True, False, True, 1),    # half the K steps
+        (128, 128, 128, 8, 4, 8, True, False, True, 1),
     ]
     return [W8A8Tiles(*r) for r in rows]
 

@@ -363,6 +363,24 @@ def test_layer_norm_quantize_equals_layer_norm_then_per_token_quantize(dtype, hi
     assert (q.cpu().long() - ref_q.long()).abs().max() <= 1  # only exact .5 ties may round apart
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_embeddings_layer_norm_quantize_equals_the_eager_sum_then_layer_norm_quantize(dtype):
+    # The INT8 model's first kernel gathers the three embedding rows itself: same bits as gathering
+    # and adding them eagerly ((word + position) + token type, each add rounded to dtype) first.
+    g = torch.Generator().manual_seed(3)
+    tables = tuple((torch.randn(rows, 96, generator=g) * 2).to(dtype).to(KERNEL_DEVICE) for rows in (500, 64, 2))
+    ids = tuple(torch.randint(0, rows, (41,), generator=g).to(KERNEL_DEVICE) for rows in (500, 64, 2))
+    weight, bias = (torch.rand(96, generator=g) + 0.5).to(dtype), (torch.randn(96, generator=g) * 0.1).to(dtype)
+    inv_smooth = (torch.rand(96, generator=g) + 0.5).to(dtype).to(KERNEL_DEVICE)
+    weight, bias = weight.to(KERNEL_DEVICE), bias.to(KERNEL_DEVICE)
+    eager = (tables[0][ids[0]] + tables[1][ids[1]]) + tables[2][ids[2]]  # [41, 96]
+    expected = int8_kernels.layer_norm_quantize(eager, weight, bias, 1e-12, inv_smooth)
+    fused = int8_kernels.embed_layer_norm_quantize(ids, tables, weight, bias, 1e-12, inv_smooth)
+    for ours, reference in zip(fused, expected):
+        assert torch.equal(ours, reference)
+
+
 def _attention_reference(qkv: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
     out = torch.zeros(qkv.shape[0], qkv.shape[2] * qkv.shape[3])  # [tokens, heads * head_dim]
     for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
@@ -452,7 +470,7 @@ def test_int8_runtime_quantizes_in_the_layer_norms_and_matches_the_unfused_linea
     from trident.bert.int8_linear import QuantizingLayerNorm
     checkpoint, _ = _tiny_checkpoint(tmp_path)
     fused = _runtime(checkpoint, "int8", use_cuda_graphs=False, int8_gelu="erf",  # the unfused GELU is erf
-                     int8_ffn="dynamic")  # and its GELU output is quantized per row
+                     int8_ffn="dynamic", int8_attn="dynamic")  # and its hand-offs are quantized per row
     options = TorchRuntimeOptions(precision="int8", use_cuda_graphs=False, int8_gemm="triton")
     unfused = TorchRuntime(prepare(load_packed_bert(checkpoint), options), options, max_seqlen=128)
     norms = [m for m in fused.model.modules() if isinstance(m, QuantizingLayerNorm)]

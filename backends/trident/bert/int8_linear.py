@@ -45,6 +45,14 @@ class QuantizingLayerNorm(nn.Module):
         self.norm = norm
         self.register_buffer("inv_smooth", inv_smooth)  # [hidden]
 
+    def embeddings(self, ids: tuple[torch.Tensor, ...], tables: tuple[torch.Tensor, ...]) -> QuantizedRows:
+        """``forward`` of BERT's summed embeddings: ids (input, position, token type) [tokens] index
+        tables (their [rows, hidden] weights); on CUDA the gathers and adds ride in the same kernel."""
+        if int8_kernels.supports(tables[0]):
+            return QuantizedRows(*int8_kernels.embed_layer_norm_quantize(ids, tables, self.norm.weight, self.norm.bias,
+                                                                         self.norm.eps, self.inv_smooth))
+        return self((F.embedding(ids[0], tables[0]) + F.embedding(ids[1], tables[1])) + F.embedding(ids[2], tables[2]))
+
     def forward(self, x: torch.Tensor) -> QuantizedRows:
         rows = x.reshape(-1, x.shape[-1])  # [tokens, hidden]
         if int8_kernels.supports(rows):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from trident.bert.int8_linear import QuantizedRows, hidden_of, round_to_int8
+from trident.bert.int8_linear import QuantizedRows, QuantizingLayerNorm, hidden_of, round_to_int8
 from trident.models import int8_kernels
 
 if int8_kernels.IS_AVAILABLE:
@@ -178,9 +178,13 @@ class PackedBert(nn.Module):
             self.classifier = nn.Linear(h, shape.num_labels)
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
-        x = (self.word_embeddings(batch.input_ids) + self.position_embeddings(batch.position_ids)
-             + self.token_type_embeddings(batch.token_type_ids))  # [num_tokens, hidden]
-        x = self.embed_norm(x)
+        if isinstance(self.embed_norm, QuantizingLayerNorm):  # INT8: one kernel from the ids to the int8 rows
+            x = self.embed_norm.embeddings(
+                (batch.input_ids, batch.position_ids, batch.token_type_ids),
+                (self.word_embeddings.weight, self.position_embeddings.weight, self.token_type_embeddings.weight))
+        else:
+            x = self.embed_norm(self.word_embeddings(batch.input_ids) + self.position_embeddings(batch.position_ids)
+                                + self.token_type_embeddings(batch.token_type_ids))  # [num_tokens, hidden]
         for layer in self.layers:
             x = layer(x, batch)
         if self.shape.num_labels:

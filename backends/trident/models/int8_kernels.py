@@ -216,13 +216,39 @@ def layer_norm_quantize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     y = torch.empty_like(x)                                               # [M, H]
     qy = torch.empty(m, h, dtype=torch.int8, device=x.device)             # [M, H]
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)       # [M, 1]
+    _launch_layer_norm_quantize(x, weight, bias, inv_smooth, y, qy, scale, m, h, eps, rows=rows)
+    return y, qy, scale
+
+
+def embed_layer_norm_quantize(ids: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                              tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor], weight: torch.Tensor,
+                              bias: torch.Tensor, eps: float, inv_smooth: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``layer_norm_quantize`` of BERT's embeddings, ``(word[i] + position[p]) + token_type[t]`` summed
+    in the tables' dtype as the eager adds round it, gathered inside the kernel: the three gathered
+    [M, H] tensors and the two sums are never written. ids: (input, position, token type) ids [M]
+    int64; tables: the matching [rows, H] embedding weights. Same outputs as ``layer_norm_quantize``.
+    """
+    word = tables[0]
+    m, h = ids[0].shape[0], word.shape[1]
+    y = torch.empty(m, h, dtype=word.dtype, device=word.device)       # [M, H]
+    qy = torch.empty(m, h, dtype=torch.int8, device=word.device)     # [M, H]
+    scale = torch.empty(m, 1, dtype=torch.float32, device=word.device)  # [M, 1]
+    _launch_layer_norm_quantize(word, weight, bias, inv_smooth, y, qy, scale, m, h, eps, ids, tables[1:])
+    return y, qy, scale
+
+
+def _launch_layer_norm_quantize(x, weight, bias, inv_smooth, y, qy, scale, m, h, eps, ids=None, tables=(),
+                                rows: int | None = None) -> None:
+    # ids and tables: the embeddings' gather (x is then the word table); rows: rows per program.
     block_h = triton.next_power_of_2(h)
     rows = rows or rows_per_program(m, block_h)
+    gather = ids is not None
     _layer_norm_quantize_kernel[(triton.cdiv(m, rows),)](
         x, weight, bias, weight if inv_smooth is None else inv_smooth, y, qy, scale, m, h, eps,
-        HAS_SMOOTH=inv_smooth is not None, ROWS=rows, BLOCK_H=block_h,
+        *(ids if gather else (x, x, x)), *(tables if gather else (x, x)),
+        HAS_SMOOTH=inv_smooth is not None, GATHER=gather, ROWS=rows, BLOCK_H=block_h,
         num_warps=4 if rows * block_h <= 4096 else 8)
-    return y, qy, scale
 
 
 MAX_ATTENTION_SEQLEN = 128  # one key block: the whole softmax row lives in registers
@@ -320,17 +346,20 @@ if IS_AVAILABLE:
 
     @triton.jit
     def _round_int8(v):
-        # fp32 -> the int8 grid as fp32: clamp to +-127 (quant.INT8_MAX), then round to nearest, ties to
-        # even (torch.round's rule): adding and taking away 1.5 * 2**23 leaves an fp32 of magnitude below
-        # 2**22 rounded to an integer, in two adds where floor / ceil / select took six instructions.
+        # fp32 -> int32 in [-127, 127] (quant.INT8_MAX): clamped, then rounded to nearest, ties to even
+        # (torch.round's rule). Adding 1.5 * 2**23 to an fp32 of magnitude below 2**22 rounds it to an
+        # integer and leaves that integer in the low mantissa bits: an fp32 add and an int32 subtract,
+        # where floor / ceil / select and the float -> int conversion took seven instructions, the
+        # conversion on the quarter-rate pipe the GEMM epilogue's int -> float and tanh already share.
         v = tl.minimum(tl.maximum(v, -127.0), 127.0)
-        return (v + 12582912.0) - 12582912.0
+        return (v + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
 
     @triton.jit
     def _quantize_store(v, rows, cols, inside, q_ptr, scale_ptr, M, K):
         # v [ROWS, BLOCK] fp32 (zeros outside) -> int8 rows at q_ptr, one fp32 scale per row.
         scale = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-8) / 127.0  # [ROWS]
-        tl.store(q_ptr + rows[:, None] * K + cols[None, :], _round_int8(v / scale[:, None]).to(tl.int8), mask=inside)
+        inv_scale = 1.0 / scale  # [ROWS]: a multiply per element instead of an IEEE divide (~1 ulp apart)
+        tl.store(q_ptr + rows[:, None] * K + cols[None, :], _round_int8(v * inv_scale[:, None]).to(tl.int8), mask=inside)
         tl.store(scale_ptr + rows, scale, mask=rows < M)
 
     @triton.jit
@@ -467,10 +496,11 @@ if IS_AVAILABLE:
         if QUANTIZE:  # second walk over the row, now that its absmax is known; the rows are in L2
             tl.debug_barrier()  # other threads of this program wrote them
             scale = tl.maximum(absmax, 1e-8) / 127.0  # [BLOCK_M]
+            inv_scale = 1.0 / scale
             for h in range(NUM_HEADS):
                 o = tl.load(out_ptr + out_at + h * HEAD_DIM, mask=is_row[:, None], other=0.0).to(tl.float32)
                 o = o * tl.load(s_ptr + h * HEAD_DIM + d).to(tl.float32)[None, :]
-                tl.store(q_ptr + out_at + h * HEAD_DIM, _round_int8(o / scale[:, None]).to(tl.int8),
+                tl.store(q_ptr + out_at + h * HEAD_DIM, _round_int8(o * inv_scale[:, None]).to(tl.int8),
                          mask=is_row[:, None])
             tl.store(scale_ptr + start + rows, scale, mask=is_row)
 
@@ -492,12 +522,22 @@ if IS_AVAILABLE:
 
     @triton.jit
     def _layer_norm_quantize_kernel(x_ptr, g_ptr, b_ptr, s_ptr, y_ptr, q_ptr, scale_ptr, M, H, eps,
-                                    HAS_SMOOTH: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
+                                    ids_ptr, pos_ids_ptr, type_ids_ptr, pos_ptr, type_ptr,
+                                    HAS_SMOOTH: tl.constexpr, GATHER: tl.constexpr, ROWS: tl.constexpr,
+                                    BLOCK_H: tl.constexpr):
+        # GATHER: row r of x is word[ids[r]] + pos[pos_ids[r]] + type[type_ids[r]], x_ptr the word table.
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK_H)
         inside = (rows[:, None] < M) & (cols[None, :] < H)
         offsets = rows[:, None] * H + cols[None, :]
-        x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)  # [ROWS, BLOCK_H]
+        if GATHER:  # summed in the tables' dtype, in the eager order: (word + position) + token type
+            word = tl.load(ids_ptr + rows, mask=rows < M, other=0)[:, None] * H + cols[None, :]
+            pos = tl.load(pos_ids_ptr + rows, mask=rows < M, other=0)[:, None] * H + cols[None, :]
+            kind = tl.load(type_ids_ptr + rows, mask=rows < M, other=0)[:, None] * H + cols[None, :]
+            x = (tl.load(x_ptr + word, mask=inside, other=0.0) + tl.load(pos_ptr + pos, mask=inside, other=0.0))
+            x = (x + tl.load(type_ptr + kind, mask=inside, other=0.0)).to(tl.float32)  # [ROWS, BLOCK_H]
+        else:
+            x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)  # [ROWS, BLOCK_H]
         mean = tl.sum(x, axis=1) / H                                          # [ROWS]
         centred = tl.where(inside, x - mean[:, None], 0.0)
         rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / H + eps)          # [ROWS]
