@@ -364,6 +364,31 @@ def test_layer_norm_quantize_equals_layer_norm_then_per_token_quantize(dtype, hi
 
 
 @needs_kernels
+@pytest.mark.parametrize("variant", ["rule", "pointers_subtiled", "large_m_rule"])
+def test_a_deferred_layer_norm_is_rebuilt_as_the_gemms_residual(variant):
+    # layer_norm_stats_quantize writes the same int8 rows as layer_norm_quantize and, instead of the
+    # normalized rows, each row's (mean, rstd); the GEMM adding them as its residual rebuilds them.
+    from trident.bert.int8_linear import NormedRows
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(70, 96, generator=g) * 3 + 1).half().to(KERNEL_DEVICE)  # [rows, hidden]: pre-norm rows
+    norm = torch.nn.LayerNorm(96, eps=1e-12).half().to(KERNEL_DEVICE)
+    norm.weight.data = (torch.rand(96, generator=g) + 0.5).half().to(KERNEL_DEVICE)
+    norm.bias.data = (torch.randn(96, generator=g) * 0.1).half().to(KERNEL_DEVICE)
+    y, q, scale = int8_kernels.layer_norm_quantize(x, norm.weight, norm.bias, 1e-12)
+    stats, q_deferred, scale_deferred = int8_kernels.layer_norm_stats_quantize(x, norm.weight, norm.bias, 1e-12)
+    assert torch.equal(q_deferred, q) and torch.equal(scale_deferred, scale)
+    torch.testing.assert_close(stats[:, 0].cpu(), x.float().mean(1).cpu(), atol=1e-5, rtol=1e-5)
+    rebuilt = NormedRows(x, stats, norm).materialize()
+    torch.testing.assert_close(rebuilt.float(), y.float(), atol=2e-3, rtol=2e-3)  # y is rounded to fp16
+    ops = {k: v.to(KERNEL_DEVICE) for k, v in _int8_operands(70, 96, 128, seed=5).items()}
+    gemm = lambda residual, residual_norm=None: int8_kernels.w8a8_matmul(
+        ops["qx"], ops["x_scale"], ops["qw"], ops["w_scale"], torch.float16, bias=ops["bias"].half(),
+        residual=residual, residual_norm=residual_norm, tiles=TILE_VARIANTS[variant])  # [70, 96]
+    deferred = gemm(x, (stats, norm.weight, norm.bias))
+    torch.testing.assert_close(deferred.float(), gemm(rebuilt).float(), atol=4e-3, rtol=2e-3)
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_embeddings_layer_norm_quantize_equals_the_eager_sum_then_layer_norm_quantize(dtype):
     # The INT8 model's first kernel gathers the three embedding rows itself: same bits as gathering
@@ -416,9 +441,10 @@ def test_attention_quantize_matches_sdpa_and_quantize_rows(is_head_walk, lengths
 @needs_kernels
 @pytest.mark.parametrize("lengths,max_seqlen,head_dim", [([1, 7, 16, 17, 64, 100, 128, 0, 3], 128, 32),
                                                          ([5, 20, 1], 20, 64)])
-def test_attention_at_a_static_step_writes_only_the_int8_rows_of_its_fp16_output(lengths, max_seqlen, head_dim):
-    # The static hand-off to the out-projection: a program per head writes round(out * out_inv_step),
-    # out as the dynamic kernel stores it in fp16, and nothing in fp16.
+def test_attention_at_a_static_step_writes_only_the_int8_rows_of_its_output(lengths, max_seqlen, head_dim):
+    # The static hand-off to the out-projection: a program per head writes round(out * out_inv_step)
+    # from its fp32 rows, within one step of rounding the fp16 rows the dynamic kernel stores, and
+    # writes nothing in fp16.
     g = torch.Generator().manual_seed(len(lengths))
     cu_seqlens = [0] + np.cumsum(lengths).tolist()
     qkv = (torch.randn(cu_seqlens[-1] + 5, 3, 4, head_dim, generator=g) * 2).half().to(KERNEL_DEVICE)
@@ -429,14 +455,16 @@ def test_attention_at_a_static_step_writes_only_the_int8_rows_of_its_fp16_output
     fp16, _, _ = int8_kernels.attention_quantize(qkv, cu, max_seqlen)
     n = cu_seqlens[-1]
     expected = round_to_int8(fp16[:n].float() * inv_step)
-    assert (q[:n].long() - expected.long()).abs().max() <= 1  # only exact .5 ties may round apart
+    assert (q[:n].long() - expected.long()).abs().max() <= 1  # fp32 vs fp16-rounded rows: near-ties apart
     assert (expected.abs() == 127).any() and (expected.abs() < 127).float().mean() > 0.5  # both regimes seen
 
 
 @needs_kernels
-def test_mean_pool_kernel_equals_index_add_pooling():
+@pytest.mark.parametrize("is_normed", [False, True])  # True: the last LayerNorm applied inside the pooling
+def test_mean_pool_kernel_equals_index_add_pooling(is_normed):
     # CUDA runs the Triton pooling (called directly here so the interpreter covers it too); the CPU
-    # path is the index_add_ reference. NaN padding rows and an empty padding sequence, as in a bucket.
+    # path is the index_add_ reference (with nn.LayerNorm first). NaN padding rows and an empty
+    # padding sequence, as in a bucket.
     from trident.bert.torch_model import PackedBatch, _mean_pool_triton, mean_pool_packed
     lengths = [1, 7, 16, 17, 0, 100, 3]
     cu_seqlens = [0] + np.cumsum(lengths).tolist() + [sum(lengths)]
@@ -446,9 +474,16 @@ def test_mean_pool_kernel_equals_index_add_pooling():
     for i, (start, end) in enumerate(zip(cu_seqlens[:-2], cu_seqlens[1:-1])):
         seq_index[start:end] = i
     cu = torch.tensor(cu_seqlens, dtype=torch.int32)
-    reference = mean_pool_packed(x, PackedBatch(seq_index, seq_index, seq_index, seq_index, cu, 128))
-    pooled = _mean_pool_triton(x.to(KERNEL_DEVICE), cu.to(KERNEL_DEVICE)).cpu()  # [num_seqs, hidden]
-    torch.testing.assert_close(pooled, reference, atol=1e-6, rtol=1e-5)
+    norm = None
+    if is_normed:
+        norm = torch.nn.LayerNorm(48, eps=1e-12).half()
+        norm.weight.data, norm.bias.data = (torch.rand(48) + 0.5).half(), (torch.randn(48) * 0.1).half()
+    reference = mean_pool_packed(x, PackedBatch(seq_index, seq_index, seq_index, seq_index, cu, 128),
+                                 None if norm is None else norm.float())  # LayerNorm in fp32 on the CPU
+    pooled = _mean_pool_triton(x.to(KERNEL_DEVICE), cu.to(KERNEL_DEVICE),
+                               None if norm is None else norm.to(KERNEL_DEVICE)).cpu()  # [num_seqs, hidden]
+    # Normed: the kernel rounds each LayerNorm row to fp16 (as a separate fp16 LayerNorm stores it).
+    torch.testing.assert_close(pooled, reference, atol=1e-3 if is_normed else 1e-6, rtol=1e-5)
 
 
 @needs_kernels

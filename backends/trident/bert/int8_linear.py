@@ -22,12 +22,36 @@ from trident.models.quant import INT8_MAX, Int8Linear, int8_matmul, quantize_per
 
 
 @dataclass(frozen=True)
+class NormedRows:
+    """``norm(rows)`` left unwritten: the rows before the LayerNorm and each row's (mean, rstd). The
+    fused GEMM that adds them as its residual rebuilds the normalized rows in its epilogue
+    (``w8a8_matmul(residual_norm=...)``); anything else calls ``materialize``."""
+    rows: torch.Tensor   # [tokens, hidden] in the model dtype, before the norm
+    stats: torch.Tensor  # [tokens, 2] fp32: mean, rstd
+    norm: nn.LayerNorm
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.rows.shape
+
+    def materialize(self) -> torch.Tensor:
+        mean, rstd = self.stats[:, :1], self.stats[:, 1:]  # [tokens, 1] each
+        normed = (self.rows.float() - mean) * rstd * self.norm.weight.float() + self.norm.bias.float()
+        return normed.to(self.rows.dtype)  # [tokens, hidden]
+
+
+def materialized(x: torch.Tensor | NormedRows | None) -> torch.Tensor | None:
+    return x.materialize() if isinstance(x, NormedRows) else x
+
+
+@dataclass(frozen=True)
 class QuantizedRows:
     """A linear's input, already quantized for the one linear that reads it: ``q`` int8 [tokens, in]
     with ``scale`` fp32 [tokens, 1] (per-row dynamic), or ``scale`` None (one static step, folded into
     the reading linear's ``static_weight_scale``). ``hidden``: the same rows in the model dtype when
-    the producer also writes them (a LayerNorm's output is the next residual), else None."""
-    hidden: torch.Tensor | None
+    the producer also writes them (a LayerNorm's output is the next residual), or ``NormedRows`` to
+    rebuild them from, else None."""
+    hidden: torch.Tensor | NormedRows | None
     q: torch.Tensor
     scale: torch.Tensor | None
 
@@ -38,11 +62,14 @@ def hidden_of(x: torch.Tensor | QuantizedRows) -> torch.Tensor | None:
 
 class QuantizingLayerNorm(nn.Module):
     """``nn.LayerNorm`` whose forward also quantizes its output for the linear it feeds, with that
-    linear's ``inv_smooth``: returns ``QuantizedRows`` (one kernel on CUDA)."""
+    linear's ``inv_smooth``: returns ``QuantizedRows`` (one kernel on CUDA). ``defers_output``: its
+    normalized rows are only ever a fused GEMM's residual, so on CUDA they come back as
+    ``NormedRows`` (row statistics) instead of being written."""
 
-    def __init__(self, norm: nn.LayerNorm, inv_smooth: torch.Tensor) -> None:
+    def __init__(self, norm: nn.LayerNorm, inv_smooth: torch.Tensor, defers_output: bool = False) -> None:
         super().__init__()
         self.norm = norm
+        self.defers_output = defers_output
         self.register_buffer("inv_smooth", inv_smooth)  # [hidden]
 
     def embeddings(self, ids: tuple[torch.Tensor, ...], tables: tuple[torch.Tensor, ...]) -> QuantizedRows:
@@ -55,6 +82,10 @@ class QuantizingLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> QuantizedRows:
         rows = x.reshape(-1, x.shape[-1])  # [tokens, hidden]
+        if self.defers_output and int8_kernels.supports(rows):
+            stats, q, scale = int8_kernels.layer_norm_stats_quantize(rows, self.norm.weight, self.norm.bias,
+                                                                     self.norm.eps, self.inv_smooth)
+            return QuantizedRows(NormedRows(rows, stats, self.norm), q, scale)
         if int8_kernels.supports(rows):
             y, q, scale = int8_kernels.layer_norm_quantize(rows, self.norm.weight, self.norm.bias, self.norm.eps,
                                                            self.inv_smooth)
@@ -94,13 +125,12 @@ class FusedInt8Linear(Int8Linear):
                 gelu: bool = False) -> torch.Tensor | QuantizedRows:
         if isinstance(x, QuantizedRows) and x.scale is None:
             return self._from_static_rows(x.q, residual, gelu)
-        rows = hidden_of(x).reshape(-1, self.in_features)  # [tokens, in]
+        if isinstance(x, QuantizedRows) and int8_kernels.supports(x.q):  # the producer quantized the rows
+            return self._gemm(x.q, x.scale, self.weight_scale, self.inv_smooth.dtype, residual, gelu)
+        rows = materialized(hidden_of(x)).reshape(-1, self.in_features)  # [tokens, in]
         if not int8_kernels.supports(rows):
             return self._finish(super().forward(rows), residual, gelu)
-        if isinstance(x, QuantizedRows):
-            qx, x_scale = x.q, x.scale
-        else:
-            qx, x_scale = int8_kernels.quantize_rows(rows, self.inv_smooth)  # [tokens, in] int8, [tokens, 1]
+        qx, x_scale = int8_kernels.quantize_rows(rows, self.inv_smooth)  # [tokens, in] int8, [tokens, 1]
         return self._gemm(qx, x_scale, self.weight_scale, rows.dtype, residual, gelu)
 
     def _from_static_rows(self, q: torch.Tensor, residual: torch.Tensor | None, gelu: bool):
@@ -112,16 +142,19 @@ class FusedInt8Linear(Int8Linear):
         return self._gemm(q, None, self.static_weight_scale, dtype, residual, gelu)
 
     def _gemm(self, qx, x_scale, weight_scale, dtype, residual, gelu) -> torch.Tensor | QuantizedRows:
+        residual_norm = None
+        if isinstance(residual, NormedRows):  # the epilogue normalizes the residual rows itself
+            residual, residual_norm = residual.rows, (residual.stats, residual.norm.weight, residual.norm.bias)
         res = None if residual is None else residual.reshape(-1, self.out_features).contiguous()
         out = int8_kernels.w8a8_matmul(qx, x_scale, self.weight, weight_scale, dtype, bias=self.bias,
                                        residual=res, gelu=gelu, gelu_impl=self.gelu_impl,
-                                       out_inv_step=self.out_inv_step)  # [tokens, out]
+                                       out_inv_step=self.out_inv_step, residual_norm=residual_norm)  # [tokens, out]
         return out if self.out_inv_step is None else QuantizedRows(None, out, None)
 
     def _finish(self, out: torch.Tensor, residual: torch.Tensor | None, gelu: bool) -> torch.Tensor | QuantizedRows:
         # The reference path (CPU): the epilogue's steps one op each, rounding as the kernels do.
         out = F.gelu(out, approximate="tanh" if self.gelu_impl == "tanh" else "none") if gelu else out
-        out = out if residual is None else out + residual
+        out = out if residual is None else out + materialized(residual)
         if self.out_inv_step is None:
             return out
         return QuantizedRows(None, round_to_int8(out.float() * self.out_inv_step), None)

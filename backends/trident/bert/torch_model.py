@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from trident.bert.int8_linear import QuantizedRows, QuantizingLayerNorm, hidden_of, round_to_int8
+from trident.bert.int8_linear import QuantizedRows, QuantizingLayerNorm, hidden_of, materialized, round_to_int8
 from trident.models import int8_kernels
 
 if int8_kernels.IS_AVAILABLE:
@@ -140,13 +140,16 @@ class EncoderLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(h, eps=shape.layer_norm_eps)
         self.attention_kernel = "auto"  # "auto" | "triton" | "flash" (see attention); torch_runtime.prepare sets it
 
-    def forward(self, x: torch.Tensor | QuantizedRows, batch: PackedBatch) -> torch.Tensor | QuantizedRows:
+    def forward(self, x: torch.Tensor | QuantizedRows, batch: PackedBatch,
+                is_normed: bool = True) -> torch.Tensor | QuantizedRows:
         # INT8: the norms may hand over QuantizedRows (hidden + the next linear's int8 rows).
+        # is_normed False: the output before ffn_norm (the pooling kernel applies it as it reads the rows).
         num_tokens = hidden_of(x).shape[0]
         qkv = project(self.qkv, x).view(num_tokens, 3, self.shape.num_heads, self.shape.head_dim)  # [num_tokens, 3, num_heads, head_dim]
         attn = attention(qkv, batch, self.attention_kernel, self.attn_out)  # [num_tokens, hidden]
         x = self.attn_norm(project(self.attn_out, attn, residual=hidden_of(x)))  # [num_tokens, hidden]
-        return self.ffn_norm(project(self.down, project(self.up, x, gelu=True), residual=hidden_of(x)))
+        out = project(self.down, project(self.up, x, gelu=True), residual=hidden_of(x))  # [num_tokens, hidden]
+        return self.ffn_norm(out) if is_normed else out
 
 
 def project(linear: nn.Module, x: torch.Tensor | QuantizedRows, residual: torch.Tensor | None = None,
@@ -157,7 +160,7 @@ def project(linear: nn.Module, x: torch.Tensor | QuantizedRows, residual: torch.
         return linear(x, residual=residual, gelu=gelu)
     out = linear(x)
     out = F.gelu(out) if gelu else out
-    return out if residual is None else out + residual
+    return out if residual is None else out + materialized(residual)
 
 
 class PackedBert(nn.Module):
@@ -185,11 +188,13 @@ class PackedBert(nn.Module):
         else:
             x = self.embed_norm(self.word_embeddings(batch.input_ids) + self.position_embeddings(batch.position_ids)
                                 + self.token_type_embeddings(batch.token_type_ids))  # [num_tokens, hidden]
-        for layer in self.layers:
+        *layers, last = self.layers
+        for layer in layers:
             x = layer(x, batch)
         if self.shape.num_labels:
-            return self._classify(x, batch)
-        return mean_pool_packed(x, batch)
+            return self._classify(last(x, batch), batch)
+        # The last LayerNorm's rows feed only the pooling, which applies it as it sums them.
+        return mean_pool_packed(last(x, batch, is_normed=False), batch, last.ffn_norm)
 
     def _classify(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         # A bucket's padding sequences start at cu_seqlens[-1], which may be one past the last row.
@@ -198,44 +203,57 @@ class PackedBert(nn.Module):
         return self.classifier(pooled).float()                            # [num_seqs, num_labels]
 
 
-def mean_pool_packed(x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-    """Mean over each sequence's rows then L2 normalisation; x [num_tokens, hidden] -> fp32 [num_seqs, hidden].
+def mean_pool_packed(x: torch.Tensor, batch: PackedBatch, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+    """Mean over each sequence's rows (``norm``: of ``norm(rows)``) then L2 normalisation;
+    x [num_tokens, hidden] -> fp32 [num_seqs, hidden].
 
-    On CUDA one Triton program per sequence sums its rows and normalises (the fp32 copy of x and the
-    atomics of ``index_add_`` took 0.13 ms of a BERT-base batch of 128 x 128 on the H200). Elsewhere
-    ``index_add_`` rather than a pooling matmul: padding rows may hold NaN (the attention kernels
-    leave rows outside every sequence unwritten) and 0 * NaN would leak into the sums; they land in
-    a spare row.
+    On CUDA one Triton program per sequence normalises and sums its rows, then the mean (the fp32
+    copy of x and the atomics of ``index_add_`` took 0.13 ms of a BERT-base batch of 128 x 128 on the
+    H200, and a separate LayerNorm pass 36 us more). Elsewhere ``index_add_`` rather than a pooling
+    matmul: padding rows may hold NaN (the attention kernels leave rows outside every sequence
+    unwritten) and 0 * NaN would leak into the sums; they land in a spare row.
     """
     if int8_kernels.supports(x):
-        return _mean_pool_triton(x, batch.cu_seqlens)
+        return _mean_pool_triton(x, batch.cu_seqlens, norm)
+    x = x if norm is None else norm(x)
     sums = x.new_zeros(batch.num_seqs + 1, x.shape[1], dtype=torch.float32)  # [num_seqs + 1, hidden]
     sums.index_add_(0, batch.seq_index, x.float())
     counts = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).float().clamp(min=MIN_TOKEN_COUNT)  # [num_seqs]
     return F.normalize(sums[:-1] / counts[:, None], dim=-1, eps=MIN_NORM)   # [num_seqs, hidden]
 
 
-
-def _mean_pool_triton(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+def _mean_pool_triton(x: torch.Tensor, cu_seqlens: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
     num_seqs, hidden = cu_seqlens.shape[0] - 1, x.shape[1]
     out = torch.empty(num_seqs, hidden, dtype=torch.float32, device=x.device)  # [num_seqs, hidden]
-    _mean_pool_kernel[(num_seqs,)](x, cu_seqlens, out, hidden, MIN_TOKEN_COUNT, MIN_NORM,
-                                   BLOCK_ROWS=8, BLOCK_H=triton.next_power_of_2(hidden), num_warps=4)
+    _mean_pool_kernel[(num_seqs,)](x, cu_seqlens, out, x if norm is None else norm.weight,
+                                   x if norm is None else norm.bias, 0.0 if norm is None else norm.eps, hidden,
+                                   MIN_TOKEN_COUNT, MIN_NORM, NORM=norm is not None, BLOCK_ROWS=16,
+                                   BLOCK_H=triton.next_power_of_2(hidden), num_warps=8)  # H200: 19 us (8 x 4: 30)
     return out
 
 
 if int8_kernels.IS_AVAILABLE:
     @triton.jit
-    def _mean_pool_kernel(x_ptr, cu_ptr, out_ptr, H, min_count, min_norm,
+    def _mean_pool_kernel(x_ptr, cu_ptr, out_ptr, g_ptr, b_ptr, eps, H, min_count, min_norm, NORM: tl.constexpr,
                           BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
         start = tl.load(cu_ptr + tl.program_id(0))
         end = tl.load(cu_ptr + tl.program_id(0) + 1)
         cols = tl.arange(0, BLOCK_H)
+        if NORM:
+            g = tl.load(g_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
         sums = tl.zeros((BLOCK_ROWS, BLOCK_H), dtype=tl.float32)
         for first in range(start, end, BLOCK_ROWS):
             rows = first + tl.arange(0, BLOCK_ROWS)
             inside = (rows[:, None] < end) & (cols[None, :] < H)
-            sums += tl.load(x_ptr + rows[:, None].to(tl.int64) * H + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * H + cols[None, :], mask=inside, other=0.0)
+            if NORM:  # LayerNorm per row, rounded to x's dtype as a separate LayerNorm would store it
+                v = x.to(tl.float32)
+                centred = tl.where(inside, v - (tl.sum(v, axis=1) / H)[:, None], 0.0)
+                rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / H + eps)
+                x = (centred * rstd[:, None] * g[None, :] + b[None, :]).to(x.dtype)
+                x = tl.where(inside, x, 0.0)
+            sums += x.to(tl.float32)
         mean = tl.sum(sums, axis=0) / tl.maximum((end - start).to(tl.float32), min_count)  # [BLOCK_H]
         norm = tl.sqrt(tl.sum(mean * mean, axis=0))
         tl.store(out_ptr + tl.program_id(0) * H + cols, mean / tl.maximum(norm, min_norm), mask=cols < H)

@@ -144,13 +144,16 @@ def quantize_int8(model: PackedBert, int8_gemm: str = "fused", gelu_impl: str = 
 def quantize_norm_outputs(model: PackedBert) -> None:
     """Every LayerNorm whose output feeds an int8 linear quantizes for it in the same kernel: the
     embeddings' norm for layer 0's QKV, each attention norm for its up projection, each FFN norm for
-    the next layer's QKV (the last one feeds pooling and stays a plain LayerNorm)."""
+    the next layer's QKV (the last one feeds pooling and stays a plain LayerNorm). The attention and
+    FFN norms' normalized rows are otherwise only the down and next out-projections' residuals: those
+    GEMMs rebuild them from row statistics (``defers_output``); the embeddings' norm, whose input
+    is never written, writes them."""
     layers = model.layers
     model.embed_norm = QuantizingLayerNorm(model.embed_norm, layers[0].qkv.inv_smooth)
     for layer, next_layer in zip(layers, list(layers[1:]) + [None]):
-        layer.attn_norm = QuantizingLayerNorm(layer.attn_norm, layer.up.inv_smooth)
+        layer.attn_norm = QuantizingLayerNorm(layer.attn_norm, layer.up.inv_smooth, defers_output=True)
         if next_layer is not None:
-            layer.ffn_norm = QuantizingLayerNorm(layer.ffn_norm, next_layer.qkv.inv_smooth)
+            layer.ffn_norm = QuantizingLayerNorm(layer.ffn_norm, next_layer.qkv.inv_smooth, defers_output=True)
 
 
 def prepare(model: PackedBert, options: TorchRuntimeOptions,

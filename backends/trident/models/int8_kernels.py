@@ -137,7 +137,10 @@ def w8a8_tiles(m: int, n: int, k: int) -> W8A8Tiles:
 GELU_IMPLS = ("erf", "erf_poly", "tanh")
 GELU_IMPL = "erf"
 
-LARGE_M_TILES = W8A8Tiles(128, 128, 128, num_warps=8, num_stages=3, group_m=8, is_tma=True, is_subtiled=True)
+LARGE_M_TILES = W8A8Tiles(128, 128, 128, num_warps=4, num_stages=3, group_m=8, is_tma=True, is_subtiled=True)
+# Sixth session: 4 warps rather than 8 (attn_out 32.0 -> 31.5 us, down 70.0 -> 69.0): the epilogue that
+# rebuilds a LayerNorm'd residual (residual_norm) took 8 warps from 122 to 173 registers, one program per
+# SM, and attn_out to 54 us; 4 warps have the room (34.4 and 73.5 us with it).
 # Sixth sweep (the runtime's epilogues: tanh GELU and int8 rows out of up, static steps into attn_out
 # and down): a persistent grid of two 4-warp programs per SM, whose flattened loop loads the next tile
 # while this one's epilogue runs, took QKV 70.1 -> 57.8 us and up 118.1 -> 105.8 us; it lost on the
@@ -150,7 +153,8 @@ WIDE_N_TILES = W8A8Tiles(128, 128, 128, num_warps=4, num_stages=3, group_m=8, is
 def w8a8_matmul(qx: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.Tensor, w_scale: torch.Tensor,
                 dtype: torch.dtype, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                 gelu: bool = False, tiles: W8A8Tiles | None = None, gelu_impl: str | None = None,
-                out_inv_step: torch.Tensor | None = None) -> torch.Tensor:
+                out_inv_step: torch.Tensor | None = None,
+                residual_norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``gelu?(qx @ qweight.T * x_scale * w_scale + bias) + residual`` -> [M, N] in ``dtype``.
 
     qx [M, K] int8 (row stride free), x_scale [M, 1] fp32 (None: the rows share one static scale,
@@ -160,11 +164,14 @@ def w8a8_matmul(qx: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.T
     ``round(v * out_inv_step)`` clamped to +-127 (ties to even, as ``quantize_rows`` and torch.round),
     the operand of a next GEMM called with ``x_scale=None``; ``dtype`` is then ignored and
     ``residual`` not allowed. ``tiles`` overrides the rule and ``gelu_impl`` (one of ``GELU_IMPLS``)
-    the GELU's erf (benchmarks).
+    the GELU's erf (benchmarks). ``residual_norm`` (stats [M, 2] fp32 of (mean, rstd) per row,
+    weight [N], bias [N]): the residual added is ``LayerNorm(residual)`` from those row statistics,
+    which ``layer_norm_quantize(store_normed=False)`` wrote instead of the normalized rows.
     """
     gelu_impl = gelu_impl or GELU_IMPL
     assert gelu_impl in GELU_IMPLS, f"gelu_impl must be one of {GELU_IMPLS}"
     assert out_inv_step is None or residual is None, "an int8 output takes no residual"
+    assert residual_norm is None or residual is not None, "residual_norm normalizes a residual"
     m, k = qx.shape
     n = qweight.shape[0]
     out_dtype = dtype if out_inv_step is None else torch.int8
@@ -184,11 +191,13 @@ def w8a8_matmul(qx: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.T
         out_arg = TensorDescriptor(out, [m, n], [n, 1], epilogue_block)
         if residual is not None:
             r_arg = TensorDescriptor(residual, [m, n], [n, 1], epilogue_block)
+    stats, norm_weight, norm_bias = residual_norm or (w_scale, w_scale, w_scale)
     _w8a8_kernel[(num_programs,)](
         x_arg, w_scale if x_scale is None else x_scale, w_arg, w_scale, out if bias is None else bias,
         out_arg if residual is None else r_arg, out_arg, w_scale if out_inv_step is None else out_inv_step,
-        m, n, k, qx.stride(0), qweight.stride(0), out.stride(0), num_programs,
+        stats, norm_weight, norm_bias, m, n, k, qx.stride(0), qweight.stride(0), out.stride(0), num_programs,
         HAS_X_SCALE=x_scale is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        NORM_RESIDUAL=residual_norm is not None,
         GELU=gelu_impl if gelu else "", QUANTIZE_OUT=out_inv_step is not None,
         IS_TMA=t.is_tma, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
         FLATTEN=t.is_persistent, SUBTILE=t.is_subtiled, WARP_SPECIALIZE=t.is_warp_specialized,
@@ -220,6 +229,23 @@ def layer_norm_quantize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return y, qy, scale
 
 
+def layer_norm_stats_quantize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                              inv_smooth: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``layer_norm_quantize`` without writing ``y``: (stats [M, 2] fp32 of each row's (mean, rstd),
+    int8 [M, H], fp32 scale [M, 1]). The int8 rows are the same; a GEMM that adds ``y`` as its
+    residual rebuilds it from x and the statistics (``w8a8_matmul(residual_norm=...)``), so the
+    [M, H] rows in the model dtype are neither written here nor read back there (1/3 of this
+    kernel's memory traffic)."""
+    m, h = x.shape
+    x = x.contiguous()
+    stats = torch.empty(m, 2, dtype=torch.float32, device=x.device)       # [M, 2]
+    qy = torch.empty(m, h, dtype=torch.int8, device=x.device)             # [M, H]
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)       # [M, 1]
+    _launch_layer_norm_quantize(x, weight, bias, inv_smooth, None, qy, scale, m, h, eps, stats=stats)
+    return stats, qy, scale
+
+
 def embed_layer_norm_quantize(ids: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                               tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor], weight: torch.Tensor,
                               bias: torch.Tensor, eps: float, inv_smooth: torch.Tensor | None = None
@@ -239,16 +265,22 @@ def embed_layer_norm_quantize(ids: tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def _launch_layer_norm_quantize(x, weight, bias, inv_smooth, y, qy, scale, m, h, eps, ids=None, tables=(),
-                                rows: int | None = None) -> None:
-    # ids and tables: the embeddings' gather (x is then the word table); rows: rows per program.
+                                rows: int | None = None, stats: torch.Tensor | None = None) -> None:
+    # ids and tables: the embeddings' gather (x is then the word table); rows: rows per program;
+    # y None: write each row's (mean, rstd) into stats instead.
     block_h = triton.next_power_of_2(h)
-    rows = rows or rows_per_program(m, block_h)
     gather = ids is not None
+    if y is None:  # without y's store: 2k elements and one warp a program (H200 at [16384, 768]: 16.9 us,
+        rows = rows or min(max(1, 2048 // block_h), triton.next_power_of_2(m))  # 18.8 with the rule below)
+        num_warps = 1
+    else:
+        rows = rows or rows_per_program(m, block_h)
+        num_warps = 4 if rows * block_h <= 4096 else 8
     _layer_norm_quantize_kernel[(triton.cdiv(m, rows),)](
-        x, weight, bias, weight if inv_smooth is None else inv_smooth, y, qy, scale, m, h, eps,
-        *(ids if gather else (x, x, x)), *(tables if gather else (x, x)),
-        HAS_SMOOTH=inv_smooth is not None, GATHER=gather, ROWS=rows, BLOCK_H=block_h,
-        num_warps=4 if rows * block_h <= 4096 else 8)
+        x, weight, bias, weight if inv_smooth is None else inv_smooth, qy if y is None else y, qy, scale,
+        scale if stats is None else stats, m, h, eps, *(ids if gather else (x, x, x)), *(tables if gather else (x, x)),
+        HAS_SMOOTH=inv_smooth is not None, GATHER=gather, STORE_Y=y is not None, ROWS=rows, BLOCK_H=block_h,
+        num_warps=num_warps)
 
 
 MAX_ATTENTION_SEQLEN = 128  # one key block: the whole softmax row lives in registers
@@ -271,9 +303,9 @@ def attention_quantize(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: 
     per head instead and quantize in ``quantize_rows`` after.
 
     ``out_inv_step`` [H * D] fp32 (the reading linear's static input step, smoothing folded in):
-    returns (None, int8 [T, H * D], None) instead, ``round(out * out_inv_step)`` of the rows as
-    rounded to qkv's dtype, written by a program per (sequence, row block, head): no row walk, no
-    absmax, and no ``out`` in the model dtype written at all.
+    returns (None, int8 [T, H * D], None) instead, ``round(out * out_inv_step)`` of the fp32 rows
+    (at most one step from rounding the stored fp16 rows), written by a program per (sequence, row
+    block, head): no row walk, no absmax, and no ``out`` in the model dtype written at all.
     """
     t, three, num_heads, head_dim = qkv.shape
     assert three == 3 and qkv.is_contiguous() and max_seqlen <= MAX_ATTENTION_SEQLEN
@@ -383,9 +415,9 @@ if IS_AVAILABLE:
         return pid_m, pid_n
 
     @triton.jit
-    def _w8a8_kernel(x, xs_ptr, w, ws_ptr, b_ptr, r_ptr, out_ptr, qs_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                     NUM_PROGRAMS, HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                     GELU: tl.constexpr, QUANTIZE_OUT: tl.constexpr, IS_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    def _w8a8_kernel(x, xs_ptr, w, ws_ptr, b_ptr, r_ptr, out_ptr, qs_ptr, rs_ptr, rg_ptr, rb_ptr, M, N, K, stride_xm,
+                     stride_wn, stride_om, NUM_PROGRAMS, HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_RESIDUAL: tl.constexpr, NORM_RESIDUAL: tl.constexpr, GELU: tl.constexpr, QUANTIZE_OUT: tl.constexpr, IS_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, SUBTILE: tl.constexpr,
                      WARP_SPECIALIZE: tl.constexpr):
         # IS_TMA: x, w, r_ptr, out_ptr are TMA descriptors of [M, K], [N, K], [M, N], [M, N], else pointers.
@@ -412,19 +444,21 @@ if IS_AVAILABLE:
             if SUBTILE:  # two [BLOCK_M, BLOCK_N / 2] halves, one after the other
                 halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))  # [BLOCK_M, BLOCK_N / 2, 2]
                 left, right = tl.split(halves)
-                _epilogue(left, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, b_ptr, r_ptr, out_ptr, qs_ptr, M, N,
-                          stride_om, HAS_X_SCALE, HAS_BIAS, HAS_RESIDUAL, GELU, QUANTIZE_OUT, IS_TMA)
+                _epilogue(left, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, b_ptr, r_ptr, out_ptr, qs_ptr,
+                          rs_ptr, rg_ptr, rb_ptr, M, N, stride_om, HAS_X_SCALE, HAS_BIAS, HAS_RESIDUAL, NORM_RESIDUAL,
+                          GELU, QUANTIZE_OUT, IS_TMA)
                 _epilogue(right, pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2, xs_ptr, ws_ptr, b_ptr, r_ptr,
-                          out_ptr, qs_ptr, M, N, stride_om, HAS_X_SCALE, HAS_BIAS, HAS_RESIDUAL, GELU, QUANTIZE_OUT,
-                          IS_TMA)
+                          out_ptr, qs_ptr, rs_ptr, rg_ptr, rb_ptr, M, N, stride_om, HAS_X_SCALE, HAS_BIAS, HAS_RESIDUAL,
+                          NORM_RESIDUAL, GELU, QUANTIZE_OUT, IS_TMA)
             else:
-                _epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, b_ptr, r_ptr, out_ptr, qs_ptr, M, N,
-                          stride_om, HAS_X_SCALE, HAS_BIAS, HAS_RESIDUAL, GELU, QUANTIZE_OUT, IS_TMA)
+                _epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, xs_ptr, ws_ptr, b_ptr, r_ptr, out_ptr, qs_ptr,
+                          rs_ptr, rg_ptr, rb_ptr, M, N, stride_om, HAS_X_SCALE, HAS_BIAS, HAS_RESIDUAL, NORM_RESIDUAL,
+                          GELU, QUANTIZE_OUT, IS_TMA)
 
     @triton.jit
-    def _epilogue(acc, off_m, off_n, xs_ptr, ws_ptr, b_ptr, r, out, qs_ptr, M, N, stride_om,
-                  HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
-                  QUANTIZE_OUT: tl.constexpr, IS_TMA: tl.constexpr):
+    def _epilogue(acc, off_m, off_n, xs_ptr, ws_ptr, b_ptr, r, out, qs_ptr, rs_ptr, rg_ptr, rb_ptr, M, N, stride_om,
+                  HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                  NORM_RESIDUAL: tl.constexpr, GELU: tl.constexpr, QUANTIZE_OUT: tl.constexpr, IS_TMA: tl.constexpr):
         # acc [BM, BN] int32 of the output block at (off_m, off_n); r and out: pointers or TMA descriptors.
         BM: tl.constexpr = acc.shape[0]
         BN: tl.constexpr = acc.shape[1]
@@ -444,13 +478,25 @@ if IS_AVAILABLE:
             v = _round_int8(v * tl.load(qs_ptr + rn, mask=rn < N, other=0.0)[None, :])
         if IS_TMA:  # rows and columns past the edges are neither read nor written
             if HAS_RESIDUAL:
-                v += r.load([off_m, off_n]).to(tl.float32)
+                v += _normed(r.load([off_m, off_n]).to(tl.float32), rm, rn, rs_ptr, rg_ptr, rb_ptr, M, N, NORM_RESIDUAL)
             out.store([off_m, off_n], v.to(out.dtype))
         else:
             mask = (rm[:, None] < M) & (rn[None, :] < N)
             if HAS_RESIDUAL:
-                v += tl.load(r + rm[:, None] * stride_om + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+                res = tl.load(r + rm[:, None] * stride_om + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+                v += _normed(res, rm, rn, rs_ptr, rg_ptr, rb_ptr, M, N, NORM_RESIDUAL)
             tl.store(out + rm[:, None] * stride_om + rn[None, :], v.to(out.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _normed(res, rm, rn, rs_ptr, rg_ptr, rb_ptr, M, N, NORM: tl.constexpr):
+        # res [BM, BN] fp32 rows of the residual; NORM: LayerNorm them from their (mean, rstd) per row.
+        if NORM:
+            mean = tl.load(rs_ptr + rm * 2, mask=rm < M, other=0.0)      # [BM]
+            rstd = tl.load(rs_ptr + rm * 2 + 1, mask=rm < M, other=0.0)  # [BM]
+            g = tl.load(rg_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)  # [BN]
+            b = tl.load(rb_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)  # [BN]
+            res = (res - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]
+        return res
 
     @triton.jit
     def _attention_quantize_kernel(qkv_ptr, out_ptr, q_ptr, scale_ptr, s_ptr, cu_ptr, qk_scale,
@@ -482,13 +528,13 @@ if IS_AVAILABLE:
             s = tl.dot(q, tl.trans(k)) * qk_scale                                       # [BLOCK_M, BLOCK_N], log2 units
             s = tl.where(is_key[None, :], s, float("-inf"))
             p = tl.exp2(s - tl.max(s, axis=1)[:, None])
-            o = tl.dot(p.to(v.dtype), v) / tl.sum(p, axis=1)[:, None]                   # [BLOCK_M, HEAD_DIM]
-            o = o.to(qkv_ptr.dtype.element_ty)  # rounded as the model dtype would store it
-            if STATIC:  # the int8 rows at the reading linear's static step: nothing else is written
+            o = tl.dot(p.to(v.dtype), v) / tl.sum(p, axis=1)[:, None]                   # [BLOCK_M, HEAD_DIM] fp32
+            if STATIC:  # the int8 rows at the reading linear's static step, from fp32: nothing else is written
                 inv_step = tl.load(s_ptr + h * HEAD_DIM + d)  # [HEAD_DIM] fp32
-                tl.store(q_ptr + out_at + h * HEAD_DIM, _round_int8(o.to(tl.float32) * inv_step[None, :]).to(tl.int8),
+                tl.store(q_ptr + out_at + h * HEAD_DIM, _round_int8(o * inv_step[None, :]).to(tl.int8),
                          mask=is_row[:, None])
             else:
+                o = o.to(qkv_ptr.dtype.element_ty)  # rounded as the model dtype stores it
                 tl.store(out_ptr + out_at + h * HEAD_DIM, o, mask=is_row[:, None])
             if QUANTIZE:
                 smooth = tl.load(s_ptr + h * HEAD_DIM + d).to(tl.float32)
@@ -521,10 +567,10 @@ if IS_AVAILABLE:
             return 0.5 * v * (1.0 + th)
 
     @triton.jit
-    def _layer_norm_quantize_kernel(x_ptr, g_ptr, b_ptr, s_ptr, y_ptr, q_ptr, scale_ptr, M, H, eps,
+    def _layer_norm_quantize_kernel(x_ptr, g_ptr, b_ptr, s_ptr, y_ptr, q_ptr, scale_ptr, stats_ptr, M, H, eps,
                                     ids_ptr, pos_ids_ptr, type_ids_ptr, pos_ptr, type_ptr,
-                                    HAS_SMOOTH: tl.constexpr, GATHER: tl.constexpr, ROWS: tl.constexpr,
-                                    BLOCK_H: tl.constexpr):
+                                    HAS_SMOOTH: tl.constexpr, GATHER: tl.constexpr, STORE_Y: tl.constexpr,
+                                    ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
         # GATHER: row r of x is word[ids[r]] + pos[pos_ids[r]] + type[type_ids[r]], x_ptr the word table.
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK_H)
@@ -543,8 +589,12 @@ if IS_AVAILABLE:
         rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / H + eps)          # [ROWS]
         g = tl.load(g_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
-        y = (centred * rstd[:, None] * g[None, :] + b[None, :]).to(y_ptr.dtype.element_ty)  # as the residual stream stores it
-        tl.store(y_ptr + offsets, y, mask=inside)
+        y = (centred * rstd[:, None] * g[None, :] + b[None, :]).to(x_ptr.dtype.element_ty)  # as the residual stream stores it
+        if STORE_Y:
+            tl.store(y_ptr + offsets, y, mask=inside)
+        else:  # the reading GEMM rebuilds y from x and these
+            tl.store(stats_ptr + rows * 2, mean, mask=rows < M)
+            tl.store(stats_ptr + rows * 2 + 1, rstd, mask=rows < M)
         v = tl.where(inside, y.to(tl.float32), 0.0)
         if HAS_SMOOTH:
             v = v * tl.load(s_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
