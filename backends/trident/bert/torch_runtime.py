@@ -7,8 +7,8 @@ them) and pool into a spare row, so they cost a little compute but never change 
 captured lazily, one per bucket, sharing one memory pool; batches beyond ``max_graph_tokens`` run
 eagerly (at that size the GPU, not the launch overhead, sets the pace).
 
-INT8 is W8A8: per-token int8 activations (dynamic; static for the down projection by default,
-below), per-channel int8 weights, int32 accumulation, on the four linears of every layer
+INT8 is W8A8: per-token int8 activations (dynamic; static for the out- and down projections by
+default, below), per-channel int8 weights, int32 accumulation, on the four linears of every layer
 (embeddings, LayerNorms, attention and the heads stay fp16). The
 GEMM is ``trident.bert.int8_linear`` (default: bias, GELU and residual in the epilogue, and the
 kernels that produce a linear's input quantize its rows as they write them: the LayerNorms for QKV
@@ -25,7 +25,11 @@ one static step per layer (SmoothQuant-smoothed per channel, ``int8_ffn_smooth``
 ``prepare`` from the fp16 model's GELU outputs on a few calibration batches (real text from
 ``open_torch_runtime``, random ids where no calibration is given), so the up projection's epilogue
 writes them directly (``int8_linear.hand_off_int8``). H200, BERT-base 128 x 128 per layer: up 137 +
-down 71 us against up 107 + quantize_rows 58 + down 71 us.
+down 71 us against up 107 + quantize_rows 58 + down 71 us. ``int8_attn="static"`` (the default) does
+the same for the out-projection: the attention kernel writes its int8 rows at one calibrated step
+per layer, a program per head (attention 724 -> 472 us per batch). The LayerNorms whose rows are
+only a residual write (mean, rstd) per row instead, and the GEMM that adds them rebuilds them
+(``int8_linear.NormedRows``). Measured in docs/benchmarks.md ("Sixth session").
 
 ``run_many(batches)`` pipelines the host and the GPU: batch i+1 is packed into one of two pinned
 staging sets while the GPU runs batch i, and each batch's result comes back through an event instead
