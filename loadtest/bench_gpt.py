@@ -620,15 +620,16 @@ def run_case(case: Case, args, work: Path, tokenizers: Path | None) -> list[Resu
         texts = [tokenizer.decode(p) for p in prompts]
         # The served model's stream_interval unless one is given: the bench measures what ships.
         shipped = json.loads((REPO_ROOT / "model_repository/gpt/1/engine.json").read_text())
-        for threads, instances, interval in itertools.product(args.response_threads, args.instances,
-                                                              args.stream_interval):
+        for threads, instances, interval, cpus in itertools.product(args.response_threads, args.instances,
+                                                                    args.stream_interval, args.engine_cpus):
             suffix = ("" if len(args.response_threads) == 1 else f"_rt{threads}") + \
                      ("" if len(args.instances) == 1 else f"_i{instances}") + \
-                     ("" if len(args.stream_interval) == 1 else f"_si{interval}")
+                     ("" if len(args.stream_interval) == 1 else f"_si{interval}") + \
+                     ("" if len(args.engine_cpus) == 1 else f"_ec{cpus}")
             server_values = {**values, "stream_interval": interval or shipped.get("stream_interval", 1)}
             run_triton_systems(case, systems, texts, model_dir, server_values,
                                work / f"triton-{case.shape}-{case.input_len}{suffix}",
-                               threads, instances, suffix, args, attempt, results)
+                               threads, instances, suffix, args, attempt, results, cpus)
     # Last: the slowest peer, and the one most likely to stall
     attempt("hf_cb", lambda: run_hf_cb(model_dir, case, prompts, args.device, dtype))
     for r in results:
@@ -638,7 +639,7 @@ def run_case(case: Case, args, work: Path, tokenizers: Path | None) -> list[Resu
 
 def run_triton_systems(case: Case, systems: list[str], texts: list[str], model_dir: Path, values: dict, server_work: Path,
                        response_threads: int | None, instances: int | None, suffix: str, args, attempt,
-                       results: list) -> None:
+                       results: list, engine_cpus: int = 0) -> None:
     """One Triton server for this case (engine settings ``values``; the gpt model's
     ``response_threads`` and instance count where given), then its non-streaming and streaming
     runs, named ``triton{suffix}`` / ``triton_stream{suffix}`` / ``triton_stream_all{suffix}``."""
@@ -652,7 +653,7 @@ def run_triton_systems(case: Case, systems: list[str], texts: list[str], model_d
         phases = server_work / "phases"
         os.environ[GPT_PHASES_ENV] = str(phases)   # the server's stub inherits it
         try:
-            server = TritonServer(repository, server_work)
+            server = TritonServer(repository, server_work, engine_cpus=engine_cpus)
         finally:
             os.environ.pop(GPT_PHASES_ENV, None)
         for system, stream, names in (("triton", False, BENCH_OUTPUTS), ("triton_stream", True, BENCH_OUTPUTS),
@@ -663,7 +664,8 @@ def run_triton_systems(case: Case, systems: list[str], texts: list[str], model_d
                 if result is not None:
                     result.notes.update({k: v for k, v in (("response_threads", response_threads),
                                                            ("instances", instances),
-                                                           ("stream_interval", values.get("stream_interval")))
+                                                           ("stream_interval", values.get("stream_interval")),
+                                                           ("engine_cpus", server.engine_cpus or None))
                                          if v is not None})
     except Exception as e:
         logging.exception("Triton run failed")
@@ -716,6 +718,9 @@ def parse_args(argv=None):
     p.add_argument("--stream-interval", type=int, nargs="+", default=[None],
                    help="the served engine's stream_interval (tokens per streamed response; default: the shipped "
                         "model_repository/gpt/1/engine.json's); several values: one server each (triton_stream_siN)")
+    p.add_argument("--engine-cpus", type=int, nargs="+", default=[0],
+                   help="CPUs the launcher keeps for the engine process alone (its --engine-cpus); several "
+                        "values: one server each (triton_ecN)")
     p.add_argument("--tokenizers", default=str(REPO_ROOT / ".bench/tokenizers"),
                    help="folder with smollm2/ and gpt2/ tokenizer files (else a byte-level one)")
     p.add_argument("--profile-dir", help="write a torch.profiler summary of 20 engine steps here")

@@ -61,10 +61,11 @@ def add_stub_path(python: str) -> Path:
 
 class TritonServer:
     """tritonserver over ``repository`` via ``python -m trident.server.launch``; log in ``work``;
-    ``extra``: further tritonserver options (``--rate-limit=execution_count``...)."""
+    ``extra``: further tritonserver options (``--rate-limit=execution_count``...); ``engine_cpus``: the
+    launcher's ``--engine-cpus``."""
 
     def __init__(self, repository: Path, work: Path, ready_timeout_s: float = 600,
-                 extra: list[str] | None = None) -> None:
+                 extra: list[str] | None = None, engine_cpus: int = 0) -> None:
         self.python = triton_python()
         self.pth = add_stub_path(self.python)
         self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
@@ -74,11 +75,17 @@ class TritonServer:
         self.process = subprocess.Popen(
             [self.python, "-m", "trident.server.launch", "--model-repository", str(repository),
              "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics),
-             *(["--", *extra] if extra else [])],
+             "--engine-cpus", str(engine_cpus), *(["--", *extra] if extra else [])],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=REPO_ROOT)
         sys.path.insert(0, str(REPO_ROOT / "backends"))
         from trident.server import launch
 
+        # CPUs the launcher keeps for the GPT engine alone: the bench and its client processes (which a
+        # real deployment runs elsewhere) stay off them too while this server runs.
+        self.engine_cpus, rest = launch.engine_cpu_split(engine_cpus)
+        self._affinity = os.sched_getaffinity(0)
+        if self.engine_cpus:
+            os.sched_setaffinity(0, rest)
         try:
             launch.wait_ready(self.http, self.process, ready_timeout_s)
         except (RuntimeError, TimeoutError) as e:  # the server died or hung: show why, clean up
@@ -96,6 +103,7 @@ class TritonServer:
 
     def stop(self) -> None:
         self.pth.unlink(missing_ok=True)
+        os.sched_setaffinity(0, self._affinity)
         try:
             os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(timeout=60)

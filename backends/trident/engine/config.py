@@ -18,6 +18,10 @@ QUANTIZATIONS = (None, "int8_weight_only", "w8a8")
 KV_CACHE_DTYPES = ("auto", "int8")
 
 
+# The CPUs the launcher keeps for the engine process alone (trident.server.launch.engine_cpu_split);
+# a GPU engine moves itself onto them at start (engine_core).
+ENGINE_CPUS_ENV = "TRIDENT_ENGINE_CPUS"
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str                               # Hugging Face directory (config.json + safetensors)

@@ -23,13 +23,29 @@ import time
 import traceback
 from multiprocessing.connection import Connection, Listener, Pipe, wait
 
-from .config import EngineConfig
+from .config import ENGINE_CPUS_ENV, EngineConfig
 from .engine_process import STATS_FIELDS_TOTAL, CoreStep, EngineInfo, StartupError, file_lock, pid_alive
 from .sampling_params import RequestOutputKind, SamplingParams
 from ..phase_log import GPT_PHASES_ENV, PhaseLog
 
 logger = logging.getLogger("trident.engine_core")
 WATCH_INTERVAL_S = 1.0
+
+
+def _take_reserved_cpus(config: EngineConfig) -> None:
+    # The launcher kept these CPUs free of Triton for this process: a GPU engine's loop runs on them
+    # alone (set before torch is imported, so its thread pools are sized to them). A CPU engine does
+    # its matmuls on the host and keeps every core.
+    cpus = os.environ.get(ENGINE_CPUS_ENV)
+    if not cpus or config.device == "cpu":
+        return
+    if config.device == "auto":
+        import torch  # noqa: PLC0415 (only to resolve "auto")
+        if not torch.cuda.is_available():
+            return
+    chosen = {int(c) for c in cpus.split(",")}
+    os.sched_setaffinity(0, chosen)
+    logging.info("on CPUs %s, kept for the engine", sorted(chosen))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="trident-engine: %(message)s")
+    _take_reserved_cpus(config)
     # Listening before the model loads: the frontend that started us connects at once and waits in
     # the backlog for EngineInfo, and sees our exit as EOF if loading fails.
     listener = Listener(args.address, family="AF_UNIX", backlog=128)

@@ -21,6 +21,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from trident.engine.config import ENGINE_CPUS_ENV
+
 REPO_ROOT = Path(__file__).resolve().parents[3]
 NGC_BIN = Path("/opt/tritonserver/bin/tritonserver")
 NGC_BACKENDS = Path("/opt/tritonserver/backends")
@@ -120,6 +122,21 @@ def _has_gpu() -> bool:
     return Path("/dev/nvidiactl").exists()
 
 
+def engine_cpu_split(reserve: int = 0) -> tuple[list[int], list[int]]:
+    """(the last ``reserve`` CPUs this process may use, kept for the GPT engine process alone; the
+    CPUs for everything else). Never all of them.
+
+    Why one might: the engine's loop is one thread that must run the moment the GPU finishes a step,
+    and streaming a thousand requests through Triton keeps every core busy with responses. Measured
+    on one H200 host (16 CPUs, docs/benchmarks.md, "Sixth session") it did not settle the question:
+    streaming went from 97.6k to 137.1k tok/s with a CPU kept in one call, and from 122.9k to 96.6k
+    in the next; so it is off unless asked for (``--engine-cpus``)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if reserve <= 0 or reserve >= len(allowed):
+        return [], allowed
+    return allowed[-reserve:], allowed[:-reserve]
+
+
 def wait_ready(http_port: int, process: subprocess.Popen, timeout_s: float = 300.0) -> None:
     """Poll /v2/health/ready until the server and every model in it are ready."""
     url = f"http://127.0.0.1:{http_port}/v2/health/ready"
@@ -180,8 +197,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend-directory", help="Triton backends directory (env TRITON_BACKEND_DIR)")
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument("--ready-timeout", type=float, default=600.0)
+    parser.add_argument("--engine-cpus", type=int, default=0,
+                        help="CPUs kept for a GPU GPT engine process alone, Triton and its stubs kept off them "
+                             "(default 0: none)")
     parser.add_argument("extra", nargs="*", help="further tritonserver options, after --")
     args = parser.parse_args(argv)
+    reserved, rest = engine_cpu_split(args.engine_cpus)
+    if reserved:  # Triton, its stubs and their threads inherit this; the engine moves itself to `reserved`
+        os.sched_setaffinity(0, rest)
+        os.environ[ENGINE_CPUS_ENV] = ",".join(map(str, reserved))
+        print(f"[launch] CPUs {reserved} kept for the GPT engine; Triton on the other {len(rest)}", flush=True)
 
     process = start(Path(args.model_repository), args.http_port, args.grpc_port, args.metrics_port,
                     args.tritonserver, args.backend_directory, args.log_verbose, args.extra)
