@@ -12,11 +12,16 @@
   With ``out_inv_step`` the epilogue writes int8 instead, at a static step per column (calibrated
   once; BERT's up projection hands its GELU output to the down projection this way), and a GEMM fed
   such rows takes no per-row scale (``x_scale=None``: the static step is folded into ``w_scale``).
+  With ``residual_norm`` the residual is LayerNorm'd in the epilogue from per-row statistics.
 * ``layer_norm_quantize``: LayerNorm and the next GEMM's per-row int8 quantize in one pass (BERT:
-  the fp16 output is the next residual, the int8 rows feed the next linear).
+  the fp16 output is the next residual, the int8 rows feed the next linear);
+  ``layer_norm_stats_quantize`` writes each row's (mean, rstd) instead of the fp16 output, for a
+  GEMM that rebuilds it as its residual; ``embed_layer_norm_quantize`` gathers and sums BERT's
+  embeddings first.
 * ``attention_quantize``: BERT's attention over packed sequences of at most 128 tokens, optionally
-  quantizing its output rows for the out-projection in the same kernel (all of a row's heads are
-  computed by one program, so the row's absmax is known there).
+  quantizing its output rows for the out-projection in the same kernel: per row (all of a row's
+  heads are computed by one program, so the row's absmax is known there) or at a static step (a
+  program per head, only the int8 rows written).
 
 Tile sizes are picked by a fixed rule on the number of rows (no autotuning), so the first call of
 a shape compiles once and nothing is benchmarked while a CUDA graph is being captured.
