@@ -248,11 +248,8 @@ if int8_kernels.IS_AVAILABLE:
             inside = (rows[:, None] < end) & (cols[None, :] < H)
             x = tl.load(x_ptr + rows[:, None].to(tl.int64) * H + cols[None, :], mask=inside, other=0.0)
             if NORM:  # LayerNorm per row, rounded to x's dtype as a separate LayerNorm would store it
-                v = x.to(tl.float32)
-                centred = tl.where(inside, v - (tl.sum(v, axis=1) / H)[:, None], 0.0)
-                rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / H + eps)
-                x = (centred * rstd[:, None] * g[None, :] + b[None, :]).to(x.dtype)
-                x = tl.where(inside, x, 0.0)
+                y, _, _ = int8_kernels.layer_norm_rows(x.to(tl.float32), inside, g, b, H, eps)
+                x = tl.where(inside, y.to(x.dtype), 0.0)
             sums += x.to(tl.float32)
         mean = tl.sum(sums, axis=0) / tl.maximum((end - start).to(tl.float32), min_count)  # [BLOCK_H]
         norm = tl.sqrt(tl.sum(mean * mean, axis=0))

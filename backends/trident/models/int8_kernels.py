@@ -171,7 +171,7 @@ def w8a8_matmul(qx: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.T
     ``residual`` not allowed. ``tiles`` overrides the rule and ``gelu_impl`` (one of ``GELU_IMPLS``)
     the GELU's erf (benchmarks). ``residual_norm`` (stats [M, 2] fp32 of (mean, rstd) per row,
     weight [N], bias [N]): the residual added is ``LayerNorm(residual)`` from those row statistics,
-    which ``layer_norm_quantize(store_normed=False)`` wrote instead of the normalized rows.
+    which ``layer_norm_stats_quantize`` wrote instead of the normalized rows.
     """
     gelu_impl = gelu_impl or GELU_IMPL
     assert gelu_impl in GELU_IMPLS, f"gelu_impl must be one of {GELU_IMPLS}"
@@ -225,13 +225,7 @@ def layer_norm_quantize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     from y as stored (rounded to x's dtype), so they equal ``quantize_rows(y, inv_smooth)``.
     ``rows`` (rows per program) overrides the rule (benchmarks).
     """
-    m, h = x.shape
-    x = x.contiguous()
-    y = torch.empty_like(x)                                               # [M, H]
-    qy = torch.empty(m, h, dtype=torch.int8, device=x.device)             # [M, H]
-    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)       # [M, 1]
-    _launch_layer_norm_quantize(x, weight, bias, inv_smooth, y, qy, scale, m, h, eps, rows=rows)
-    return y, qy, scale
+    return _layer_norm_quantize(x.contiguous(), x.shape[0], weight, bias, eps, inv_smooth, rows=rows)
 
 
 def layer_norm_stats_quantize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
@@ -242,13 +236,7 @@ def layer_norm_stats_quantize(x: torch.Tensor, weight: torch.Tensor, bias: torch
     residual rebuilds it from x and the statistics (``w8a8_matmul(residual_norm=...)``), so the
     [M, H] rows in the model dtype are neither written here nor read back there (1/3 of this
     kernel's memory traffic)."""
-    m, h = x.shape
-    x = x.contiguous()
-    stats = torch.empty(m, 2, dtype=torch.float32, device=x.device)       # [M, 2]
-    qy = torch.empty(m, h, dtype=torch.int8, device=x.device)             # [M, H]
-    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)       # [M, 1]
-    _launch_layer_norm_quantize(x, weight, bias, inv_smooth, None, qy, scale, m, h, eps, stats=stats)
-    return stats, qy, scale
+    return _layer_norm_quantize(x.contiguous(), x.shape[0], weight, bias, eps, inv_smooth, store_y=False)
 
 
 def embed_layer_norm_quantize(ids: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -260,32 +248,33 @@ def embed_layer_norm_quantize(ids: tuple[torch.Tensor, torch.Tensor, torch.Tenso
     [M, H] tensors and the two sums are never written. ids: (input, position, token type) ids [M]
     int64; tables: the matching [rows, H] embedding weights. Same outputs as ``layer_norm_quantize``.
     """
-    word = tables[0]
-    m, h = ids[0].shape[0], word.shape[1]
-    y = torch.empty(m, h, dtype=word.dtype, device=word.device)       # [M, H]
-    qy = torch.empty(m, h, dtype=torch.int8, device=word.device)     # [M, H]
-    scale = torch.empty(m, 1, dtype=torch.float32, device=word.device)  # [M, 1]
-    _launch_layer_norm_quantize(word, weight, bias, inv_smooth, y, qy, scale, m, h, eps, ids, tables[1:])
-    return y, qy, scale
+    return _layer_norm_quantize(tables[0], ids[0].shape[0], weight, bias, eps, inv_smooth, ids=ids, tables=tables[1:])
 
 
-def _launch_layer_norm_quantize(x, weight, bias, inv_smooth, y, qy, scale, m, h, eps, ids=None, tables=(),
-                                rows: int | None = None, stats: torch.Tensor | None = None) -> None:
-    # ids and tables: the embeddings' gather (x is then the word table); rows: rows per program;
-    # y None: write each row's (mean, rstd) into stats instead.
+def _layer_norm_quantize(x: torch.Tensor, m: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                         inv_smooth: torch.Tensor | None, store_y: bool = True, ids=None, tables=(),
+                         rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # x: [M, H] rows, or with ids and tables the word table of the embeddings' gather. Returns (y [M, H]
+    # in x's dtype, or with store_y False each row's (mean, rstd) [M, 2] fp32; int8 [M, H]; scale [M, 1]).
+    h = x.shape[1]
+    first = (torch.empty(m, h, dtype=x.dtype, device=x.device) if store_y
+             else torch.empty(m, 2, dtype=torch.float32, device=x.device))        # [M, H] | [M, 2]
+    qy = torch.empty(m, h, dtype=torch.int8, device=x.device)                      # [M, H]
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)                # [M, 1]
     block_h = triton.next_power_of_2(h)
     gather = ids is not None
-    if y is None:  # without y's store: 2k elements and one warp a program (H200 at [16384, 768]: 16.9 us,
+    if not store_y:  # without y's store: 2k elements and one warp a program (H200 at [16384, 768]: 16.9 us,
         rows = rows or min(max(1, 2048 // block_h), triton.next_power_of_2(m))  # 18.8 with the rule below)
         num_warps = 1
     else:
         rows = rows or rows_per_program(m, block_h)
         num_warps = 4 if rows * block_h <= 4096 else 8
     _layer_norm_quantize_kernel[(triton.cdiv(m, rows),)](
-        x, weight, bias, weight if inv_smooth is None else inv_smooth, qy if y is None else y, qy, scale,
-        scale if stats is None else stats, m, h, eps, *(ids if gather else (x, x, x)), *(tables if gather else (x, x)),
-        HAS_SMOOTH=inv_smooth is not None, GATHER=gather, STORE_Y=y is not None, ROWS=rows, BLOCK_H=block_h,
+        x, weight, bias, weight if inv_smooth is None else inv_smooth, first, qy, scale, first, m, h, eps,
+        *(ids if gather else (x, x, x)), *(tables if gather else (x, x)),
+        HAS_SMOOTH=inv_smooth is not None, GATHER=gather, STORE_Y=store_y, ROWS=rows, BLOCK_H=block_h,
         num_warps=num_warps)
+    return first, qy, scale
 
 
 MAX_ATTENTION_SEQLEN = 128  # one key block: the whole softmax row lives in registers
@@ -572,6 +561,15 @@ if IS_AVAILABLE:
             return 0.5 * v * (1.0 + th)
 
     @triton.jit
+    def layer_norm_rows(x, inside, g, b, H, eps):
+        # x [ROWS, BLOCK_H] fp32, zero where not ``inside``; g, b [BLOCK_H] fp32 (zero past H)
+        # -> (LayerNorm(x) [ROWS, BLOCK_H] fp32, mean [ROWS], rstd [ROWS]).
+        mean = tl.sum(x, axis=1) / H
+        centred = tl.where(inside, x - mean[:, None], 0.0)
+        rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / H + eps)
+        return centred * rstd[:, None] * g[None, :] + b[None, :], mean, rstd
+
+    @triton.jit
     def _layer_norm_quantize_kernel(x_ptr, g_ptr, b_ptr, s_ptr, y_ptr, q_ptr, scale_ptr, stats_ptr, M, H, eps,
                                     ids_ptr, pos_ids_ptr, type_ids_ptr, pos_ptr, type_ptr,
                                     HAS_SMOOTH: tl.constexpr, GATHER: tl.constexpr, STORE_Y: tl.constexpr,
@@ -589,12 +587,10 @@ if IS_AVAILABLE:
             x = (x + tl.load(type_ptr + kind, mask=inside, other=0.0)).to(tl.float32)  # [ROWS, BLOCK_H]
         else:
             x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)  # [ROWS, BLOCK_H]
-        mean = tl.sum(x, axis=1) / H                                          # [ROWS]
-        centred = tl.where(inside, x - mean[:, None], 0.0)
-        rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / H + eps)          # [ROWS]
         g = tl.load(g_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
-        y = (centred * rstd[:, None] * g[None, :] + b[None, :]).to(x_ptr.dtype.element_ty)  # as the residual stream stores it
+        y, mean, rstd = layer_norm_rows(x, inside, g, b, H, eps)
+        y = y.to(x_ptr.dtype.element_ty)  # as the residual stream stores it
         if STORE_Y:
             tl.store(y_ptr + offsets, y, mask=inside)
         else:  # the reading GEMM rebuilds y from x and these
