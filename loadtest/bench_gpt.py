@@ -280,7 +280,7 @@ class _Timer:
 
 
 def run_engine(config, case: Case, prompts, profile_dir: Path | None = None, system: str = "engine",
-               streaming: bool = False) -> Result:
+               streaming: bool = False, profile_steps: tuple[int, int] = (40, 60)) -> Result:
     """What an offline user runs (vLLM's ``LLM``): FINAL_ONLY requests, one output each, all at once.
     ``streaming``: what the Triton model asks of the engine for a stream instead (DELTA outputs, one
     per request per step, token ids only: the text is decoded by the stub)."""
@@ -310,15 +310,15 @@ def run_engine(config, case: Case, prompts, profile_dir: Path | None = None, sys
     profiler = None
     try:
         while engine.has_unfinished():
-            if profile_dir is not None and steps == 40:
+            if profile_dir is not None and steps == profile_steps[0]:
                 profiler = _start_profiler()
             for out in engine.step():
                 counts[out.request_id] = counts.get(out.request_id, 0) + out.num_output_tokens
                 if out.finished:
                     finals.append(out)
             steps += 1
-            if profiler is not None and steps == 60:
-                _stop_profiler(profiler, profile_dir)
+            if profiler is not None and steps == profile_steps[1]:
+                _stop_profiler(profiler, profile_dir, profile_steps)
                 profiler = None
     finally:
         PendingTokens.result = unpatched_result
@@ -363,13 +363,13 @@ def _start_profiler():
     return profiler
 
 
-def _stop_profiler(profiler, out_dir: Path) -> None:
+def _stop_profiler(profiler, out_dir: Path, steps: tuple[int, int]) -> None:
     profiler.__exit__(None, None, None)
     key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     table = profiler.key_averages().table(sort_by=key, row_limit=25)
     host = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "engine_profile.txt").write_text(f"# 20 engine steps, by device time\n{table}\n"
+    (out_dir / "engine_profile.txt").write_text(f"# engine steps {steps[0]} to {steps[1]}, by device time\n{table}\n"
                                                 f"# by host (self CPU) time\n{host}\n")
     print(table)
 
@@ -600,7 +600,7 @@ def run_case(case: Case, args, work: Path, tokenizers: Path | None) -> list[Resu
     econfig = engine_config(model_dir, case, args.device, args.dtype, args.max_num_seqs,
                             args.max_num_batched_tokens, args.kv_fraction)
     profile_dir = Path(args.profile_dir) if args.profile_dir and case == args.cases[0] else None
-    attempt("engine", lambda: run_engine(econfig, case, prompts, profile_dir))
+    attempt("engine", lambda: run_engine(econfig, case, prompts, profile_dir, profile_steps=tuple(args.profile_steps)))
     # The engine as a Triton stream drives it: an output per request per step.
     attempt("engine_stream", lambda: run_engine(econfig, case, prompts, None, "engine_stream", streaming=True))
     # The same engine with every step waiting for the previous one's tokens (no async scheduling).
@@ -723,7 +723,9 @@ def parse_args(argv=None):
                         "values: one server each (triton_ecN)")
     p.add_argument("--tokenizers", default=str(REPO_ROOT / ".bench/tokenizers"),
                    help="folder with smollm2/ and gpt2/ tokenizer files (else a byte-level one)")
-    p.add_argument("--profile-dir", help="write a torch.profiler summary of 20 engine steps here")
+    p.add_argument("--profile-dir", help="write a torch.profiler summary of engine steps (--profile-steps) here")
+    p.add_argument("--profile-steps", type=int, nargs=2, default=[40, 60], metavar=("FIRST", "END"),
+                   help="the engine steps to profile (default 40 60: decodes; 0 12: the prefills)")
     p.add_argument("--out", help="results JSON")
     p.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, 24 requests, every system")
     p.add_argument("--plot", help="only draw the plots of this results JSON")

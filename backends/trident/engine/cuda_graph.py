@@ -57,13 +57,21 @@ class DecodeBuffers:
         self.context_lens, self.context_lens_host = pair(max_num_seqs, dtype=torch.int32)  # [max_num_seqs]
         self.block_tables, self.block_tables_host = pair(max_num_seqs, max_blocks_per_seq,
                                                          dtype=torch.int32)  # [max_num_seqs, max_blocks]
+        # Async scheduling: row i's input token is the previous step's token at gather_rows[i].
+        self.gather_rows, self.gather_rows_host = pair(max_num_seqs, dtype=torch.long)   # [max_num_seqs]
         self.cu_seqlens_q = torch.arange(max_num_seqs + 1, dtype=torch.int32, device=device)  # decode: one each
+        # The pinned mirrors are rewritten while the previous step's copies may still be queued
+        # behind the GPU's work (async scheduling launches before it resolves): staging waits for
+        # the event recorded after those copies (in practice long done; a few microseconds).
+        self._uploaded = torch.cuda.Event() if is_cuda else None
+        self._has_upload = False
         # numpy views of the pinned mirrors: filling them costs no torch dispatch per element
         self.np_input_ids = self.input_ids_host.numpy()
         self.np_positions = self.positions_host.numpy()
         self.np_slots = self.slot_mapping_host.numpy()
         self.np_context_lens = self.context_lens_host.numpy()
         self.np_block_tables = self.block_tables_host.numpy()
+        self.np_gather_rows = self.gather_rows_host.numpy()
         # Persistent rows (vLLM's persistent batch): which block-table list each row of the host
         # mirror holds and how much of it is written. A sequence's table only grows in place
         # while it runs (a preemption gives it a new list), so a row that keeps its sequence needs
@@ -72,8 +80,13 @@ class DecodeBuffers:
         self._row_num_blocks = [0] * max_num_seqs
         self._rows = np.arange(max_num_seqs)
 
-    def stage(self, seqs: list[Sequence], bucket: int, block_size: int) -> None:
-        """Write the decode rows of ``seqs`` (and padding up to ``bucket``) into the pinned mirrors."""
+    def stage(self, seqs: list[Sequence], bucket: int, block_size: int,
+              gather_rows: list[int] | None = None) -> None:
+        """Write the decode rows of ``seqs`` (and padding up to ``bucket``) into the pinned mirrors.
+        ``gather_rows``: the input tokens are still on the device (async scheduling); row i takes
+        the previous step's token ``gather_rows[i]`` instead of ``seqs[i]``'s last token."""
+        if self._has_upload:
+            self._uploaded.synchronize()
         n = len(seqs)
         tables, row_tables, row_num_blocks = self.np_block_tables, self._row_tables, self._row_num_blocks
         for i, seq in enumerate(seqs):
@@ -87,7 +100,10 @@ class DecodeBuffers:
             row_num_blocks[i] = num_blocks
         positions = self.np_positions[:n]  # [n]
         positions[:] = [seq.num_computed_tokens for seq in seqs]
-        self.np_input_ids[:n] = [seq.token_ids[-1] for seq in seqs]   # a decode computes its last token
+        if gather_rows is None:
+            self.np_input_ids[:n] = [seq.token_ids[-1] for seq in seqs]   # a decode computes its last token
+        else:
+            self.np_gather_rows[:n] = gather_rows
         # slot = block_table[pos // block_size] * block_size + pos % block_size, over the staged rows
         self.np_slots[:n] = tables[self._rows[:n], positions // block_size] * block_size + positions % block_size
         self.np_context_lens[:n] = positions + 1
@@ -99,10 +115,20 @@ class DecodeBuffers:
     def upload(self, bucket: int) -> None:
         """Asynchronous copies of the staged rows into the graphs' device buffers."""
         for device_buf, host_buf in ((self.input_ids, self.input_ids_host), (self.positions, self.positions_host),
+                                     (self.gather_rows, self.gather_rows_host),
                                      (self.slot_mapping, self.slot_mapping_host),
                                      (self.context_lens, self.context_lens_host),
                                      (self.block_tables, self.block_tables_host)):
             device_buf[:bucket].copy_(host_buf[:bucket], non_blocking=True)
+        if self._uploaded is not None:
+            self._uploaded.record()
+            self._has_upload = True
+
+    def gather_inputs(self, tokens: torch.Tensor, n: int) -> None:
+        """Async scheduling: input ids of the ``n`` staged rows from the previous step's tokens
+        (``tokens``, on the device) at the staged ``gather_rows``; one kernel, stream-ordered
+        after the previous step wrote them."""
+        torch.index_select(tokens, 0, self.gather_rows[:n], out=self.input_ids[:n])
 
     def metadata(self, bucket: int, block_size: int, max_context_len: int) -> AttentionMetadata:
         """The attention layout of a bucket: views of the static buffers, a fixed grid."""
@@ -164,12 +190,12 @@ class DecodeGraphs:
         bucket = self.bucket_for(n)
         if bucket is None:
             raise ValueError(f"{n} sequences exceed the largest decode graph ({self.max_batch})")
-        self.buffers.stage(seqs, bucket, self.block_size)
+        self.buffers.stage(seqs, bucket, self.block_size, None if inputs_from is None else inputs_from.rows)
         self.buffers.upload(bucket)
         if inputs_from is not None:
             # Stream order puts this after the previous replay wrote its tokens and before this
             # replay overwrites them (the same bucket's static output, possibly).
-            inputs_from.gather_into(self.buffers.input_ids[:n])
+            self.buffers.gather_inputs(inputs_from.tokens, n)
         self._graphs[bucket].replay()
         self.num_replays += 1
         logits, token_ids = self._outputs[bucket]

@@ -52,6 +52,33 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset, self.text = prefix_offset, read_offset, text
         return "".join(self.add_tokens([token_id]) for token_id in token_ids)
 
+    def add_tokens_at_end(self, token_ids: list[int], texts: "list[str] | None" = None) -> str | None:
+        """``add_tokens_at_once(token_ids[:-1])`` then ``add_tokens(token_ids[-1:])``, the whole
+        output of a request at its end, from ``texts``: the decodes of ``end_windows(token_ids)``
+        (batched across requests by ``add_tokens_at_end``). Returns the last token's delta, or None,
+        with nothing changed, when the common case does not hold (fewer than two tokens, or the
+        text before the last token does not end on a complete character): then decode the usual way."""
+        if len(token_ids) < 2:
+            return None
+        prefix_text, full_text, last_prefix_text, last_full_text = texts
+        if len(full_text) <= len(prefix_text) or full_text.endswith(REPLACEMENT_CHAR):
+            return None
+        self.token_ids.extend(token_ids)
+        self.text += full_text[len(prefix_text):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids) - 1
+        if len(last_full_text) <= len(last_prefix_text) or last_full_text.endswith(REPLACEMENT_CHAR):
+            return ""
+        delta = last_full_text[len(last_prefix_text):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+        self.text += delta
+        return delta
+
+    def end_windows(self, token_ids: list[int]) -> list[list[int]]:
+        """The four windows ``add_tokens_at_end(token_ids)`` decodes (as ``_advance`` would, twice)."""
+        ids = self.token_ids + token_ids
+        p, r, end = self.prefix_offset, self.read_offset, len(ids)
+        return [ids[p:r], ids[p:end - 1], ids[r:end - 1], ids[r:end]]
+
     def flush(self) -> str:
         """Text still held back at the end (a character that never completed, shown as U+FFFD)."""
         return self._advance(hold_incomplete=False)
@@ -82,12 +109,53 @@ class _RustDecoder:
 
     def __init__(self, backend):
         self._decode = backend.decode
+        self._decode_batch = backend.decode_batch
+
+    def decode_batch(self, sequences: list[list[int]], skip_special_tokens: bool = False) -> list[str]:
+        """Decodes in parallel on Rust threads, with the GIL released."""
+        return self._decode_batch(sequences, skip_special_tokens=skip_special_tokens)
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = False,
                clean_up_tokenization_spaces: bool = False) -> str:
         if clean_up_tokenization_spaces:
             raise ValueError("the fast decoder does not clean up tokenization spaces")
         return self._decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+
+def add_tokens_at_end(detokenizers: list[IncrementalDetokenizer], outputs: list[list[int]], decoder) -> list[str]:
+    """The whole outputs of requests that end together (FINAL_ONLY: their text is decoded once, at
+    the end), with their windows decoded in one batch: the Rust tokenizer decodes a batch on all
+    cores and outside the GIL, and when a thousand requests end in one step that is most of the
+    step. Same texts and offsets as ``add_tokens_at_once(output[:-1])`` then ``add_tokens(output[-1:])``
+    for each; returns each one's last-token delta."""
+    windows = [d.end_windows(out) if len(out) >= 2 else [] for d, out in zip(detokenizers, outputs)]
+    texts = iter(_decode_batch(decoder, windows, [d.skip_special_tokens for d in detokenizers]))
+    deltas = []
+    for d, out, w in zip(detokenizers, outputs, windows):
+        delta = d.add_tokens_at_end(out, [next(texts) for _ in w]) if w else None
+        if delta is None:   # the uncommon case: one token at a time where it matters
+            d.add_tokens_at_once(out[:-1])
+            delta = d.add_tokens(out[-1:])
+        deltas.append(delta)
+    return deltas
+
+
+def _decode_batch(decoder, windows: list[list[list[int]]], skip_special: list[bool]) -> list[str]:
+    """Every window's text, in order; one batched decode per ``skip_special_tokens`` value."""
+    flat = [(w, skip) for ws, skip in zip(windows, skip_special) for w in ws]
+    texts: list[str | None] = [None] * len(flat)
+    for skip in (True, False):
+        index = [i for i, (_, s) in enumerate(flat) if s is skip]
+        if not index:
+            continue
+        batch = [flat[i][0] for i in index]
+        if isinstance(decoder, _RustDecoder):
+            decoded = decoder.decode_batch(batch, skip_special_tokens=skip)
+        else:
+            decoded = decoder.batch_decode(batch, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+        for i, text in zip(index, decoded):
+            texts[i] = text
+    return texts
 
 
 def fast_decoder(tokenizer):

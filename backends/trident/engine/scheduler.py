@@ -140,13 +140,16 @@ class Scheduler:
         """Count the step's tokens as computed and cache the blocks that became full. Under async
         scheduling this runs before the step's sampled tokens are known (``schedule_continuation``)."""
         live = self._seqs
-        cache_blocks = self.block_manager.cache_blocks
+        block_manager = self.block_manager
+        caching, block_size = block_manager.enable_prefix_caching, block_manager.block_size
         for seq, num_new_tokens in zip(out.seqs, out.num_new_tokens):
             if seq.seq_id not in live:
                 continue    # aborted (or stopped) after it was scheduled: its blocks are already free
             num_computed_before = seq.num_computed_tokens
-            seq.num_computed_tokens += num_new_tokens
-            cache_blocks(seq, num_computed_before)
+            seq.num_computed_tokens = num_computed = num_computed_before + num_new_tokens
+            # Only a step that fills a block has one to cache (one decode step in block_size).
+            if caching and num_computed // block_size != num_computed_before // block_size:
+                block_manager.cache_blocks(seq, num_computed_before)
 
     def retire(self, out: SchedulerOutput) -> None:
         """Free the step's sequences that its tokens finished (the engine marked them)."""
@@ -162,22 +165,19 @@ class Scheduler:
         """Fresh blocks ``schedule_continuation(seqs)`` would take: one for each sequence whose next
         token (the one in flight, not yet appended) starts a new block."""
         block_size = self.block_manager.block_size
-        return sum(1 for seq in seqs if seq.num_tokens >= len(seq.block_table) * block_size)
+        return sum(1 for seq in seqs if len(seq.token_ids) >= len(seq.block_table) * block_size)
 
     def schedule_continuation(self, seqs: list[Sequence]) -> SchedulerOutput:
         """Async scheduling: the next step of ``seqs``, every one a running decode whose last token
         (appended as a placeholder; ``advance`` already ran for the step that samples it) is still on
         the device. One new token each, no admissions, no preemption: the caller checked
         ``num_blocks_to_continue`` against the free blocks and that nothing waits."""
-        out = SchedulerOutput()
         allocate, block_size = self.block_manager.allocate, self.block_manager.block_size
         for seq in seqs:
-            if seq.num_tokens > len(seq.block_table) * block_size:
+            if len(seq.token_ids) > len(seq.block_table) * block_size:
                 allocate(seq, 1)
-            out.seqs.append(seq)
-            out.num_new_tokens.append(1)
-            out.is_sampled.append(True)
-        return out
+        n = len(seqs)
+        return SchedulerOutput(seqs=list(seqs), num_new_tokens=[1] * n, is_sampled=[True] * n)
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         # Runs for every running sequence every step: attribute reads only on the common path (a
