@@ -6,7 +6,7 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from trident.engine.detokenizer import IncrementalDetokenizer
+from trident.engine.detokenizer import IncrementalDetokenizer, add_tokens_at_end, fast_decoder
 from trident.engine.tokenizer import gpt2_tokenizer
 
 TEXTS = [
@@ -129,3 +129,31 @@ def test_all_tokens_at_once_hold_back_what_streaming_holds_back(tokenizer, seed)
         at_once.add_tokens_at_once(ids)
         assert at_once.text == streamed.text
         assert at_once.flush() == streamed.flush() and at_once.text == full_decode(tokenizer, ids)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_requests_ending_together_are_detokenized_as_one_at_a_time(tokenizer, seed):
+    """The engine decodes the requests that end in one step as one batch (``add_tokens_at_end``):
+    every text, last-token delta and offset equals ``add_tokens_at_once(body)`` then
+    ``add_tokens(last)`` per request, through the Rust decoder and the tokenizer alike, for clean
+    texts, random tokens, outputs ending inside an emoji (held back), one-token outputs (the
+    one-at-a-time fallback) and both ``skip_special_tokens`` values in one batch."""
+    rng = random.Random(seed)
+    special = sorted(set(tokenizer.all_special_ids))
+    emoji = tokenizer.encode(" 😀")
+    outputs = [tokenizer.encode(text) for text in TEXTS]
+    outputs += [[rng.randrange(len(tokenizer)) for _ in range(rng.randrange(2, 60))] for _ in range(8)]
+    outputs += [tokenizer.encode("Hi") + emoji[:cut] for cut in range(1, len(emoji))]
+    outputs += [[tokenizer.encode(" ok")[0]], tokenizer.encode("a b") + special[:1]]
+    prompts = [[rng.randrange(len(tokenizer)) for _ in range(rng.randrange(1, 9))] for _ in outputs]
+    skips = [i % 3 != 0 for i in range(len(outputs))]
+    for decoder in (tokenizer, fast_decoder(tokenizer)):
+        batched = [IncrementalDetokenizer(decoder, p, skip) for p, skip in zip(prompts, skips)]
+        deltas = add_tokens_at_end(batched, outputs, decoder)
+        for d, prompt, out, skip, delta in zip(batched, prompts, outputs, skips, deltas):
+            one = IncrementalDetokenizer(tokenizer, prompt, skip)
+            one.add_tokens_at_once(out[:-1])
+            assert delta == one.add_tokens(out[-1:])
+            assert (d.text, d.token_ids, d.prefix_offset, d.read_offset) == \
+                (one.text, one.token_ids, one.prefix_offset, one.read_offset)
+            assert d.flush() == one.flush()
