@@ -467,3 +467,19 @@ def test_inter_token_latencies_one_per_token_after_the_first(tiny, corpus):
     latencies = engine.drain_inter_token_latencies()
     assert len(latencies) == sum(len(o.output_token_ids) - 1 for o in outs)
     assert all(x >= 0 for x in latencies) and engine.drain_inter_token_latencies() == []
+
+
+def test_a_dropped_engine_frees_its_kv_cache(tiny, corpus):
+    """A process that drops an engine (a reloaded model, a test) gets its KV cache back. The engine
+    freezes the heap that predates it (``gc.freeze``); what it builds itself stays out of the
+    frozen set, so a reference cycle among its own objects would still be collected."""
+    import gc
+    import weakref
+
+    engine = make_engine(tiny)
+    submit(engine, make_prompts(corpus)[:2], [3, 3])
+    drain(engine)
+    cache = weakref.ref(engine.runner.kv_cache)
+    del engine
+    gc.collect()
+    assert cache() is None

@@ -109,8 +109,8 @@ class LLMEngine:
         # What is alive before the engine (imported modules: torch, transformers, ~10^6 objects)
         # outlives it: out of the collector's sight, a full collection walks only what the engine
         # and its requests create. Without it one took ~0.2 s inside the step that finished 1000
-        # requests (vLLM freezes its heap after start-up for the same reason). The engine's own
-        # objects stay collectable, so a dropped engine still frees its KV cache.
+        # requests (vLLM freezes its heap after start-up for the same reason). Frozen first, so
+        # that the engine's own objects (its KV cache) stay in the collector's sight.
         gc.collect()
         gc.freeze()
         self.config = config
