@@ -152,7 +152,7 @@ def _stage_decodes_beside(engine) -> list:
         if all(n == 1 and seq.num_computed_tokens == seq.num_tokens - 1 for seq, n in zip(seqs, num_new_tokens)):
             bucket = next(b for b in buckets if b >= len(seqs))
             t = time.perf_counter()
-            buffers.stage(seqs, bucket, config.block_size)
+            buffers.stage(seqs, bucket, config.block_size, None if inputs_from is None else inputs_from.rows)
             totals[0] += time.perf_counter() - t
             totals[1] += len(seqs)
         return inner(seqs, num_new_tokens, inputs_from)

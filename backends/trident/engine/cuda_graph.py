@@ -63,8 +63,7 @@ class DecodeBuffers:
         # The pinned mirrors are rewritten while the previous step's copies may still be queued
         # behind the GPU's work (async scheduling launches before it resolves): staging waits for
         # the event recorded after those copies (in practice long done; a few microseconds).
-        self._uploaded = torch.cuda.Event() if is_cuda else None
-        self._has_upload = False
+        self._uploaded = torch.cuda.Event() if is_cuda else None   # (never recorded: returns at once)
         # numpy views of the pinned mirrors: filling them costs no torch dispatch per element
         self.np_input_ids = self.input_ids_host.numpy()
         self.np_positions = self.positions_host.numpy()
@@ -85,7 +84,7 @@ class DecodeBuffers:
         """Write the decode rows of ``seqs`` (and padding up to ``bucket``) into the pinned mirrors.
         ``gather_rows``: the input tokens are still on the device (async scheduling); row i takes
         the previous step's token ``gather_rows[i]`` instead of ``seqs[i]``'s last token."""
-        if self._has_upload:
+        if self._uploaded is not None:
             self._uploaded.synchronize()
         n = len(seqs)
         tables, row_tables, row_num_blocks = self.np_block_tables, self._row_tables, self._row_num_blocks
@@ -122,7 +121,6 @@ class DecodeBuffers:
             device_buf[:bucket].copy_(host_buf[:bucket], non_blocking=True)
         if self._uploaded is not None:
             self._uploaded.record()
-            self._has_upload = True
 
     def gather_inputs(self, tokens: torch.Tensor, n: int) -> None:
         """Async scheduling: input ids of the ``n`` staged rows from the previous step's tokens

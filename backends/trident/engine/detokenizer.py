@@ -52,10 +52,10 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset, self.text = prefix_offset, read_offset, text
         return "".join(self.add_tokens([token_id]) for token_id in token_ids)
 
-    def add_tokens_at_end(self, token_ids: list[int], texts: "list[str] | None" = None) -> str | None:
+    def add_tokens_at_end(self, token_ids: list[int], texts: list[str]) -> str | None:
         """``add_tokens_at_once(token_ids[:-1])`` then ``add_tokens(token_ids[-1:])``, the whole
         output of a request at its end, from ``texts``: the decodes of ``end_windows(token_ids)``
-        (batched across requests by ``add_tokens_at_end``). Returns the last token's delta, or None,
+        (batched across requests by the module's ``add_tokens_at_end``). Returns the last token's delta, or None,
         with nothing changed, when the common case does not hold (fewer than two tokens, or the
         text before the last token does not end on a complete character): then decode the usual way."""
         if len(token_ids) < 2:
@@ -111,8 +111,11 @@ class _RustDecoder:
         self._decode = backend.decode
         self._decode_batch = backend.decode_batch
 
-    def decode_batch(self, sequences: list[list[int]], skip_special_tokens: bool = False) -> list[str]:
-        """Decodes in parallel on Rust threads, with the GIL released."""
+    def batch_decode(self, sequences: list[list[int]], skip_special_tokens: bool = False,
+                     clean_up_tokenization_spaces: bool = False) -> list[str]:
+        """``tokenizer.batch_decode``, decoded in parallel on Rust threads with the GIL released."""
+        if clean_up_tokenization_spaces:
+            raise ValueError("the fast decoder does not clean up tokenization spaces")
         return self._decode_batch(sequences, skip_special_tokens=skip_special_tokens)
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = False,
@@ -142,17 +145,16 @@ def add_tokens_at_end(detokenizers: list[IncrementalDetokenizer], outputs: list[
 
 def _decode_batch(decoder, windows: list[list[list[int]]], skip_special: list[bool]) -> list[str]:
     """Every window's text, in order; one batched decode per ``skip_special_tokens`` value."""
-    flat = [(w, skip) for ws, skip in zip(windows, skip_special) for w in ws]
+    groups: dict[bool, list[int]] = {}   # skip_special_tokens -> indices into the flat windows
+    flat = []
+    for ws, skip in zip(windows, skip_special):
+        for w in ws:
+            groups.setdefault(bool(skip), []).append(len(flat))
+            flat.append(w)
     texts: list[str | None] = [None] * len(flat)
-    for skip in (True, False):
-        index = [i for i, (_, s) in enumerate(flat) if s is skip]
-        if not index:
-            continue
-        batch = [flat[i][0] for i in index]
-        if isinstance(decoder, _RustDecoder):
-            decoded = decoder.decode_batch(batch, skip_special_tokens=skip)
-        else:
-            decoded = decoder.batch_decode(batch, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+    for skip, index in groups.items():
+        decoded = decoder.batch_decode([flat[i] for i in index], skip_special_tokens=skip,
+                                       clean_up_tokenization_spaces=False)
         for i, text in zip(index, decoded):
             texts[i] = text
     return texts

@@ -341,14 +341,12 @@ class LLMEngine:
                 latencies.append(now - timings.last_token)
             timings.last_token = now
             num_tokens += 1
+            request = requests[seq.request_id]
             stop = check_token_stop(seq, eos, max_model_len)
             if stop is not None:
                 seq.finish(*stop)
-                produced.append(requests[seq.request_id])
-            else:
-                request = requests[seq.request_id]
-                if request.each_token:
-                    produced.append(request)
+            if stop is not None or request.each_token:
+                produced.append(request)
         self.generation_tokens_total += num_tokens
         if advanced:
             self.scheduler.retire(flight.scheduled)

@@ -196,8 +196,9 @@ class ModelRunner:
         num_blocks = np.fromiter((len(seq.block_table) for seq in seqs), np.int64, num_seqs)  # [num_seqs]
         ends = computed + counts                                                            # [num_seqs]
         self._check_schedulable(seqs, counts, ends, num_tokens, num_blocks)
+        context_lens = ends.tolist()
         input_ids: list[int] = []
-        for seq, start, end in zip(seqs, computed.tolist(), ends.tolist()):
+        for seq, start, end in zip(seqs, computed.tolist(), context_lens):
             input_ids += seq.token_ids[start:end]
         cu_seqlens = np.zeros(num_seqs + 1, dtype=np.int64)                                 # [num_seqs + 1]
         np.cumsum(counts, out=cu_seqlens[1:])
@@ -213,7 +214,7 @@ class ModelRunner:
         slot_mapping = block_tables[seq_index, positions // bs] * bs + positions % bs       # [num_tokens]
         to = dict(device=self.device)
         metadata = AttentionMetadata.build(torch.from_numpy(slot_mapping).to(**to), torch.from_numpy(block_tables).to(**to),
-                                           list(num_new_tokens), ends.tolist(), bs,
+                                           list(num_new_tokens), context_lens, bs,
                                            use_kernels=self.use_attention_kernels)
         input_ids_np = np.fromiter(input_ids, np.int64, total)  # [num_tokens] (3x faster than torch.tensor on a list)
         return ModelInput(input_ids=torch.from_numpy(input_ids_np).to(**to),
