@@ -14,7 +14,7 @@ around CUDA-graph replays of 10 calls (no host launch cost), median of 25 replay
 Prints TOPS per config, the best per shape, the whole-layer sums and the row kernels (LayerNorm +
 quantize, quantize alone).
 
-    PYTHONPATH=backends:. python3 loadtest/bench_int8_gemm_gpu.py [--json out.json] [--quick]
+    PYTHONPATH=backends:. python3 loadtest/bench_int8_gemm_gpu.py [--json out.json] [--quick] [--rows 128]
 """
 from __future__ import annotations
 
@@ -66,6 +66,17 @@ def sweep() -> list[W8A8Tiles]:
         (128, 128, 128, 8, 4, 8, True, False, True, 1),
     ]
     return [W8A8Tiles(*r) for r in rows]
+
+
+def small_m_sweep() -> list[W8A8Tiles]:
+    """``--rows`` below 1024 (one text of 128 tokens: the batch-1 latency path): the old rule's 64x64x64
+    pointer tiles launch 24-96 programs on 132 SMs, and the down projection walks 48 K steps in each.
+    Narrower tiles make more programs, longer K steps fewer steps. (Split-K was measured too, eighth
+    session: 2-4 programs a tile through int32 atomics lost on every shape, 8.4-18 us.)"""
+    return [W8A8Tiles(64, 64, 64),  # the rule's tiles at 33-1023 rows before the eighth session
+            W8A8Tiles(32, 64, 128), W8A8Tiles(32, 32, 128), W8A8Tiles(16, 64, 128), W8A8Tiles(16, 32, 256, 4, 3),
+            W8A8Tiles(64, 32, 128), W8A8Tiles(64, 64, 128, 4, 3, is_tma=True), W8A8Tiles(32, 32, 256, 4, 3),
+            W8A8Tiles(64, 32, 256, 4, 3), W8A8Tiles(16, 32, 256, 4, 4), W8A8Tiles(16, 32, 512, 4, 2)]
 
 
 def gpu_ms(fn) -> float:
@@ -209,12 +220,16 @@ def _label(t: W8A8Tiles) -> str:
 
 
 def main() -> None:
+    global M
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", help="write the results here")
     p.add_argument("--quick", action="store_true", help="only the old baseline config (and the tile rule)")
+    p.add_argument("--rows", type=int, default=M, help="M, tokens per GEMM (128: one text of 128 tokens)")
     args = p.parse_args()
+    M = args.rows
     torch.manual_seed(0)
-    configs = sweep()[:1] if args.quick else sweep()
+    configs = small_m_sweep() if M < 1024 else sweep()
+    configs = configs[:1] if args.quick else configs
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     rows = [bench_shape(name, n, k, configs) for name, (n, k) in SHAPES.items()]
     layer = {key: sum(r[key] for r in rows) for key in ("fp16_ms", "int_mm_ms", "best_plain_ms", "rule_ms")}

@@ -16,6 +16,7 @@
    SDPA's flash / efficient / cuDNN backends on the dense batch, our ``attention_quantize`` with and
    without its int8 rows against FlashAttention + ``quantize_rows``) and the GELU epilogue's erf
    variants (``int8_kernels.GELU_IMPLS``), and the FFN's int8 hand-off, dynamic against static.
+   ``--row-sweep``: the LayerNorm + quantize and the attention kernels over launch shapes.
    ``--gemm-sweep``: the four W8A8 GEMMs
    at M = 16384 with tile variants (Triton's warp specialization, wider tiles). GPU time from
    CUDA-graph replays (loadtest/bench_int8_gemm_gpu.py).
@@ -227,6 +228,45 @@ def attention_variants(heads: int = 12, head_dim: int = 64) -> dict[str, float]:
     return result
 
 
+def row_kernel_sweep(hidden: int = 768, heads: int = 12, head_dim: int = 64) -> dict[str, dict[str, float]]:
+    """The INT8 layer's two non-GEMM kernels over launch shapes, at the batch's tokens: the LayerNorm that
+    writes row statistics + int8 rows (``layer_norm_stats_quantize``, both norms of a layer) and the
+    attention that writes int8 rows at a static step (the runtime's default). GPU us from graph replays,
+    the HBM bandwidth that implies, and the int8 outputs' largest difference from the rule's launch."""
+    num_tokens = BATCH * SEQLEN
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(num_tokens, hidden, device="cuda", generator=g).half()                    # [tokens, hidden]
+    weight, bias = torch.rand(hidden, device="cuda", generator=g).half() + 0.5, torch.randn(hidden, device="cuda").half()
+    smooth = torch.rand(hidden, device="cuda", generator=g) + 0.5                               # [hidden] fp32
+    qkv = torch.randn(num_tokens, 3, heads, head_dim, device="cuda", generator=g).half()      # [tokens, 3, heads, head_dim]
+    cu_seqlens = torch.arange(0, num_tokens + 1, SEQLEN, device="cuda", dtype=torch.int32)     # [batch + 1]
+    step = torch.full((heads * head_dim,), 127 / 4.0, device="cuda")                          # [hidden]
+    kernels = {
+        "layer_norm_stats_quantize": (
+            lambda launch: int8_kernels.layer_norm_stats_quantize(x, weight, bias, 1e-12, smooth, launch=launch)[1],
+            num_tokens * (2 * hidden + hidden + 12), [(r, w) for r in (1, 2, 4, 8, 16) for w in (1, 2, 4, 8)]),
+        "attention_quantize (static int8 out)": (
+            lambda launch: int8_kernels.attention_quantize(qkv, cu_seqlens, SEQLEN, out_inv_step=step, launch=launch)[1],
+            num_tokens * (3 * hidden * 2 + hidden), [(m, w) for m in (16, 32, 64, 128) for w in (1, 2, 4, 8)]),
+    }
+    result = {}
+    for name, (call, num_bytes, launches) in kernels.items():
+        reference = call(None)
+        rule_us = gpu_ms(lambda: call(None)) * 1e3
+        print(f"\n### {name}, {num_tokens} tokens: the rule's launch {rule_us:.1f} us ({num_bytes / rule_us / 1e3:.0f} GB/s)")
+        result[name] = {"rule": rule_us}
+        for launch in launches:
+            try:
+                diff = (call(launch).int() - reference.int()).abs().max().item()
+                us = gpu_ms(lambda: call(launch)) * 1e3
+            except Exception as e:  # a launch that does not compile or fit is a result too
+                print(f"  {launch}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+                continue
+            result[name][str(launch)] = us
+            print(f"  {launch}: {us:6.1f} us  {num_bytes / us / 1e3:5.0f} GB/s  int8 max diff {diff}", flush=True)
+    return result
+
+
 GEMM_VARIANTS = [
     LARGE_M_TILES,
     W8A8Tiles(128, 128, 128, 8, 3, 8, is_tma=True, is_subtiled=True, is_warp_specialized=True),
@@ -331,14 +371,18 @@ def gemm_variants() -> list[dict]:
 
 
 def main() -> None:
+    global BATCH
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--precisions", nargs="+", default=["fp16", "int8", "hf"],
                    choices=["fp16", "int8", "bf16", "hf", *VARIANTS])
     p.add_argument("--knobs", action="store_true", help="attention and GELU variants too")
     p.add_argument("--gemm-sweep", action="store_true", help="the four GEMMs over tile variants too")
+    p.add_argument("--row-sweep", action="store_true", help="LayerNorm and attention launch shapes too")
+    p.add_argument("--batch", type=int, default=BATCH, help="sequences of 128 tokens per batch (1: the latency path)")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--json", type=Path, help="write the figures here")
     args = p.parse_args()
+    BATCH = args.batch
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     batch = batch_of(BertShape().vocab_size)
     record: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "profiles": {}, "batch": {}}
@@ -368,6 +412,8 @@ def main() -> None:
         record["ffn_handoff_us"] = ffn_handoff_variants()
     if args.gemm_sweep:
         record["gemms"] = gemm_variants()
+    if args.row_sweep:
+        record["row_kernels"] = row_kernel_sweep()
     if args.json:
         args.json.write_text(json.dumps(record, indent=1, default=str))
         print(f"wrote {args.json}")

@@ -251,6 +251,7 @@ TILE_VARIANTS = {  # the decode rule's small tiles, pointer loads, TMA, TMA + pe
     "tma_persistent": W8A8Tiles(64, 64, 128, 4, 3, 2, is_tma=True, is_persistent=True, is_subtiled=True),
     "large_m_rule": int8_kernels.LARGE_M_TILES,  # what M >= 1024 runs, here on ragged edges
     "wide_n_rule": int8_kernels.WIDE_N_TILES,    # and what it runs for wide N over short K
+    "short_batch": int8_kernels.SHORT_BATCH_TILES,  # what 65-256 rows (one BERT text) run, here over K = 128
 }
 
 
@@ -277,7 +278,8 @@ def test_w8a8_gemm_accumulates_exactly(variant):
 
 
 @needs_kernels
-@pytest.mark.parametrize("variant", ["rule", "pointers_subtiled", "tma_persistent", "large_m_rule", "wide_n_rule"])
+@pytest.mark.parametrize("variant", ["rule", "pointers_subtiled", "tma_persistent", "large_m_rule", "wide_n_rule",
+                                     "short_batch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("has_bias,gelu,has_residual", [(True, False, False), (True, True, False),
                                                         (True, False, True), (False, True, True)])
@@ -298,7 +300,8 @@ def test_w8a8_epilogue_flags_match_torch(variant, dtype, has_bias, gelu, has_res
 
 
 @needs_kernels
-@pytest.mark.parametrize("variant", ["rule", "pointers_subtiled", "tma_persistent", "large_m_rule", "wide_n_rule"])
+@pytest.mark.parametrize("variant", ["rule", "pointers_subtiled", "tma_persistent", "large_m_rule", "wide_n_rule",
+                                     "short_batch"])
 def test_w8a8_int8_output_at_a_static_step_feeds_a_gemm_without_row_scales(variant):
     # The static hand-off: the up projection writes round(gelu(.) * out_inv_step) as int8; the down
     # projection takes those rows with x_scale None (the step folded into its weight scales).

@@ -119,12 +119,24 @@ def w8a8_tiles(m: int, n: int, k: int) -> W8A8Tiles:
     """The W8A8 tile rule.
 
     Below 1024 rows: the tiles the engine's decode GEMM was written with (int8 MMA wants K steps of at
-    least 32; 64-wide N tiles). From 1024 rows (prefill, BERT batches): ``WIDE_N_TILES`` for wide
-    outputs over short inputs (BERT's QKV and up projections), else ``LARGE_M_TILES``."""
+    least 32; 64-wide N tiles), except from 65 to 256 rows (one or two BERT texts): ``SHORT_BATCH_TILES``.
+    From 1024 rows (prefill, BERT batches): ``WIDE_N_TILES`` for wide outputs over short inputs (BERT's
+    QKV and up projections), else ``LARGE_M_TILES``."""
     if m >= 1024:
         return WIDE_N_TILES if n >= 2048 and k <= 1024 else LARGE_M_TILES
+    if 64 < m <= 256:
+        return SHORT_BATCH_TILES
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     return W8A8Tiles(block_m, 64, 128 if m <= 32 else 64)
+
+
+# loadtest/bench_int8_gemm_gpu.py --rows 128 on an H100 (BERT-base, one text of 128 tokens, the runtime's
+# epilogues): the 64x64x64 tiles launched 24-96 programs and walked K=3072 in 48 steps; 32-wide N tiles
+# with 256-wide K steps won on all four GEMMs: QKV 4.6 -> 4.4 us, attn_out 6.2 -> 5.1, up 5.2 -> 4.8, down
+# 11.8 -> 7.8, 22.0 us a layer (fp16 cuBLAS 21.3); the whole batch-1 graph 0.55 -> 0.43 ms of GPU.
+# Split-K (2-4 programs a tile meeting through int32 atomics in a zeroed workspace, the last one running
+# the epilogue) lost on all four: 8.4-18 us.
+SHORT_BATCH_TILES = W8A8Tiles(64, 32, 256, 4, 3)
 
 
 # loadtest/bench_int8_gemm_gpu.py on the H200 (third sweep), BERT-base at M = 16384 with BERT's epilogue
@@ -139,6 +151,10 @@ def w8a8_tiles(m: int, n: int, k: int) -> W8A8Tiles:
 # on GELU, where fp16 output rounding is >= 3e-5) with one fast reciprocal and one exp2; "tanh" the tanh
 # form of GELU on the tanh.approx instruction (up to ~1e-3 from erf GELU: not BERT's function; CUDA only).
 # Sixth session: tanh.approx.f16x2 (two values an instruction) measured no faster (117.6 vs 118.3 us).
+# Eighth session (H100, up projection at 16k tokens): GELU as v Phi(v) with Phi from a degree-6 polynomial
+# on the FMA pipe alone (|error| 1.9e-4, no MUFU tanh) took 113.8 us against tanh's 98.9; the int32 ->
+# fp32 conversion done as two exact magic-number adds and an FMA instead of cvt (off the quarter-rate
+# conversion pipe) took the layer's four GEMMs from 276 to 288 us. The epilogue is bound on the FMA pipe.
 GELU_IMPLS = ("erf", "erf_poly", "tanh")
 GELU_IMPL = "erf"
 
@@ -229,14 +245,15 @@ def layer_norm_quantize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def layer_norm_stats_quantize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                              inv_smooth: torch.Tensor | None = None
+                              inv_smooth: torch.Tensor | None = None, launch: tuple[int, int] | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``layer_norm_quantize`` without writing ``y``: (stats [M, 2] fp32 of each row's (mean, rstd),
     int8 [M, H], fp32 scale [M, 1]). The int8 rows are the same; a GEMM that adds ``y`` as its
     residual rebuilds it from x and the statistics (``w8a8_matmul(residual_norm=...)``), so the
     [M, H] rows in the model dtype are neither written here nor read back there (1/3 of this
-    kernel's memory traffic)."""
-    return _layer_norm_quantize(x.contiguous(), x.shape[0], weight, bias, eps, inv_smooth, store_y=False)
+    kernel's memory traffic). ``launch`` (rows per program, warps) overrides the rule (benchmarks)."""
+    return _layer_norm_quantize(x.contiguous(), x.shape[0], weight, bias, eps, inv_smooth, store_y=False,
+                                launch=launch)
 
 
 def embed_layer_norm_quantize(ids: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -253,7 +270,8 @@ def embed_layer_norm_quantize(ids: tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 def _layer_norm_quantize(x: torch.Tensor, m: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                          inv_smooth: torch.Tensor | None, store_y: bool = True, ids=None, tables=(),
-                         rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         rows: int | None = None, launch: tuple[int, int] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # x: [M, H] rows, or with ids and tables the word table of the embeddings' gather. Returns (y [M, H]
     # in x's dtype, or with store_y False each row's (mean, rstd) [M, 2] fp32; int8 [M, H]; scale [M, 1]).
     h = x.shape[1]
@@ -269,6 +287,8 @@ def _layer_norm_quantize(x: torch.Tensor, m: int, weight: torch.Tensor, bias: to
     else:
         rows = rows or rows_per_program(m, block_h)
         num_warps = 4 if rows * block_h <= 4096 else 8
+    if launch is not None:
+        rows, num_warps = launch
     _layer_norm_quantize_kernel[(triton.cdiv(m, rows),)](
         x, weight, bias, weight if inv_smooth is None else inv_smooth, first, qy, scale, first, m, h, eps,
         *(ids if gather else (x, x, x)), *(tables if gather else (x, x)),
@@ -282,7 +302,7 @@ MAX_ATTENTION_SEQLEN = 128  # one key block: the whole softmax row lives in regi
 
 def attention_quantize(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                        inv_smooth: torch.Tensor | None = None, is_head_walk: bool | None = None,
-                       out_inv_step: torch.Tensor | None = None
+                       out_inv_step: torch.Tensor | None = None, launch: tuple[int, int] | None = None
                        ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Bidirectional attention within each packed sequence, and with ``inv_smooth`` its rows quantized.
 
@@ -300,13 +320,15 @@ def attention_quantize(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: 
     returns (None, int8 [T, H * D], None) instead, ``round(out * out_inv_step)`` of the fp32 rows
     (at most one step from rounding the stored fp16 rows), written by a program per (sequence, row
     block, head): no row walk, no absmax, and no ``out`` in the model dtype written at all.
+
+    ``launch`` (query rows per program, warps) overrides the rule (benchmarks).
     """
     t, three, num_heads, head_dim = qkv.shape
     assert three == 3 and qkv.is_contiguous() and max_seqlen <= MAX_ATTENTION_SEQLEN
     assert out_inv_step is None or inv_smooth is None, "a static step has its smoothing folded in"
     num_seqs = cu_seqlens.shape[0] - 1
     block_n = max(16, triton.next_power_of_2(max_seqlen))
-    block_m = min(64, block_n)
+    block_m, num_warps = launch or (min(64, block_n), 4)
     num_row_blocks = triton.cdiv(max_seqlen, block_m)
     is_static = out_inv_step is not None
     if is_static:
@@ -325,7 +347,7 @@ def attention_quantize(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: 
         qkv, qkv if out is None else out, qkv if q8 is None else q8, qkv if scale is None else scale,
         qkv if per_column is None else per_column, cu_seqlens, 1.4426950408889634 / head_dim ** 0.5,
         NUM_HEADS=num_heads, HEADS=heads_per_program, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        QUANTIZE=is_quantized, STATIC=is_static, num_warps=4, num_stages=2)
+        QUANTIZE=is_quantized, STATIC=is_static, num_warps=num_warps, num_stages=2)
     if is_static:
         return None, q8, None
     if inv_smooth is None:
