@@ -42,6 +42,24 @@ def _tile_position(tile, num_pid_m, num_pid_n, GROUP_M: gl.constexpr):
 
 
 @gluon.jit
+def _epilogue(acc, rm, rn, xs_ptr, ws_ptr, b_ptr, qs_ptr, M, N, GELU: gl.constexpr, QUANTIZE_OUT: gl.constexpr):
+    # acc [BLOCK_M, BLOCK_N] int32 at rows rm, columns rn: the runtime's up / QKV epilogue (tanh GELU).
+    xs = gl.load(xs_ptr + rm, mask=rm < M, other=0.0)
+    ws = gl.load(ws_ptr + rn, mask=rn < N, other=0.0)
+    v = acc.to(gl.float32) * xs[:, None] * ws[None, :]
+    v = v + gl.load(b_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)[None, :]
+    if GELU:
+        u = 0.7978845608028654 * v * (1.0 + 0.044715 * v * v)
+        th = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [u], dtype=gl.float32, is_pure=True, pack=1)
+        v = 0.5 * v * (1.0 + th)
+    if QUANTIZE_OUT:
+        v = v * gl.load(qs_ptr + rn, mask=rn < N, other=0.0)[None, :]
+        v = gl.minimum(gl.maximum(v, -127.0), 127.0)
+        v = ((v + 12582912.0).to(gl.int32, bitcast=True) - 0x4B400000).to(gl.int8)
+    return v
+
+
+@gluon.jit
 def _load_partition(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, NUM_PROGRAMS,
                     GROUP_M: gl.constexpr):
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
@@ -64,48 +82,44 @@ def _load_partition(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, NUM_P
 
 
 @gluon.jit
+def _tile_mainloop(a_bufs, b_bufs, ready, empty, t, k_steps, mma_layout: gl.constexpr):
+    # The program's t-th output tile: its k_steps slots are the loader's steps from t * k_steps on.
+    BLOCK_M: gl.constexpr = a_bufs.type.shape[1]
+    BLOCK_N: gl.constexpr = b_bufs.type.shape[1]
+    STAGES: gl.constexpr = a_bufs.type.shape[0]
+    acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.int32, layout=mma_layout)
+    for ks in range(k_steps):
+        step = t * k_steps + ks
+        slot = step % STAGES
+        mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+        acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+        # The MMA before this one has finished reading its slot: hand it back to the loader.
+        mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), count=1, pred=ks > 0)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    mbarrier.arrive(empty.index((t * k_steps + k_steps - 1) % STAGES), count=1)
+    return acc
+
+
+@gluon.jit
 def _mma_partition(a_bufs, b_bufs, ready, empty, c_smem, out_desc, xs_ptr, ws_ptr, b_ptr, qs_ptr, M, N, K,
                    NUM_PROGRAMS, GROUP_M: gl.constexpr, GELU: gl.constexpr, QUANTIZE_OUT: gl.constexpr):
     BLOCK_M: gl.constexpr = c_smem.type.shape[0]
     BLOCK_N: gl.constexpr = c_smem.type.shape[1]
     BLOCK_K: gl.constexpr = a_bufs.type.shape[2]
-    STAGES: gl.constexpr = a_bufs.type.shape[0]
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BLOCK_N, 32])
     num_pid_m = gl.cdiv(M, BLOCK_M)
     num_pid_n = gl.cdiv(N, BLOCK_N)
     k_steps = gl.cdiv(K, BLOCK_K)
-    # The loader's step count before the program's t-th tile is t * k_steps.
     for tile in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS):
         t = (tile - gl.program_id(0)) // NUM_PROGRAMS
         pid_m, pid_n = _tile_position(tile, num_pid_m, num_pid_n, GROUP_M)
-        acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.int32, layout=mma_layout)
-        for ks in range(k_steps):
-            step = t * k_steps + ks
-            slot = step % STAGES
-            mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
-            acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-            # The MMA before this one has finished reading its slot: hand it back to the loader.
-            mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), count=1, pred=ks > 0)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(empty.index((t * k_steps + k_steps - 1) % STAGES), count=1)
+        acc = _tile_mainloop(a_bufs, b_bufs, ready, empty, t, k_steps, mma_layout)
 
         rm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
         rn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
-        xs = gl.load(xs_ptr + rm, mask=rm < M, other=0.0)
-        ws = gl.load(ws_ptr + rn, mask=rn < N, other=0.0)
-        v = acc.to(gl.float32) * xs[:, None] * ws[None, :]
-        v = v + gl.load(b_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)[None, :]
-        if GELU:
-            u = 0.7978845608028654 * v * (1.0 + 0.044715 * v * v)
-            th = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [u], dtype=gl.float32, is_pure=True,
-                                           pack=1)
-            v = 0.5 * v * (1.0 + th)
-        if QUANTIZE_OUT:
-            v = v * gl.load(qs_ptr + rn, mask=rn < N, other=0.0)[None, :]
-            v = gl.minimum(gl.maximum(v, -127.0), 127.0)
-            v = ((v + 12582912.0).to(gl.int32, bitcast=True) - 0x4B400000).to(gl.int8)
+        v = _epilogue(acc, rm, rn, xs_ptr, ws_ptr, b_ptr, qs_ptr, M, N, GELU, QUANTIZE_OUT)
         tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
         c_smem.store(v.to(out_desc.dtype))
         fence_async_shared()
@@ -157,7 +171,6 @@ def _mma_handoff_partition(a_bufs, b_bufs, ready, empty, acc_smem, acc_ready, ac
     BLOCK_M: gl.constexpr = acc_smem.type.shape[0]
     BLOCK_N: gl.constexpr = acc_smem.type.shape[1]
     BLOCK_K: gl.constexpr = a_bufs.type.shape[2]
-    STAGES: gl.constexpr = a_bufs.type.shape[0]
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BLOCK_N, 32])
     num_pid_m = gl.cdiv(M, BLOCK_M)
@@ -165,16 +178,7 @@ def _mma_handoff_partition(a_bufs, b_bufs, ready, empty, acc_smem, acc_ready, ac
     k_steps = gl.cdiv(K, BLOCK_K)
     for tile in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS):
         t = (tile - gl.program_id(0)) // NUM_PROGRAMS
-        acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.int32, layout=mma_layout)
-        for ks in range(k_steps):
-            step = t * k_steps + ks
-            slot = step % STAGES
-            mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
-            acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-            mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), count=1, pred=ks > 0)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(empty.index((t * k_steps + k_steps - 1) % STAGES), count=1)
+        acc = _tile_mainloop(a_bufs, b_bufs, ready, empty, t, k_steps, mma_layout)
         mbarrier.wait(acc_empty, (t & 1) ^ 1)  # the epilogue has read the previous tile
         acc_smem.store(acc)
         mbarrier.arrive(acc_ready, count=1)
@@ -196,19 +200,7 @@ def _epilogue_partition(acc_smem, acc_ready, acc_empty, out_ptr, xs_ptr, ws_ptr,
         mbarrier.arrive(acc_empty, count=1)
         rm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
         rn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
-        xs = gl.load(xs_ptr + rm, mask=rm < M, other=0.0)
-        ws = gl.load(ws_ptr + rn, mask=rn < N, other=0.0)
-        v = acc.to(gl.float32) * xs[:, None] * ws[None, :]
-        v = v + gl.load(b_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)[None, :]
-        if GELU:
-            u = 0.7978845608028654 * v * (1.0 + 0.044715 * v * v)
-            th = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [u], dtype=gl.float32, is_pure=True,
-                                           pack=1)
-            v = 0.5 * v * (1.0 + th)
-        if QUANTIZE_OUT:
-            v = v * gl.load(qs_ptr + rn, mask=rn < N, other=0.0)[None, :]
-            v = gl.minimum(gl.maximum(v, -127.0), 127.0)
-            v = ((v + 12582912.0).to(gl.int32, bitcast=True) - 0x4B400000).to(gl.int8)
+        v = _epilogue(acc, rm, rn, xs_ptr, ws_ptr, b_ptr, qs_ptr, M, N, GELU, QUANTIZE_OUT)
         gl.store(out_ptr + rm[:, None] * N + rn[None, :], v.to(out_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
 
