@@ -243,7 +243,8 @@ def row_kernel_sweep(hidden: int = 768, heads: int = 12, head_dim: int = 64) -> 
     step = torch.full((heads * head_dim,), 127 / 4.0, device="cuda")                          # [hidden]
     kernels = {
         "layer_norm_stats_quantize": (
-            lambda launch: int8_kernels.layer_norm_stats_quantize(x, weight, bias, 1e-12, smooth, launch=launch)[1],
+            lambda launch: int8_kernels.layer_norm_stats_quantize(x, weight, bias, 1e-12, smooth,
+                                                                  *(launch or (None, None)))[1],
             num_tokens * (2 * hidden + hidden + 12), [(r, w) for r in (1, 2, 4, 8, 16) for w in (1, 2, 4, 8)]),
         "attention_quantize (static int8 out)": (
             lambda launch: int8_kernels.attention_quantize(qkv, cu_seqlens, SEQLEN, out_inv_step=step, launch=launch)[1],

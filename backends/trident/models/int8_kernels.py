@@ -245,15 +245,15 @@ def layer_norm_quantize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def layer_norm_stats_quantize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                              inv_smooth: torch.Tensor | None = None, launch: tuple[int, int] | None = None
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              inv_smooth: torch.Tensor | None = None, rows: int | None = None,
+                              num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``layer_norm_quantize`` without writing ``y``: (stats [M, 2] fp32 of each row's (mean, rstd),
     int8 [M, H], fp32 scale [M, 1]). The int8 rows are the same; a GEMM that adds ``y`` as its
     residual rebuilds it from x and the statistics (``w8a8_matmul(residual_norm=...)``), so the
     [M, H] rows in the model dtype are neither written here nor read back there (1/3 of this
-    kernel's memory traffic). ``launch`` (rows per program, warps) overrides the rule (benchmarks)."""
+    kernel's memory traffic). ``rows`` (per program) and ``num_warps`` override the rule (benchmarks)."""
     return _layer_norm_quantize(x.contiguous(), x.shape[0], weight, bias, eps, inv_smooth, store_y=False,
-                                launch=launch)
+                                rows=rows, num_warps=num_warps)
 
 
 def embed_layer_norm_quantize(ids: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -270,7 +270,7 @@ def embed_layer_norm_quantize(ids: tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 def _layer_norm_quantize(x: torch.Tensor, m: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                          inv_smooth: torch.Tensor | None, store_y: bool = True, ids=None, tables=(),
-                         rows: int | None = None, launch: tuple[int, int] | None = None
+                         rows: int | None = None, num_warps: int | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # x: [M, H] rows, or with ids and tables the word table of the embeddings' gather. Returns (y [M, H]
     # in x's dtype, or with store_y False each row's (mean, rstd) [M, 2] fp32; int8 [M, H]; scale [M, 1]).
@@ -283,12 +283,10 @@ def _layer_norm_quantize(x: torch.Tensor, m: int, weight: torch.Tensor, bias: to
     gather = ids is not None
     if not store_y:  # without y's store: 2k elements and one warp a program (H200 at [16384, 768]: 16.9 us,
         rows = rows or min(max(1, 2048 // block_h), triton.next_power_of_2(m))  # 18.8 with the rule below)
-        num_warps = 1
+        num_warps = num_warps or 1
     else:
         rows = rows or rows_per_program(m, block_h)
-        num_warps = 4 if rows * block_h <= 4096 else 8
-    if launch is not None:
-        rows, num_warps = launch
+        num_warps = num_warps or (4 if rows * block_h <= 4096 else 8)
     _layer_norm_quantize_kernel[(triton.cdiv(m, rows),)](
         x, weight, bias, weight if inv_smooth is None else inv_smooth, first, qy, scale, first, m, h, eps,
         *(ids if gather else (x, x, x)), *(tables if gather else (x, x)),
