@@ -91,14 +91,16 @@ def test_embeddings_match_hf_fp32_on_held_out_text(minilm_artifacts, held_out, p
 
 
 @needs_cuda
-@pytest.mark.parametrize("int8_ffn", ["dynamic", "static"])
-def test_int8_ffn_hand_offs_match_hf_fp32_on_held_out_text(minilm_artifacts, held_out, int8_ffn):
-    # Both hand-offs of the GELU output, whatever the default; static calibrates on the calibration
-    # half of trident.corpus's split (disjoint from these held-out texts), as open_torch_runtime does.
+@pytest.mark.parametrize("int8_ffn,int8_epilogue", [("dynamic", "fp32"), ("static", "fp32"), ("dynamic", "f16x2"),
+                                                   ("static", "f16x2")])
+def test_int8_ffn_hand_offs_match_hf_fp32_on_held_out_text(minilm_artifacts, held_out, int8_ffn, int8_epilogue):
+    # Both hand-offs of the GELU output and both epilogue arithmetics (fp32, fp16 pairs), whatever the default;
+    # static calibrates on the calibration half of trident.corpus's split (disjoint from these held-out
+    # texts), as open_torch_runtime does.
     from trident.bert.artifacts import BertArtifacts
     from trident.bert.torch_runtime import text_calibration
     texts, reference = held_out
-    options = TorchRuntimeOptions(precision="int8", int8_ffn=int8_ffn)
+    options = TorchRuntimeOptions(precision="int8", int8_ffn=int8_ffn, int8_epilogue=int8_epilogue)
     calibration = text_calibration(BertArtifacts.load(minilm_artifacts), 256)
     assert calibration is not None  # real text, not the random-id fallback
     runtime = TorchRuntime(prepare(load_packed_bert(minilm_artifacts), options, calibration), options, max_seqlen=256)
@@ -106,7 +108,7 @@ def test_int8_ffn_hand_offs_match_hf_fp32_on_held_out_text(minilm_artifacts, hel
     sequences = [(e.ids, e.type_ids) for e in tokens]
     embeddings = np.concatenate(runtime.run_many([sequences[i:i + 64] for i in range(0, len(sequences), 64)]))
     cosines = (embeddings * reference).sum(-1)
-    print(f"int8 ({int8_ffn} ffn): mean cosine {cosines.mean():.5f}, min {cosines.min():.5f} over {len(texts)} texts")
+    print(f"int8 ({int8_ffn} ffn, {int8_epilogue} epilogue): mean cosine {cosines.mean():.5f}, min {cosines.min():.5f} over {len(texts)} texts")
     assert cosines.mean() >= 0.99 and cosines.min() >= 0.97
 
 
@@ -323,6 +325,61 @@ def test_w8a8_int8_output_at_a_static_step_feeds_a_gemm_without_row_scales(varia
                                     tiles=TILE_VARIANTS[variant])  # [m, 40]
     reference = (q.cpu().double() @ w.double().T) * folded.double()
     torch.testing.assert_close(down.cpu().double(), reference, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", list(TILE_VARIANTS))
+def test_w8a8_half_epilogue_int8_output_is_within_one_step_of_the_tanh_gelu(variant):
+    # half_epilogue with an int8 output: GELU, step, clamp and rounding in fp16 pairs, the four bytes
+    # gathered by a byte permute. Every tile shape lays values out differently in registers; a wrong
+    # byte order would move values between columns and fail the exact-match fraction.
+    if KERNEL_DEVICE != "cuda":
+        pytest.skip("inline PTX runs on CUDA only")
+    ops = _int8_operands(70, 96, 128, seed=7)
+    ops["bias"] = torch.linspace(-5, 5, 96)  # both GELU tails and the knee
+    inv_step = torch.rand(96, generator=torch.Generator().manual_seed(8)) * 60 + 30  # [n]: some values clip
+    dev = {k: v.to(KERNEL_DEVICE) for k, v in ops.items()}
+    q = int8_kernels.w8a8_matmul(dev["qx"], dev["x_scale"], dev["qw"], dev["w_scale"], torch.float16,
+                                 bias=dev["bias"], gelu=True, tiles=TILE_VARIANTS[variant],
+                                 out_inv_step=inv_step.to(KERNEL_DEVICE), half_epilogue=True)  # [m, n] int8
+    pre = (ops["qx"].double() @ ops["qw"].double().T) * ops["x_scale"].double() * ops["w_scale"].double() + ops["bias"].double()
+    expected = torch.round(torch.nn.functional.gelu(pre, approximate="tanh") * inv_step.double()).clamp(-127, 127)
+    assert q.dtype == torch.int8 and q.shape == (70, 96)
+    assert (q.cpu().double() - expected).abs().max() <= 1
+    assert (q.cpu().double() == expected).float().mean() > 0.95  # ~0.99 in a numpy model of the fp16 steps
+    assert (expected == 127).any() and (expected < 0).any()  # clipped values; negative bytes (two's complement)
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", ["rule", "pointers_subtiled", "large_m_rule", "wide_n_rule", "short_batch"])
+@pytest.mark.parametrize("case", ["gelu", "residual", "normed_residual"])
+def test_w8a8_half_epilogue_stays_within_fp16_rounding_of_the_exact_epilogue(variant, case):
+    # The fp16-pair epilogue against float64: a few fp16 roundings (the fp32 epilogue rounds once).
+    if KERNEL_DEVICE != "cuda":
+        pytest.skip("inline PTX runs on CUDA only")
+    ops = _int8_operands(70, 96, 128, seed=9)
+    dev = {k: v.to(KERNEL_DEVICE) for k, v in ops.items()}
+    g = torch.Generator().manual_seed(10)
+    x = (torch.randn(70, 96, generator=g) * 3 + 1).half()                   # [m, n] residual rows (pre-norm)
+    weight, bias = (torch.rand(96, generator=g) + 0.5).half(), (torch.randn(96, generator=g) * 0.1).half()
+    stats = torch.stack([x.float().mean(1), torch.rsqrt(x.float().var(1, unbiased=False) + 1e-12)], 1)  # [m, 2]
+    pre = (ops["qx"].double() @ ops["qw"].double().T) * ops["x_scale"].double() * ops["w_scale"].double() + ops["bias"].double()
+    kwargs = {"gelu": case == "gelu"}
+    if case == "gelu":
+        expected = torch.nn.functional.gelu(pre, approximate="tanh")
+    elif case == "residual":
+        kwargs["residual"] = x.to(KERNEL_DEVICE)
+        expected = pre + x.double()
+    else:
+        kwargs["residual"] = x.to(KERNEL_DEVICE)
+        kwargs["residual_norm"] = (stats.to(KERNEL_DEVICE), weight.to(KERNEL_DEVICE), bias.to(KERNEL_DEVICE))
+        normed = (x.double() - stats[:, :1].double()) * stats[:, 1:].double() * weight.double() + bias.double()
+        expected = pre + normed
+    out = int8_kernels.w8a8_matmul(dev["qx"], dev["x_scale"], dev["qw"], dev["w_scale"], torch.float16,
+                                   bias=dev["bias"], tiles=TILE_VARIANTS[variant], half_epilogue=True, **kwargs)
+    assert out.dtype == torch.float16
+    # fp16 steps are 2^-11 relative: three roundings of values up to ~|8|, plus tanh.approx's error
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=4e-3, atol=1.5e-2)
 
 
 @needs_kernels

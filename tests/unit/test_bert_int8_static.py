@@ -118,6 +118,20 @@ def test_static_hand_offs_apply_to_the_fused_gemm_only(hf):
             TorchRuntimeOptions(precision="int8", **{name: "per-group"})
 
 
+def test_the_fp16_pair_epilogue_reaches_every_fused_linear_and_needs_the_tanh_gelu(hf):
+    # int8_epilogue is a kernel choice (CUDA; tests/gpu/test_bert_cuda.py checks its numbers): here, that
+    # prepare() hands it to all four linears of every layer, and that a GELU it cannot compute is refused.
+    for epilogue, expected in (("fp32", False), ("f16x2", True)):
+        options = TorchRuntimeOptions(precision="int8", device="cpu", int8_epilogue=epilogue)
+        model = prepare(_packed(hf), options, _sequences(LENGTHS))  # calibrated on short sequences
+        assert all(getattr(layer, name).half_epilogue is expected for layer in model.layers
+                   for name in ("qkv", "attn_out", "up", "down"))
+    with pytest.raises(ValueError, match="needs int8_gelu 'tanh'"):
+        TorchRuntimeOptions(precision="int8", int8_epilogue="f16x2", int8_gelu="erf")
+    with pytest.raises(ValueError, match="int8_epilogue must be one of"):
+        TorchRuntimeOptions(precision="int8", int8_epilogue="bf16")
+
+
 def test_run_many_returns_what_run_returns_per_batch(hf):
     options = TorchRuntimeOptions(precision="fp32", device="cpu")
     runtime = TorchRuntime(prepare(_packed(hf), options), options, max_seqlen=64)

@@ -113,6 +113,7 @@ class FusedInt8Linear(Int8Linear):
 
     fuses_epilogue = True
     gelu_impl = "erf"
+    half_epilogue = False  # GELU (tanh form), int8 rounding and residual in fp16 pairs (w8a8_matmul; CUDA)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -148,7 +149,8 @@ class FusedInt8Linear(Int8Linear):
         res = None if residual is None else residual.reshape(-1, self.out_features).contiguous()
         out = int8_kernels.w8a8_matmul(qx, x_scale, self.weight, weight_scale, dtype, bias=self.bias,
                                        residual=res, gelu=gelu, gelu_impl=self.gelu_impl,
-                                       out_inv_step=self.out_inv_step, residual_norm=residual_norm)  # [tokens, out]
+                                       out_inv_step=self.out_inv_step, residual_norm=residual_norm,
+                                       half_epilogue=self.half_epilogue)  # [tokens, out]
         return out if self.out_inv_step is None else QuantizedRows(None, out, None)
 
     def _finish(self, out: torch.Tensor, residual: torch.Tensor | None, gelu: bool) -> torch.Tensor | QuantizedRows:
