@@ -17,6 +17,7 @@ Prints TOPS per config, the best per shape, the rule's tiles with the fp16-pair 
 quantize, quantize alone).
 
     PYTHONPATH=backends:. python3 loadtest/bench_int8_gemm_gpu.py [--json out.json] [--quick] [--rows 128]
+        [--half-epilogue]
 """
 from __future__ import annotations
 
@@ -164,7 +165,8 @@ def epilogue_error(name: str, ops: dict, exact: torch.Tensor, tiles: W8A8Tiles |
     return error, error <= (1.0 if name == "up" else 3e-2 if half else 8e-3)
 
 
-def bench_shape(name: str, n: int, k: int, configs: list[W8A8Tiles]) -> dict:
+def bench_shape(name: str, n: int, k: int, configs: list[W8A8Tiles], half: bool = False) -> dict:
+    """``half``: the sweep's configs run the fp16-pair epilogue (the rule runs both, always)."""
     ops = operands(n, k)
     exact = torch._int_mm(ops["qx"], ops["qw"].t())  # [M, N] int32, the reference
     row = {"shape": name, "M": M, "N": n, "K": k}
@@ -177,8 +179,8 @@ def bench_shape(name: str, n: int, k: int, configs: list[W8A8Tiles]) -> dict:
     for tiles in configs:
         try:
             exact_ok = is_exact(ops, exact, tiles)
-            error, close = epilogue_error(name, ops, exact, tiles)
-            ms = gpu_ms(bert_call(name, ops, tiles))
+            error, close = epilogue_error(name, ops, exact, tiles, half=half)
+            ms = gpu_ms(bert_call(name, ops, tiles, half=half))
         except Exception as e:  # a config that does not compile or fit shared memory is a result too
             print(f"  {_label(tiles):52s} FAILED {type(e).__name__}: {str(e).splitlines()[0][:70]}", flush=True)
             continue
@@ -240,13 +242,14 @@ def main() -> None:
     p.add_argument("--json", help="write the results here")
     p.add_argument("--quick", action="store_true", help="only the old baseline config (and the tile rule)")
     p.add_argument("--rows", type=int, default=M, help="M, tokens per GEMM (128: one text of 128 tokens)")
+    p.add_argument("--half-epilogue", action="store_true", help="sweep the tiles with the fp16-pair epilogue")
     args = p.parse_args()
     M = args.rows
     torch.manual_seed(0)
     configs = small_m_sweep() if M < 1024 else sweep()
     configs = configs[:1] if args.quick else configs
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
-    rows = [bench_shape(name, n, k, configs) for name, (n, k) in SHAPES.items()]
+    rows = [bench_shape(name, n, k, configs, args.half_epilogue) for name, (n, k) in SHAPES.items()]
     layer = {key: sum(r[key] for r in rows) for key in ("fp16_ms", "int_mm_ms", "best_plain_ms", "rule_ms", "half_rule_ms")}
     layer["best_ms"] = sum(r["best"]["ms"] for r in rows)
     ops_per_layer = sum(2 * M * r["N"] * r["K"] for r in rows)
