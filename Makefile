@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11, no GPU needed):
 #   make serve   venv + pinned deps + default models built once + Triton on :8000/:8001/:8002
-#   make test    the same set-up, then the whole test suite (unit + end-to-end on a live Triton)
+#   make test    the same set-up, then the whole test suite (unit + end-to-end on a live Triton), and
+#                the GPU kernel tests under Triton's interpreter
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -33,6 +34,8 @@ serve: build
 
 test: build
 	$(PY) -m pytest $(PYTEST_ARGS)
+	# The GPU kernels again, on this CPU under Triton's interpreter (without CUDA they skip above).
+	TRITON_INTERPRET=1 $(PY) -m pytest tests/gpu $(PYTEST_ARGS)
 
 bench-bert: build-bert
 	$(PY) loadtest/bench_bert_cpu.py
