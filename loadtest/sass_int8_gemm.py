@@ -13,12 +13,13 @@ FMA-pipe count before a GPU is at hand. Counts are static (per program, the kern
 they rank epilogues, they do not time them: ``bench_int8_gemm_gpu.py`` and ``profile_bert_gpu.py`` do.
 
     pip install --no-deps triton==3.6.0            # where triton is not installed (CPU machines)
-    PYTHONPATH=backends:. python loadtest/sass_int8_gemm.py [--json out.json]
+    PYTHONPATH=backends:. python loadtest/sass_int8_gemm.py [--json out.json] [--all-tiles]
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import re
 import subprocess
@@ -36,6 +37,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from trident.models import int8_kernels  # noqa: E402
 
 M = 16384  # tokens: a batch of 128 x 128
+ROWS = (1, 16, 32, 64, 128, 512, 16384)  # --all-tiles: one row count per branch of int8_kernels.w8a8_tiles
 SHAPES = {"qkv": (2304, 768), "attn_out": (768, 768), "up": (3072, 768), "down": (768, 3072)}
 # The unit each opcode issues to (Hopper). IMAD shares the FMA pipe; fp16 pairs too.
 UNITS = {
@@ -60,9 +62,9 @@ def flags(name: str, epilogue: str) -> dict:
                 GELU="tanh" if name == "up" else "", QUANTIZE_OUT=name == "up", HALF=epilogue == "f16x2")
 
 
-def compile_gemm(name: str, epilogue: str):
+def compile_gemm(name: str, epilogue: str, m: int = M):
     n, k = SHAPES[name]
-    t = int8_kernels.w8a8_tiles(M, n, k)
+    t = int8_kernels.w8a8_tiles(m, n, k)
     f = flags(name, epilogue)
     out_type = "i8" if f["QUANTIZE_OUT"] else "fp16"
     edge = [t.block_m, t.block_n // 2 if t.is_subtiled else t.block_n]
@@ -103,6 +105,8 @@ def by_unit(counts: collections.Counter) -> dict[str, int]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, help="write the counts here")
+    p.add_argument("--all-tiles", action="store_true",
+                   help="also compile both epilogues at every tile shape the rule picks (%s rows)" % ", ".join(map(str, ROWS)))
     args = p.parse_args(argv)
     rows = []
     print(f"W8A8 GEMM, sm_90, M = {M}: SASS instructions per program; epilogue rows are over the 'none' floor\n")
@@ -120,9 +124,31 @@ def main(argv=None) -> int:
             sign = "" if epilogue == "none" else "+"
             print(f"| {name} | {epilogue} | " + " | ".join(f"{sign}{shown[u]}" for u in list(UNITS) + ["total"])
                   + f" | {top} |", flush=True)
+    compiled = compile_all_tiles() if args.all_tiles else []
     if args.json:
-        args.json.write_text(json.dumps({"target": "sm_90", "M": M, "rows": rows}, indent=1))
-    return 0
+        args.json.write_text(json.dumps({"target": "sm_90", "M": M, "rows": rows, "all_tiles": compiled}, indent=1))
+    return 1 if any(not c["ok"] for c in compiled) else 0
+
+
+def compile_all_tiles() -> list[dict]:
+    """Every (GEMM, tile shape, epilogue) the runtime can launch, compiled for sm_90: the inline PTX of the
+    fp16-pair epilogue meets a different register layout in each tile shape."""
+    results = []
+    seen = set()
+    for m, name, epilogue in itertools.product(ROWS, SHAPES, ("fp32", "f16x2")):
+        key = (int8_kernels.w8a8_tiles(m, *SHAPES[name]), name, epilogue)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            compile_gemm(name, epilogue, m)
+            error = ""
+        except Exception as e:  # noqa: BLE001 - a failed compile is the result
+            error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        results.append({"rows": m, "gemm": name, "epilogue": epilogue, "tiles": repr(key[0]), "ok": not error,
+                        "error": error})
+        print(f"  {m:6d} rows {name:9s} {epilogue:6s} {'ok' if not error else 'FAILED ' + error}", flush=True)
+    return results
 
 
 if __name__ == "__main__":
