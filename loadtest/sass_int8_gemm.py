@@ -12,8 +12,11 @@ off MUFU or the conversion unit onto it made it slower), so an epilogue change c
 FMA-pipe count before a GPU is at hand. Counts are static (per program, the kernel's straight-line code):
 they rank epilogues, they do not time them: ``bench_int8_gemm_gpu.py`` and ``profile_bert_gpu.py`` do.
 
-    pip install --no-deps triton==3.6.0            # where triton is not installed (CPU machines)
     PYTHONPATH=backends:. python loadtest/sass_int8_gemm.py [--json out.json] [--all-tiles]
+
+It compiles with the installed triton (requirements.lock: 3.7.1); the GPU machine's is 3.6.0, whose
+counts docs/benchmarks.md shows (``pip install --no-deps triton==3.6.0 --target DIR``, DIR first on
+PYTHONPATH).
 """
 from __future__ import annotations
 
