@@ -96,12 +96,16 @@ def opcodes(kernel) -> collections.Counter:
         m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
         if m:
             counts[m.group(1)] += 1
+    # wgmma waits by the number of groups they leave in flight: "mma_wait_0" only means the tensor cores
+    # drain at every K step (Triton keeps no int32-accumulator wgmma in flight).
+    for depth in re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x(\d+)", sass):
+        counts[f"mma_wait_{int(depth, 16)}"] += 1
     return counts
 
 
 def by_unit(counts: collections.Counter) -> dict[str, int]:
     units = {unit: sum(counts[op] for op in ops) for unit, ops in UNITS.items()}
-    units["total"] = sum(counts.values())
+    units["total"] = sum(c for op, c in counts.items() if not op.startswith("mma_wait"))
     return units
 
 
@@ -113,8 +117,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     rows = []
     print(f"W8A8 GEMM, sm_90, M = {M}: SASS instructions per program; epilogue rows are over the 'none' floor\n")
-    print(f"| GEMM | epilogue | {' | '.join(list(UNITS) + ['total'])} | top opcodes |")
-    print("|---|---|" + "---:|" * (len(UNITS) + 1) + "---|")
+    print(f"| GEMM | epilogue | {' | '.join(list(UNITS) + ['total'])} | wgmma waits (groups left in flight: count) "
+          "| top opcodes |")
+    print("|---|---|" + "---:|" * (len(UNITS) + 1) + "---|---|")
     for name in SHAPES:
         floor = None
         for epilogue in ("none", "fp32", "f16x2"):
@@ -122,11 +127,12 @@ def main(argv=None) -> int:
             units = by_unit(counts)
             shown = units if floor is None else {u: units[u] - floor[u] for u in units}
             floor = floor or units
-            top = ", ".join(f"{op} {c}" for op, c in counts.most_common(6))
+            top = ", ".join(f"{op} {c}" for op, c in counts.most_common(6) if not op.startswith("mma_wait"))
+            waits = "/".join(f"{op[len('mma_wait_'):]}:{c}" for op, c in sorted(counts.items()) if op.startswith("mma_wait"))
             rows.append({"gemm": name, "epilogue": epilogue, "units": units, "over_floor": shown, "opcodes": dict(counts)})
             sign = "" if epilogue == "none" else "+"
             print(f"| {name} | {epilogue} | " + " | ".join(f"{sign}{shown[u]}" for u in list(UNITS) + ["total"])
-                  + f" | {top} |", flush=True)
+                  + f" | {waits} | {top} |", flush=True)
     compiled = compile_all_tiles() if args.all_tiles else []
     if args.json:
         args.json.write_text(json.dumps({"target": "sm_90", "M": M, "rows": rows, "all_tiles": compiled}, indent=1))
