@@ -124,6 +124,8 @@ VARIANTS = {
     "int8 erf gelu": ("int8", {"int8_gelu": "erf"}),
     "int8 fp32 epilogue": ("int8", {"int8_epilogue": "fp32"}),    # the GEMM epilogues in fp32
     "int8 f16x2 epilogue": ("int8", {"int8_epilogue": "f16x2"}),  # and in fp16 pairs
+    "int8 gluon gemm": ("int8", {"int8_gemm_kernel": "gluon"}),    # QKV / up on int8_gluon (wgmma in flight)
+    "int8 gluon f16x2": ("int8", {"int8_gemm_kernel": "gluon", "int8_epilogue": "f16x2"}),
     "int8 session 2": ("int8", {"attention": "flash", "int8_gelu": "erf", "int8_ffn": "dynamic",
                                 "int8_attn": "dynamic"}),
     "int8 static ffn": ("int8", {"int8_ffn": "static"}),

@@ -29,7 +29,7 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from trident.models import int8_kernels
+from trident.models import int8_gluon, int8_kernels
 from trident.models.int8_kernels import W8A8Tiles
 
 M = 16384
@@ -200,6 +200,17 @@ def bench_shape(name: str, n: int, k: int, configs: list[W8A8Tiles], half: bool 
     row["half_rule_err"], half_ok = epilogue_error(name, ops, exact, None, half=True)
     print(f"  fp16-pair epilogue (rule tiles): {row['half_rule_ms'] * 1e3:.1f} us against {row['rule_ms'] * 1e3:.1f}, "
           f"err {row['half_rule_err']:.1e}{'' if half_ok else '  WRONG'}", flush=True)
+    if name in ("qkv", "up") and int8_gluon.supports(ops["qx"], ops["qw"], None, name == "up", "tanh", torch.float16,
+                                                     ops["out_inv_step"] if name == "up" else None):
+        for half in (False, True):  # int8_gluon: the K step's wgmma kept in flight
+            call = lambda half=half: int8_gluon.w8a8_matmul(  # noqa: E731
+                ops["qx"], ops["x_scale"], ops["qw"], ops["w_scale"], torch.float16, bias=ops["bias"], gelu=name == "up",
+                out_inv_step=ops["out_inv_step"] if name == "up" else None, half_epilogue=half)
+            diff = (call().float() - bert_call(name, ops, None, half=half)().float()).abs().max().item()
+            key = "gluon_half_ms" if half else "gluon_ms"
+            row[key] = gpu_ms(call)
+            print(f"  int8_gluon{' fp16-pair' if half else ''}: {row[key] * 1e3:.1f} us "
+                  f"{tops(n, k, row[key]):.0f} TOPS, max diff from the Triton kernel {diff:.3g}", flush=True)
     if name == "up":  # the GELU forms, with the rule's tiles
         row["gelu_us"] = {impl: gpu_ms(bert_call(name, ops, None, impl)) * 1e3 for impl in int8_kernels.GELU_IMPLS}
         row["gelu_err"] = {impl: epilogue_error(name, ops, exact, None, impl)[0] for impl in int8_kernels.GELU_IMPLS}

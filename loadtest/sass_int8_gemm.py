@@ -5,7 +5,8 @@ tiles and epilogue flags BERT's INT8 runtime launches at a batch of 128 x 128 to
 ``bench_int8_gemm_gpu.bert_call``), disassembles the cubin with the ``nvdisasm`` that ships in the
 ``triton`` wheel and counts instructions by opcode, grouped by the unit that issues them. Each GEMM is
 compiled three ways: no epilogue (scales only, the floor), the fp32 epilogue, and the fp16-pair one
-(``half_epilogue``); the rows print the epilogue's instructions over the floor.
+(``half_epilogue``); the rows print the epilogue's instructions over the floor, and the wgmma waits
+(how many MMA groups each leaves in flight). Then ``int8_gluon``'s kernel for the shapes it takes.
 
 What it is for: the eighth session found the up projection's epilogue bound on the FMA pipe (moving work
 off MUFU or the conversion unit onto it made it slower), so an epilogue change can be judged here by the
@@ -86,6 +87,38 @@ def compile_gemm(name: str, epilogue: str, m: int = M):
                           options=dict(num_warps=t.num_warps, num_stages=t.num_stages))
 
 
+def compile_gluon_gemm(name: str, epilogue: str, m: int = M):
+    """``int8_gluon._w8a8_kernel`` for the QKV / up projection, as ``int8_gluon.w8a8_matmul`` launches it."""
+    import torch
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    from trident.models import int8_gluon
+
+    n, k = SHAPES[name]
+    f = flags(name, epilogue)
+    block_m, block_n, block_k = int8_gluon.BLOCK
+
+    def desc(rows, cols, block, dtype, gl_dtype):  # the descriptor's type as the launcher mangles it
+        layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
+        return mangle_type(TensorDescriptor.from_tensor(torch.empty(rows, cols, dtype=dtype), block, layout))
+    quantized = f["QUANTIZE_OUT"]
+    types = {"a_desc": desc(m, k, [block_m, block_k], torch.int8, gl.int8),
+             "b_desc": desc(n, k, [block_n, block_k], torch.int8, gl.int8),
+             "out_desc": desc(m, n, [block_m, block_n], torch.int8 if quantized else torch.float16,
+                              gl.int8 if quantized else gl.float16),
+             "xs_ptr": "*fp32", "ws_ptr": "*fp32", "b_ptr": "*fp16", "qs_ptr": "*fp32"}
+    constants = dict(HAS_X_SCALE=f["HAS_X_SCALE"], HAS_BIAS=f["HAS_BIAS"], GELU=f["GELU"] != "",
+                     QUANTIZE_OUT=quantized, HALF=f["HALF"], STAGES=int8_gluon.STAGES, GROUP_M=int8_gluon.GROUP_M)
+    names = int8_gluon._w8a8_kernel.arg_names
+    signature = {a: "constexpr" if a in constants else types.get(a, "i32") for a in names}
+    src = GluonASTSource(int8_gluon._w8a8_kernel, signature,
+                         constexprs={(names.index(a),): v for a, v in constants.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+
+
 def opcodes(kernel) -> collections.Counter:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -133,9 +166,23 @@ def main(argv=None) -> int:
             sign = "" if epilogue == "none" else "+"
             print(f"| {name} | {epilogue} | " + " | ".join(f"{sign}{shown[u]}" for u in list(UNITS) + ["total"])
                   + f" | {waits} | {top} |", flush=True)
+    gluon_rows = []
+    print("\nint8_gluon (QKV and up, the shapes it takes): wgmma waits and instructions per program\n")
+    print("| GEMM | epilogue | wgmma waits (groups left in flight: count) | shared memory | total |")
+    print("|---|---|---|---:|---:|")
+    for name in ("qkv", "up"):
+        for epilogue in ("fp32", "f16x2"):
+            kernel = compile_gluon_gemm(name, epilogue)
+            counts = opcodes(kernel)
+            waits = "/".join(f"{op[len('mma_wait_'):]}:{c}" for op, c in sorted(counts.items()) if op.startswith("mma_wait"))
+            units = by_unit(counts)
+            gluon_rows.append({"gemm": name, "epilogue": epilogue, "units": units, "opcodes": dict(counts),
+                               "shared": kernel.metadata.shared})
+            print(f"| {name} | {epilogue} | {waits} | {kernel.metadata.shared} | {units['total']} |", flush=True)
     compiled = compile_all_tiles() if args.all_tiles else []
     if args.json:
-        args.json.write_text(json.dumps({"target": "sm_90", "M": M, "rows": rows, "all_tiles": compiled}, indent=1))
+        args.json.write_text(json.dumps({"target": "sm_90", "M": M, "rows": rows, "gluon": gluon_rows,
+                                         "all_tiles": compiled}, indent=1))
     return 1 if any(not c["ok"] for c in compiled) else 0
 
 

@@ -25,7 +25,7 @@ from trident.bert.int8_linear import round_to_int8
 from trident.bert.tokenizer import TextTokenizer
 from trident.bert.torch_model import load_packed_bert
 from trident.bert.torch_runtime import TorchRuntime, TorchRuntimeOptions, prepare
-from trident.models import int8_kernels
+from trident.models import int8_gluon, int8_kernels
 from trident.models.int8_kernels import W8A8Tiles
 from trident.models.quant import quantize_per_token
 
@@ -91,16 +91,21 @@ def test_embeddings_match_hf_fp32_on_held_out_text(minilm_artifacts, held_out, p
 
 
 @needs_cuda
-@pytest.mark.parametrize("int8_ffn,int8_epilogue", [("dynamic", "fp32"), ("static", "fp32"), ("dynamic", "f16x2"),
-                                                   ("static", "f16x2")])
-def test_int8_ffn_hand_offs_match_hf_fp32_on_held_out_text(minilm_artifacts, held_out, int8_ffn, int8_epilogue):
+@pytest.mark.parametrize("int8_ffn,int8_epilogue,int8_gemm_kernel", [
+    ("dynamic", "fp32", "triton"), ("static", "fp32", "triton"), ("dynamic", "f16x2", "triton"),
+    ("static", "f16x2", "triton"), ("static", "fp32", "gluon"), ("static", "f16x2", "gluon")])
+def test_int8_ffn_hand_offs_match_hf_fp32_on_held_out_text(minilm_artifacts, held_out, int8_ffn, int8_epilogue,
+                                                           int8_gemm_kernel):
     # Both hand-offs of the GELU output and both epilogue arithmetics (fp32, fp16 pairs), whatever the default;
     # static calibrates on the calibration half of trident.corpus's split (disjoint from these held-out
     # texts), as open_torch_runtime does.
     from trident.bert.artifacts import BertArtifacts
     from trident.bert.torch_runtime import text_calibration
     texts, reference = held_out
-    options = TorchRuntimeOptions(precision="int8", int8_ffn=int8_ffn, int8_epilogue=int8_epilogue)
+    if int8_gemm_kernel == "gluon" and not (torch.cuda.get_device_capability()[0] == 9 and int8_gluon.IS_AVAILABLE):
+        pytest.skip("int8_gluon needs an sm_90 GPU and Gluon")
+    options = TorchRuntimeOptions(precision="int8", int8_ffn=int8_ffn, int8_epilogue=int8_epilogue,
+                                  int8_gemm_kernel=int8_gemm_kernel)
     calibration = text_calibration(BertArtifacts.load(minilm_artifacts), 256)
     assert calibration is not None  # real text, not the random-id fallback
     runtime = TorchRuntime(prepare(load_packed_bert(minilm_artifacts), options, calibration), options, max_seqlen=256)
@@ -108,7 +113,7 @@ def test_int8_ffn_hand_offs_match_hf_fp32_on_held_out_text(minilm_artifacts, hel
     sequences = [(e.ids, e.type_ids) for e in tokens]
     embeddings = np.concatenate(runtime.run_many([sequences[i:i + 64] for i in range(0, len(sequences), 64)]))
     cosines = (embeddings * reference).sum(-1)
-    print(f"int8 ({int8_ffn} ffn, {int8_epilogue} epilogue): mean cosine {cosines.mean():.5f}, min {cosines.min():.5f} over {len(texts)} texts")
+    print(f"int8 ({int8_ffn} ffn, {int8_epilogue} epilogue, {int8_gemm_kernel} gemm): mean cosine {cosines.mean():.5f}, min {cosines.min():.5f} over {len(texts)} texts")
     assert cosines.mean() >= 0.99 and cosines.min() >= 0.97
 
 
@@ -380,6 +385,61 @@ def test_w8a8_half_epilogue_stays_within_fp16_rounding_of_the_exact_epilogue(var
     assert out.dtype == torch.float16
     # fp16 steps are 2^-11 relative: three roundings of values up to ~|8|, plus tanh.approx's error
     torch.testing.assert_close(out.cpu().double(), expected, rtol=4e-3, atol=1.5e-2)
+
+
+needs_hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+                                        and int8_gluon.IS_AVAILABLE), reason="int8_gluon needs an sm_90 GPU and Gluon")
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", ["qkv", "up", "static_input"])
+@pytest.mark.parametrize("half", [False, True])
+def test_gluon_w8a8_matches_the_triton_kernel(case, half):
+    # int8_gluon keeps each K step's wgmma in flight; its epilogue is int8_kernels' for these flags, in the
+    # same order of operations. Ragged M and N (1100 x 320 against 128 x 128 tiles), K = 384 (three steps).
+    ops = {k: v.cuda() for k, v in _int8_operands(1100, 320, 384, seed=11).items()}
+    ops["bias"] = torch.linspace(-4, 4, 320, device="cuda")
+    inv_step = (torch.rand(320, generator=torch.Generator().manual_seed(12)) * 60 + 30).cuda()
+    kwargs = dict(bias=ops["bias"].half(), gelu=case == "up", out_inv_step=inv_step if case == "up" else None,
+                  half_epilogue=half)
+    x_scale = None if case == "static_input" else ops["x_scale"]
+    w_scale = ops["w_scale"] * 6e-4 if case == "static_input" else ops["w_scale"]
+    assert int8_gluon.supports(ops["qx"], ops["qw"], None, kwargs["gelu"], "tanh", torch.float16, kwargs["out_inv_step"])
+    ours = int8_gluon.w8a8_matmul(ops["qx"], x_scale, ops["qw"], w_scale, torch.float16, **kwargs)  # [1100, 320]
+    theirs = int8_kernels.w8a8_matmul(ops["qx"], x_scale, ops["qw"], w_scale, torch.float16, gelu_impl="tanh",
+                                      tiles=int8_kernels.LARGE_M_TILES, **kwargs)
+    assert ours.dtype == theirs.dtype and ours.shape == (1100, 320)
+    if case == "up":  # int8: a rounding near a tie may land one step apart
+        assert (ours.int() - theirs.int()).abs().max() <= 1
+        assert (ours == theirs).float().mean() > 0.995 and (theirs.abs() == 127).any()
+    else:
+        torch.testing.assert_close(ours.float(), theirs.float(), rtol=2e-3, atol=2e-3)
+
+
+@needs_hopper
+def test_gluon_w8a8_takes_only_what_it_supports():
+    qx = torch.zeros(2048, 256, dtype=torch.int8, device="cuda")
+    qw = torch.zeros(384, 256, dtype=torch.int8, device="cuda")
+    assert int8_gluon.supports(qx, qw, None, True, "tanh", torch.float16, None)
+    assert not int8_gluon.supports(qx[:1000], qw, None, False, None, torch.float16, None)       # few rows
+    assert not int8_gluon.supports(qx, qw, torch.zeros(2048, 384, device="cuda").half(), False, None, torch.float16, None)
+    assert not int8_gluon.supports(qx, qw, None, True, "erf", torch.float16, None)             # erf GELU
+    assert not int8_gluon.supports(qx, qw, None, False, None, torch.float32, None)             # fp32 out
+    assert not int8_gluon.supports(qx[:, 1:], qw[:, 1:], None, False, None, torch.float16, None)  # TMA misaligned
+
+
+@needs_hopper
+def test_runtime_with_the_gluon_gemm_matches_triton_and_replays_under_graphs(tmp_path):
+    # A batch of 9 x 128 tokens: its QKV and up projections (>= 1024 rows) run on int8_gluon.
+    checkpoint, _ = _tiny_checkpoint(tmp_path)
+    sequences = _sequences([128] * 9, seed=3)
+    gluon_graphed = _runtime(checkpoint, "int8", use_cuda_graphs=True, int8_gemm_kernel="gluon")
+    gluon_eager = _runtime(checkpoint, "int8", use_cuda_graphs=False, int8_gemm_kernel="gluon")
+    triton_eager = _runtime(checkpoint, "int8", use_cuda_graphs=False)
+    graphed = gluon_graphed.run(sequences)
+    np.testing.assert_allclose(graphed, gluon_eager.run(sequences), atol=2e-3)
+    np.testing.assert_allclose(graphed, triton_eager.run(sequences), atol=1e-2)  # int8 steps may differ near ties
+    assert gluon_graphed.num_graphs >= 1
 
 
 @needs_kernels

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trident.models import int8_kernels
+from trident.models import int8_gluon, int8_kernels
 from trident.models.quant import INT8_MAX, Int8Linear, int8_matmul, quantize_per_token
 
 
@@ -114,6 +114,7 @@ class FusedInt8Linear(Int8Linear):
     fuses_epilogue = True
     gelu_impl = "erf"
     half_epilogue = False  # GELU (tanh form), int8 rounding and residual in fp16 pairs (w8a8_matmul; CUDA)
+    gemm_kernel = "triton"  # "gluon": int8_gluon.w8a8_matmul where it applies (wgmma kept in flight; sm_90)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -147,6 +148,11 @@ class FusedInt8Linear(Int8Linear):
         if isinstance(residual, NormedRows):  # the epilogue normalizes the residual rows itself
             residual, residual_norm = residual.rows, (residual.stats, residual.norm.weight, residual.norm.bias)
         res = None if residual is None else residual.reshape(-1, self.out_features).contiguous()
+        if self.gemm_kernel == "gluon" and int8_gluon.supports(qx, self.weight, res, gelu, self.gelu_impl, dtype,
+                                                               self.out_inv_step):
+            out = int8_gluon.w8a8_matmul(qx, x_scale, self.weight, weight_scale, dtype, bias=self.bias, gelu=gelu,
+                                         out_inv_step=self.out_inv_step, half_epilogue=self.half_epilogue)
+            return out if self.out_inv_step is None else QuantizedRows(None, out, None)
         out = int8_kernels.w8a8_matmul(qx, x_scale, self.weight, weight_scale, dtype, bias=self.bias,
                                        residual=res, gelu=gelu, gelu_impl=self.gelu_impl,
                                        out_inv_step=self.out_inv_step, residual_norm=residual_norm,

@@ -59,6 +59,7 @@ INT8_GEMMS = ("fused", "triton", "cublas")
 ATTENTION_KERNELS = ("auto", "triton", "flash")
 GELU_IMPLS = ("tanh", "erf")
 EPILOGUES = ("fp32", "f16x2")  # int8_epilogue
+GEMM_KERNELS = ("triton", "gluon")  # int8_gemm_kernel
 HAND_OFFS = ("dynamic", "static")  # int8_ffn, int8_attn
 LINEARS = ("qkv", "attn_out", "up", "down")
 WEIGHTS = "model.safetensors"
@@ -77,6 +78,8 @@ class TorchRuntimeOptions:
     int8_epilogue: str = "fp32"        # the fused int8 GEMMs' GELU, int8 rounding and residual: fp32 | f16x2
                                        # (fp16 pairs, two values an instruction; needs int8_gelu "tanh";
                                        # int8_kernels: "The fp16-pair epilogue"; off until timed)
+    int8_gemm_kernel: str = "triton"   # the fused int8 GEMM: triton (int8_kernels) | gluon (int8_gluon where it
+                                       # applies, QKV and up at >= 1024 rows: wgmma kept in flight; off until timed)
     int8_ffn: str = "static"           # the GELU output's int8 hand-off (int8_gemm "fused"; the others are always
                                        # dynamic): static (one calibrated step per layer, written by the up
                                        # projection's epilogue) | dynamic (per-row scale,
@@ -102,6 +105,8 @@ class TorchRuntimeOptions:
             raise ValueError(f"int8_gelu must be one of {GELU_IMPLS}, got {self.int8_gelu!r}")
         if self.int8_epilogue not in EPILOGUES:
             raise ValueError(f"int8_epilogue must be one of {EPILOGUES}, got {self.int8_epilogue!r}")
+        if self.int8_gemm_kernel not in GEMM_KERNELS:
+            raise ValueError(f"int8_gemm_kernel must be one of {GEMM_KERNELS}, got {self.int8_gemm_kernel!r}")
         if self.int8_epilogue == "f16x2" and self.int8_gelu != "tanh":
             raise ValueError("int8_epilogue 'f16x2' computes GELU's tanh form: it needs int8_gelu 'tanh'")
         for name in ("int8_ffn", "int8_attn"):
@@ -121,12 +126,12 @@ class TorchRuntimeOptions:
 
 def quantize_int8(model: PackedBert, int8_gemm: str = "fused", gelu_impl: str = "erf",
                   static_inputs: dict[str, tuple[list[torch.Tensor], float | None]] | None = None,
-                  half_epilogue: bool = False) -> PackedBert:
+                  half_epilogue: bool = False, gemm_kernel: str = "triton") -> PackedBert:
     """Swaps every layer's linears for W8A8 ones in place (no SmoothQuant on the dynamic per-token
     inputs: per-token scales already absorb BERT's per-token outliers; measured in
     tests/gpu/test_bert_cuda.py). ``gelu_impl`` is the fused up projection's GELU
     (``FusedInt8Linear.gelu_impl``), ``half_epilogue`` its epilogues' arithmetic
-    (``FusedInt8Linear.half_epilogue``). ``static_inputs``: linear name ("attn_out", "down") -> (per
+    (``FusedInt8Linear.half_epilogue``), ``gemm_kernel`` its GEMM (``FusedInt8Linear.gemm_kernel``). ``static_inputs``: linear name ("attn_out", "down") -> (per
     layer its input's max |x| per channel, from ``input_absmax``; SmoothQuant alpha or None): that
     linear reads int8 rows at one static step per layer, smoothed first, written by its producer (the
     attention kernel; the up projection's epilogue)."""
@@ -144,6 +149,7 @@ def quantize_int8(model: PackedBert, int8_gemm: str = "fused", gelu_impl: str = 
             layer.up.gelu_impl = gelu_impl
             for name in LINEARS:
                 getattr(layer, name).half_epilogue = half_epilogue
+                getattr(layer, name).gemm_kernel = gemm_kernel
         for name, (absmax, _) in static_inputs.items():
             linear = getattr(layer, name)
             smoothed = absmax[index].float().to(linear.inv_smooth.device) * linear.inv_smooth.float()  # [in]
@@ -190,7 +196,7 @@ def prepare(model: PackedBert, options: TorchRuntimeOptions,
             absmax = input_absmax(model, calibration or random_calibration(model.shape.vocab_size), tuple(static))
         quantize_int8(model, options.int8_gemm, options.int8_gelu,
                       {name: (absmax[name], alpha) for name, alpha in static.items()},
-                      half_epilogue=options.int8_epilogue == "f16x2")
+                      half_epilogue=options.int8_epilogue == "f16x2", gemm_kernel=options.int8_gemm_kernel)
     return model
 
 
