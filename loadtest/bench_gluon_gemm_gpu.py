@@ -17,12 +17,10 @@ failed at launch ("unspecified launch failure") in every arrangement tried (load
     PYTHONPATH=backends:. python3 loadtest/bench_gluon_gemm_gpu.py --shape up --consumers 0
     PYTHONPATH=backends:. python3 loadtest/bench_gluon_gemm_gpu.py --shape all --pipelined --json $OUT/gluon.json
 
---pipelined (ninth session, compiled for sm_90 but not yet run): no warp specialization, one output tile
-per program like int8_kernels' LARGE_M kernel, but with the K step's wgmma kept in flight while the next
-one is waited on and issued. Triton's compiler never does that for an int32 accumulator (its WGMMA
-pipeliner makes a dot "properly async" only with an fp32 accumulator), so every K step of the runtime's
-int8 kernels ends in WARPGROUP.DEPBAR.LE gsb0, 0x0 and the tensor cores drain: the likely reason their
-mainloop runs at about half of the int8 peak. Gluon states the waits itself.
+--pipelined (ninth session, compiled for sm_90 but not yet run): ``trident.models.int8_gluon``, the
+runtime's opt-in kernel (no warp specialization, one output tile per program like int8_kernels' LARGE_M
+kernel, the K step's wgmma kept in flight; see its docstring for why), over PIPELINED_CONFIGS tiles and
+stage counts.
 """
 from __future__ import annotations
 
@@ -38,7 +36,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 sys.path[:0] = ["backends", "loadtest"]
 from bench_int8_gemm_gpu import gpu_ms  # noqa: E402
-from trident.models import int8_kernels  # noqa: E402
+from trident.models import int8_gluon, int8_kernels  # noqa: E402
 
 
 @gluon.jit
@@ -257,78 +255,11 @@ def w8a8_handoff(qx, x_scale, qweight, w_scale, bias, out_inv_step=None, gelu=Fa
     return out
 
 
-@gluon.jit
-def _load_k_step(a_desc, b_desc, a_bufs, b_bufs, ready, step, off_m, off_n, pred):
-    # TMA loads of K step ``step`` into slot step % STAGES, signalled on that slot's ready barrier.
-    STAGES: gl.constexpr = a_bufs.type.shape[0]
-    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-    slot = step % STAGES
-    mbarrier.expect(ready.index(slot), a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(a_desc, [off_m, step * BLOCK_K], ready.index(slot), a_bufs.index(slot), pred=pred)
-    tma.async_copy_global_to_shared(b_desc, [off_n, step * BLOCK_K], ready.index(slot), b_bufs.index(slot), pred=pred)
-
-
-@gluon.jit
-def _w8a8_pipelined_kernel(a_desc, b_desc, out_desc, xs_ptr, ws_ptr, b_ptr, qs_ptr, M, N, K,
-                           STAGES: gl.constexpr, GROUP_M: gl.constexpr, GELU: gl.constexpr, QUANTIZE_OUT: gl.constexpr):
-    # One output tile per program, no warp specialization: the shape of int8_kernels' LARGE_M kernel, with
-    # one difference. Triton's compiler keeps no wgmma in flight when the accumulator is not fp32 (its
-    # WGMMA pipeliner, "Rule 2.1"; loadtest/sass_int8_gemm.py shows WARPGROUP.DEPBAR.LE gsb0, 0x0 after
-    # every K step of the int8 kernels), so the tensor cores drain at each step. Here the MMA of step k
-    # stays in flight while step k+1's barrier is waited on and issued (wait(1)), and the slot of step k-1,
-    # known to be read by then, is refilled with step k + STAGES - 1.
-    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
-    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
-    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, BLOCK_N, 32])
-    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
-    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-    pid_m, pid_n = _tile_position(gl.program_id(0), gl.cdiv(M, BLOCK_M), gl.cdiv(N, BLOCK_N), GROUP_M)
-    off_m = pid_m * BLOCK_M
-    off_n = pid_n * BLOCK_N
-    k_steps = gl.cdiv(K, BLOCK_K)
-    for s in gl.static_range(STAGES - 1):
-        _load_k_step(a_desc, b_desc, a_bufs, b_bufs, ready, s, off_m, off_n, s < k_steps)
-    acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.int32, layout=mma_layout)
-    for ks in range(k_steps):
-        slot = ks % STAGES
-        mbarrier.wait(ready.index(slot), (ks // STAGES) & 1)
-        acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-        # Step ks - 1's MMA has retired: its slot takes step ks + STAGES - 1.
-        _load_k_step(a_desc, b_desc, a_bufs, b_bufs, ready, ks + STAGES - 1, off_m, off_n, ks + STAGES - 1 < k_steps)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(i))
-    rm = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
-    rn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
-    v = _epilogue(acc, rm, rn, xs_ptr, ws_ptr, b_ptr, qs_ptr, M, N, GELU, QUANTIZE_OUT)
-    c_smem = gl.allocate_shared_memory(out_desc.dtype, out_desc.block_type.shape, out_desc.layout)
-    c_smem.store(v.to(out_desc.dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(out_desc, [off_m, off_n], c_smem)
-    tma.store_wait(pendings=0)
-
-
 def w8a8_pipelined(qx, x_scale, qweight, w_scale, bias, out_inv_step=None, gelu=False, block=(128, 128, 128),
-                   stages=3, group_m=8, **_):
-    m, k = qx.shape
-    n = qweight.shape[0]
-    block_m, block_n, block_k = block
-    out = torch.empty(m, n, dtype=torch.int8 if out_inv_step is not None else torch.float16, device=qx.device)
-    gl_out = gl.int8 if out_inv_step is not None else gl.float16
-    a_desc = TensorDescriptor.from_tensor(qx, [block_m, block_k], gl.NVMMASharedLayout.get_default_for([block_m, block_k], gl.int8))
-    b_desc = TensorDescriptor.from_tensor(qweight, [block_n, block_k], gl.NVMMASharedLayout.get_default_for([block_n, block_k], gl.int8))
-    out_desc = TensorDescriptor.from_tensor(out, [block_m, block_n], gl.NVMMASharedLayout.get_default_for([block_m, block_n], gl_out))
-    num_tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    _w8a8_pipelined_kernel[(num_tiles,)](
-        a_desc, b_desc, out_desc, x_scale, w_scale, bias, w_scale if out_inv_step is None else out_inv_step,
-        m, n, k, STAGES=stages, GROUP_M=group_m, GELU=gelu, QUANTIZE_OUT=out_inv_step is not None, num_warps=4)
-    return out
+                   stages=3, **_):
+    """``int8_gluon.w8a8_matmul`` (the runtime's opt-in kernel) at other tiles and stage counts."""
+    return int8_gluon.w8a8_matmul(qx, x_scale, qweight, w_scale, torch.float16, bias=bias, gelu=gelu,
+                                  out_inv_step=out_inv_step, stages=stages, block=block)
 
 
 SHAPES = {"up": (3072, 768, True, True), "qkv": (2304, 768, False, False),  # (N, K, GELU, int8 out)
