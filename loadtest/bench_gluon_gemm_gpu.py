@@ -37,14 +37,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 sys.path[:0] = ["backends", "loadtest"]
 from bench_int8_gemm_gpu import gpu_ms  # noqa: E402
 from trident.models import int8_gluon, int8_kernels  # noqa: E402
-
-
-@gluon.jit
-def _tile_position(tile, num_pid_m, num_pid_n, GROUP_M: gl.constexpr):
-    group_size = GROUP_M * num_pid_n
-    first_m = (tile // group_size) * GROUP_M
-    rows_in_group = gl.minimum(num_pid_m - first_m, GROUP_M)
-    return first_m + (tile % group_size) % rows_in_group, (tile % group_size) // rows_in_group
+from trident.models.int8_gluon import _tile_position  # noqa: E402
 
 
 @gluon.jit
