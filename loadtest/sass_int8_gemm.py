@@ -88,7 +88,8 @@ def compile_gemm(name: str, epilogue: str, m: int = M):
 
 
 def compile_gluon_gemm(name: str, epilogue: str, m: int = M):
-    """``int8_gluon._w8a8_kernel`` for the QKV / up projection, as ``int8_gluon.w8a8_matmul`` launches it."""
+    """``int8_gluon._w8a8_kernel`` with the runtime's epilogue for ``name``, as ``int8_gluon.w8a8_matmul``
+    launches it."""
     import torch
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -109,9 +110,11 @@ def compile_gluon_gemm(name: str, epilogue: str, m: int = M):
              "b_desc": desc(n, k, [block_n, block_k], torch.int8, gl.int8),
              "out_desc": desc(m, n, [block_m, block_n], torch.int8 if quantized else torch.float16,
                               gl.int8 if quantized else gl.float16),
-             "xs_ptr": "*fp32", "ws_ptr": "*fp32", "b_ptr": "*fp16", "qs_ptr": "*fp32"}
+             "xs_ptr": "*fp32", "ws_ptr": "*fp32", "b_ptr": "*fp16", "qs_ptr": "*fp32", "r_ptr": "*fp16",
+             "rs_ptr": "*fp32", "rg_ptr": "*fp16", "rb_ptr": "*fp16"}
     constants = dict(HAS_X_SCALE=f["HAS_X_SCALE"], HAS_BIAS=f["HAS_BIAS"], GELU=f["GELU"] != "",
-                     QUANTIZE_OUT=quantized, HALF=f["HALF"], STAGES=int8_gluon.STAGES, GROUP_M=int8_gluon.GROUP_M)
+                     QUANTIZE_OUT=quantized, HAS_RESIDUAL=f["HAS_RESIDUAL"], NORM_RESIDUAL=f["NORM_RESIDUAL"],
+                     HALF=f["HALF"], STAGES=int8_gluon.STAGES, GROUP_M=int8_gluon.GROUP_M)
     names = int8_gluon._w8a8_kernel.arg_names
     signature = {a: "constexpr" if a in constants else types.get(a, "i32") for a in names}
     src = GluonASTSource(int8_gluon._w8a8_kernel, signature,
@@ -167,10 +170,10 @@ def main(argv=None) -> int:
             print(f"| {name} | {epilogue} | " + " | ".join(f"{sign}{shown[u]}" for u in list(UNITS) + ["total"])
                   + f" | {waits} | {top} |", flush=True)
     gluon_rows = []
-    print("\nint8_gluon (QKV and up, the shapes it takes): wgmma waits and instructions per program\n")
+    print("\nint8_gluon (the runtime's opt-in kernel): wgmma waits and instructions per program\n")
     print("| GEMM | epilogue | wgmma waits (groups left in flight: count) | shared memory | total |")
     print("|---|---|---|---:|---:|")
-    for name in ("qkv", "up"):
+    for name in SHAPES:
         for epilogue in ("fp32", "f16x2"):
             kernel = compile_gluon_gemm(name, epilogue)
             counts = opcodes(kernel)

@@ -392,7 +392,7 @@ needs_hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.
 
 
 @needs_hopper
-@pytest.mark.parametrize("case", ["qkv", "up", "static_input"])
+@pytest.mark.parametrize("case", ["qkv", "up", "static_input", "residual", "normed_residual"])
 @pytest.mark.parametrize("half", [False, True])
 def test_gluon_w8a8_matches_the_triton_kernel(case, half):
     # int8_gluon keeps each K step's wgmma in flight; its epilogue is int8_kernels' for these flags, in the
@@ -400,11 +400,19 @@ def test_gluon_w8a8_matches_the_triton_kernel(case, half):
     ops = {k: v.cuda() for k, v in _int8_operands(1100, 320, 384, seed=11).items()}
     ops["bias"] = torch.linspace(-4, 4, 320, device="cuda")
     inv_step = (torch.rand(320, generator=torch.Generator().manual_seed(12)) * 60 + 30).cuda()
+    g = torch.Generator(device="cuda").manual_seed(13)
+    stats = torch.stack([torch.randn(1100, device="cuda", generator=g),
+                         torch.rand(1100, device="cuda", generator=g) + 0.5], 1)             # [M, 2] mean, rstd
+    norm = ((torch.rand(320, device="cuda", generator=g) + 0.5).half(), (torch.randn(320, device="cuda", generator=g) * 0.1).half())
     kwargs = dict(bias=ops["bias"].half(), gelu=case == "up", out_inv_step=inv_step if case == "up" else None,
                   half_epilogue=half)
-    x_scale = None if case == "static_input" else ops["x_scale"]
-    w_scale = ops["w_scale"] * 6e-4 if case == "static_input" else ops["w_scale"]
-    assert int8_gluon.supports(ops["qx"], ops["qw"], None, kwargs["gelu"], "tanh", torch.float16, kwargs["out_inv_step"])
+    if case in ("residual", "normed_residual"):
+        kwargs["residual"] = (ops["residual"] * 3).half()
+        kwargs["residual_norm"] = (stats, *norm) if case == "normed_residual" else None
+    x_scale = None if case in ("static_input", "normed_residual") else ops["x_scale"]
+    w_scale = ops["w_scale"] * 6e-4 if x_scale is None else ops["w_scale"]
+    assert int8_gluon.supports(ops["qx"], ops["qw"], kwargs.get("residual"), kwargs["gelu"], "tanh", torch.float16,
+                               kwargs["out_inv_step"])
     ours = int8_gluon.w8a8_matmul(ops["qx"], x_scale, ops["qw"], w_scale, torch.float16, **kwargs)  # [1100, 320]
     theirs = int8_kernels.w8a8_matmul(ops["qx"], x_scale, ops["qw"], w_scale, torch.float16, gelu_impl="tanh",
                                       tiles=int8_kernels.LARGE_M_TILES, **kwargs)
@@ -422,7 +430,8 @@ def test_gluon_w8a8_takes_only_what_it_supports():
     qw = torch.zeros(384, 256, dtype=torch.int8, device="cuda")
     assert int8_gluon.supports(qx, qw, None, True, "tanh", torch.float16, None)
     assert not int8_gluon.supports(qx[:1000], qw, None, False, None, torch.float16, None)       # few rows
-    assert not int8_gluon.supports(qx, qw, torch.zeros(2048, 384, device="cuda").half(), False, None, torch.float16, None)
+    assert int8_gluon.supports(qx, qw, torch.zeros(2048, 384, device="cuda").half(), False, None, torch.float16, None)
+    assert not int8_gluon.supports(qx, qw, torch.zeros(2048, 384, device="cuda"), False, None, torch.float16, None)
     assert not int8_gluon.supports(qx, qw, None, True, "erf", torch.float16, None)             # erf GELU
     assert not int8_gluon.supports(qx, qw, None, False, None, torch.float32, None)             # fp32 out
     assert not int8_gluon.supports(qx[:, 1:], qw[:, 1:], None, False, None, torch.float16, None)  # TMA misaligned
@@ -430,7 +439,7 @@ def test_gluon_w8a8_takes_only_what_it_supports():
 
 @needs_hopper
 def test_runtime_with_the_gluon_gemm_matches_triton_and_replays_under_graphs(tmp_path):
-    # A batch of 9 x 128 tokens: its QKV and up projections (>= 1024 rows) run on int8_gluon.
+    # A batch of 9 x 128 tokens: its four linears (>= 1024 rows) run on int8_gluon.
     checkpoint, _ = _tiny_checkpoint(tmp_path)
     sequences = _sequences([128] * 9, seed=3)
     gluon_graphed = _runtime(checkpoint, "int8", use_cuda_graphs=True, int8_gemm_kernel="gluon")

@@ -35,5 +35,6 @@ def test_every_launchable_kernel_compiles_for_sm90_and_the_fp16_pair_epilogue_an
     # Triton drains the tensor cores at every K step of an int32-accumulator GEMM; int8_gluon exists to keep
     # one wgmma group in flight there instead.
     assert all(r["opcodes"].get("mma_wait_0") and not r["opcodes"].get("mma_wait_1") for r in result["rows"])
-    assert {(r["gemm"], r["epilogue"]) for r in result["gluon"]} == {(g, e) for g in ("qkv", "up") for e in ("fp32", "f16x2")}
+    assert {(r["gemm"], r["epilogue"]) for r in result["gluon"]} == {(g, e) for g in ("qkv", "attn_out", "up", "down")
+                                                                      for e in ("fp32", "f16x2")}
     assert all(r["opcodes"].get("mma_wait_1") == 1 for r in result["gluon"])

@@ -150,8 +150,9 @@ class FusedInt8Linear(Int8Linear):
         res = None if residual is None else residual.reshape(-1, self.out_features).contiguous()
         if self.gemm_kernel == "gluon" and int8_gluon.supports(qx, self.weight, res, gelu, self.gelu_impl, dtype,
                                                                self.out_inv_step):
-            out = int8_gluon.w8a8_matmul(qx, x_scale, self.weight, weight_scale, dtype, bias=self.bias, gelu=gelu,
-                                         out_inv_step=self.out_inv_step, half_epilogue=self.half_epilogue)
+            out = int8_gluon.w8a8_matmul(qx, x_scale, self.weight, weight_scale, dtype, bias=self.bias, residual=res,
+                                         gelu=gelu, out_inv_step=self.out_inv_step, residual_norm=residual_norm,
+                                         half_epilogue=self.half_epilogue)
             return out if self.out_inv_step is None else QuantizedRows(None, out, None)
         out = int8_kernels.w8a8_matmul(qx, x_scale, self.weight, weight_scale, dtype, bias=self.bias,
                                        residual=res, gelu=gelu, gelu_impl=self.gelu_impl,

@@ -79,7 +79,7 @@ class TorchRuntimeOptions:
                                        # (fp16 pairs, two values an instruction; needs int8_gelu "tanh";
                                        # int8_kernels: "The fp16-pair epilogue"; off until timed)
     int8_gemm_kernel: str = "triton"   # the fused int8 GEMM: triton (int8_kernels) | gluon (int8_gluon where it
-                                       # applies, QKV and up at >= 1024 rows: wgmma kept in flight; off until timed)
+                                       # applies, >= 1024 rows on sm_90: wgmma kept in flight; off until timed)
     int8_ffn: str = "static"           # the GELU output's int8 hand-off (int8_gemm "fused"; the others are always
                                        # dynamic): static (one calibrated step per layer, written by the up
                                        # projection's epilogue) | dynamic (per-row scale,

@@ -9,12 +9,11 @@ the next step can be waited on and issued, and the tensor cores drain once per K
 stay in flight (``warpgroup_mma_wait(num_outstanding=1)``) while step k+1's TMA barrier is waited on and
 its MMAs issued, and step k-1's slot, read by then, is refilled with step k + STAGES - 1.
 
-Scope (``supports``): CUDA, Gluon importable, at least ``MIN_ROWS`` rows, operands that TMA can read
-(16-byte aligned), no residual: BERT's QKV and up projections and the GPT engine's prefill linears
-without one. The epilogue is ``int8_kernels``' for those flags, in the same order of operations:
-per-row scale or a static step folded into the weight scale, bias, the tanh GELU, an int8 output at a
-static step per column, and the fp16-pair variant (``half_epilogue``, the same PTX). The output
-projections (residual, LayerNorm'd residual) stay on ``int8_kernels``.
+Scope (``supports``): CUDA sm_90, Gluon importable, at least ``MIN_ROWS`` rows, operands that TMA can
+read (16-byte aligned), fp16 or int8 output: BERT's four linears at batch sizes, the GPT engine's prefill.
+The epilogue is ``int8_kernels``' in the same order of operations: per-row scale or a static step folded
+into the weight scale, bias, the tanh GELU, an int8 output at a static step per column, the residual
+(LayerNorm'd from row statistics or not), and the fp16-pair variant (``half_epilogue``, the same PTX).
 
 Status: written and compiled for sm_90 in the ninth session (no GPU was lent); opt-in
 (``TorchRuntimeOptions(int8_gemm_kernel="gluon")``) until tests/gpu and the benchmarks have run it.
@@ -46,7 +45,9 @@ GROUP_M = 8
 def supports(qx: torch.Tensor, qweight: torch.Tensor, residual: torch.Tensor | None, gelu: bool, gelu_impl: str | None,
              dtype: torch.dtype, out_inv_step: torch.Tensor | None) -> bool:
     """Whether ``w8a8_matmul`` here takes this call: the rest goes to ``int8_kernels.w8a8_matmul``."""
-    if not (IS_AVAILABLE and qx.is_cuda and residual is None and qx.shape[0] >= MIN_ROWS):
+    if not (IS_AVAILABLE and qx.is_cuda and qx.shape[0] >= MIN_ROWS):
+        return False
+    if residual is not None and (residual.dtype != torch.float16 or not residual.is_contiguous()):
         return False
     if gelu and (gelu_impl or int8_kernels.GELU_IMPL) != "tanh":
         return False
@@ -56,13 +57,20 @@ def supports(qx: torch.Tensor, qweight: torch.Tensor, residual: torch.Tensor | N
 
 
 def w8a8_matmul(qx: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.Tensor, w_scale: torch.Tensor,
-                dtype: torch.dtype, bias: torch.Tensor | None = None, gelu: bool = False,
-                out_inv_step: torch.Tensor | None = None, half_epilogue: bool = False,
-                stages: int = STAGES, block: tuple[int, int, int] = BLOCK) -> torch.Tensor:
+                dtype: torch.dtype, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                gelu: bool = False, out_inv_step: torch.Tensor | None = None,
+                residual_norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                half_epilogue: bool = False, stages: int = STAGES, block: tuple[int, int, int] = BLOCK) -> torch.Tensor:
     """``int8_kernels.w8a8_matmul``'s contract for the calls ``supports`` accepts (GELU is its tanh form):
-    ``gelu?(qx @ qweight.T * x_scale * w_scale + bias)`` -> [M, N] fp16, or int8 at ``out_inv_step``."""
+    ``gelu?(qx @ qweight.T * x_scale * w_scale + bias) + (LayerNorm?)(residual)`` -> [M, N] fp16, or int8 at
+    ``out_inv_step`` (no residual then)."""
+    assert out_inv_step is None or residual is None, "an int8 output takes no residual"
+    assert residual_norm is None or residual is not None, "residual_norm normalizes a residual"
     m, k = qx.shape
     n = qweight.shape[0]
+    if residual is not None:
+        assert residual.shape == (m, n) and residual.is_contiguous(), "residual must be [M, N] contiguous"
+    stats, norm_weight, norm_bias = residual_norm or (w_scale, w_scale, w_scale)
     block_m, block_n, block_k = block
     out_dtype = torch.int8 if out_inv_step is not None else dtype
     out = torch.empty(m, n, dtype=out_dtype, device=qx.device)  # [M, N]
@@ -76,15 +84,17 @@ def w8a8_matmul(qx: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.T
     num_tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     _w8a8_kernel[(num_tiles,)](
         a_desc, b_desc, out_desc, w_scale if x_scale is None else x_scale, w_scale, w_scale if bias is None else bias,
-        w_scale if out_inv_step is None else out_inv_step, m, n, k,
-        HAS_X_SCALE=x_scale is not None, HAS_BIAS=bias is not None, GELU=gelu, QUANTIZE_OUT=out_inv_step is not None,
-        HALF=half_epilogue, STAGES=stages, GROUP_M=GROUP_M, num_warps=4)
+        w_scale if out_inv_step is None else out_inv_step, out if residual is None else residual, stats, norm_weight,
+        norm_bias, m, n, k, HAS_X_SCALE=x_scale is not None, HAS_BIAS=bias is not None, GELU=gelu,
+        QUANTIZE_OUT=out_inv_step is not None, HAS_RESIDUAL=residual is not None,
+        NORM_RESIDUAL=residual_norm is not None, HALF=half_epilogue, STAGES=stages, GROUP_M=GROUP_M, num_warps=4)
     return out
 
 
 if IS_AVAILABLE:
     _GELU_ROUND_INT8_F16X2 = gl.constexpr(int8_kernels.GELU_ROUND_INT8_F16X2_ASM)
     _GELU_F16X2 = gl.constexpr(int8_kernels.GELU_F16X2_ASM)
+    _NORMED_RESIDUAL_F16X2 = gl.constexpr(int8_kernels.NORMED_RESIDUAL_F16X2_ASM)
 
     @gluon.jit
     def _tile_position(tile, num_pid_m, num_pid_n, GROUP_M: gl.constexpr):
@@ -105,9 +115,12 @@ if IS_AVAILABLE:
         tma.async_copy_global_to_shared(b_desc, [off_n, step * BLOCK_K], ready.index(slot), b_bufs.index(slot), pred=pred)
 
     @gluon.jit
-    def _w8a8_kernel(a_desc, b_desc, out_desc, xs_ptr, ws_ptr, b_ptr, qs_ptr, M, N, K, HAS_X_SCALE: gl.constexpr,
-                     HAS_BIAS: gl.constexpr, GELU: gl.constexpr, QUANTIZE_OUT: gl.constexpr, HALF: gl.constexpr,
+    def _w8a8_kernel(a_desc, b_desc, out_desc, xs_ptr, ws_ptr, b_ptr, qs_ptr, r_ptr, rs_ptr, rg_ptr, rb_ptr, M, N, K,
+                     HAS_X_SCALE: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, QUANTIZE_OUT: gl.constexpr,
+                     HAS_RESIDUAL: gl.constexpr, NORM_RESIDUAL: gl.constexpr, HALF: gl.constexpr,
                      STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+        # r_ptr: the residual [M, N] fp16 (contiguous); rs_ptr: its rows' (mean, rstd) [M, 2] fp32 and
+        # rg_ptr / rb_ptr the norm's weight and bias [N] when NORM_RESIDUAL.
         BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
@@ -139,6 +152,9 @@ if IS_AVAILABLE:
         rm = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
         rn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
         v = _epilogue(acc, rm, rn, xs_ptr, ws_ptr, b_ptr, qs_ptr, M, N, HAS_X_SCALE, HAS_BIAS, GELU, QUANTIZE_OUT, HALF)
+        if HAS_RESIDUAL:  # pointer loads in the accumulator's layout: pairs of fp16 columns per thread
+            res = gl.load(r_ptr + rm[:, None] * N + rn[None, :], mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
+            v = _plus_residual(v, res, rm, rn, rs_ptr, rg_ptr, rb_ptr, M, N, NORM_RESIDUAL, HALF)
         c_smem = gl.allocate_shared_memory(out_desc.dtype, out_desc.block_type.shape, out_desc.layout)
         c_smem.store(v.to(out_desc.dtype))
         fence_async_shared()
@@ -179,6 +195,29 @@ if IS_AVAILABLE:
             if QUANTIZE_OUT:
                 v = _round_int8(v * gl.load(qs_ptr + rn, mask=rn < N, other=0.0)[None, :])
         return v
+
+    @gluon.jit
+    def _plus_residual(v, res, rm, rn, rs_ptr, rg_ptr, rb_ptr, M, N, NORM: gl.constexpr, HALF: gl.constexpr):
+        # int8_kernels._plus_residual: v [BM, BN] fp32, res [BM, BN] fp16 -> v + (LayerNorm?)(res).
+        if NORM:
+            mean = gl.load(rs_ptr + rm * 2, mask=rm < M, other=0.0)      # [BM]
+            rstd = gl.load(rs_ptr + rm * 2 + 1, mask=rm < M, other=0.0)  # [BM]
+            g = gl.load(rg_ptr + rn, mask=rn < N, other=0.0)             # [BN]
+            b = gl.load(rb_ptr + rn, mask=rn < N, other=0.0)             # [BN]
+            if HALF:
+                total = gl.inline_asm_elementwise(
+                    _NORMED_RESIDUAL_F16X2, "=r,r,f,f,f,f,f,f,r,r",
+                    [res, v, rstd[:, None], (-mean * rstd)[:, None], g.to(gl.float16)[None, :],
+                     b.to(gl.float16)[None, :]], dtype=gl.float16, is_pure=True, pack=2)  # args broadcast to [BM, BN]
+            else:
+                normed = (res.to(gl.float32) - mean[:, None]) * rstd[:, None] * g.to(gl.float32)[None, :]
+                total = v + (normed + b.to(gl.float32)[None, :])
+        else:
+            if HALF:
+                total = v.to(gl.float16) + res
+            else:
+                total = v + res.to(gl.float32)
+        return total
 
     @gluon.jit
     def _round_int8(v):
