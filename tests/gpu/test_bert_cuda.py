@@ -435,6 +435,7 @@ def test_gluon_w8a8_takes_only_what_it_supports():
     assert not int8_gluon.supports(qx, qw, None, True, "erf", torch.float16, None)             # erf GELU
     assert not int8_gluon.supports(qx, qw, None, False, None, torch.float32, None)             # fp32 out
     assert not int8_gluon.supports(qx[:, 1:], qw[:, 1:], None, False, None, torch.float16, None)  # TMA misaligned
+    assert not int8_gluon.supports(qx, qw[:380], None, False, None, torch.float16, None)       # 760-byte output rows
 
 
 @needs_hopper

@@ -53,7 +53,9 @@ def supports(qx: torch.Tensor, qweight: torch.Tensor, residual: torch.Tensor | N
         return False
     if out_inv_step is None and dtype != torch.float16:
         return False
-    return torch.cuda.get_device_capability(qx.device)[0] == 9 and int8_kernels._is_tma_ready(qx, qweight)
+    out_row_bytes = qweight.shape[0] * (1 if out_inv_step is not None else 2)  # the output's TMA store needs 16 B rows
+    return (torch.cuda.get_device_capability(qx.device)[0] == 9 and out_row_bytes % 16 == 0
+            and int8_kernels._is_tma_ready(qx, qweight))
 
 
 def w8a8_matmul(qx: torch.Tensor, x_scale: torch.Tensor | None, qweight: torch.Tensor, w_scale: torch.Tensor,
