@@ -152,12 +152,12 @@ class FusedInt8Linear(Int8Linear):
                                                                self.out_inv_step):
             out = int8_gluon.w8a8_matmul(qx, x_scale, self.weight, weight_scale, dtype, bias=self.bias, residual=res,
                                          gelu=gelu, out_inv_step=self.out_inv_step, residual_norm=residual_norm,
-                                         half_epilogue=self.half_epilogue)
-            return out if self.out_inv_step is None else QuantizedRows(None, out, None)
-        out = int8_kernels.w8a8_matmul(qx, x_scale, self.weight, weight_scale, dtype, bias=self.bias,
-                                       residual=res, gelu=gelu, gelu_impl=self.gelu_impl,
-                                       out_inv_step=self.out_inv_step, residual_norm=residual_norm,
-                                       half_epilogue=self.half_epilogue)  # [tokens, out]
+                                         half_epilogue=self.half_epilogue)  # [tokens, out]
+        else:
+            out = int8_kernels.w8a8_matmul(qx, x_scale, self.weight, weight_scale, dtype, bias=self.bias,
+                                           residual=res, gelu=gelu, gelu_impl=self.gelu_impl,
+                                           out_inv_step=self.out_inv_step, residual_norm=residual_norm,
+                                           half_epilogue=self.half_epilogue)  # [tokens, out]
         return out if self.out_inv_step is None else QuantizedRows(None, out, None)
 
     def _finish(self, out: torch.Tensor, residual: torch.Tensor | None, gelu: bool) -> torch.Tensor | QuantizedRows:

@@ -131,10 +131,10 @@ def quantize_int8(model: PackedBert, int8_gemm: str = "fused", gelu_impl: str = 
     inputs: per-token scales already absorb BERT's per-token outliers; measured in
     tests/gpu/test_bert_cuda.py). ``gelu_impl`` is the fused up projection's GELU
     (``FusedInt8Linear.gelu_impl``), ``half_epilogue`` its epilogues' arithmetic
-    (``FusedInt8Linear.half_epilogue``), ``gemm_kernel`` its GEMM (``FusedInt8Linear.gemm_kernel``). ``static_inputs``: linear name ("attn_out", "down") -> (per
-    layer its input's max |x| per channel, from ``input_absmax``; SmoothQuant alpha or None): that
-    linear reads int8 rows at one static step per layer, smoothed first, written by its producer (the
-    attention kernel; the up projection's epilogue)."""
+    (``FusedInt8Linear.half_epilogue``), ``gemm_kernel`` its GEMM (``FusedInt8Linear.gemm_kernel``).
+    ``static_inputs``: linear name ("attn_out", "down") -> (per layer its input's max |x| per channel, from
+    ``input_absmax``; SmoothQuant alpha or None): that linear reads int8 rows at one static step per layer,
+    smoothed first, written by its producer (the attention kernel; the up projection's epilogue)."""
     cls = {"fused": FusedInt8Linear, "triton": Int8Linear, "cublas": CublasInt8Linear}[int8_gemm]
     static_inputs = static_inputs or {}
     for index, layer in enumerate(model.layers):

@@ -200,7 +200,8 @@ if IS_AVAILABLE:
 
     @gluon.jit
     def _plus_residual(v, res, rm, rn, rs_ptr, rg_ptr, rb_ptr, M, N, NORM: gl.constexpr, HALF: gl.constexpr):
-        # int8_kernels._plus_residual: v [BM, BN] fp32, res [BM, BN] fp16 -> v + (LayerNorm?)(res).
+        # int8_kernels._plus_residual: v [BM, BN] fp32 (fp16 after a fp16-pair GELU), res [BM, BN] fp16
+        # -> v + (LayerNorm?)(res).
         if NORM:
             mean = gl.load(rs_ptr + rm * 2, mask=rm < M, other=0.0)      # [BM]
             rstd = gl.load(rs_ptr + rm * 2 + 1, mask=rm < M, other=0.0)  # [BM]
@@ -209,7 +210,7 @@ if IS_AVAILABLE:
             if HALF:
                 total = gl.inline_asm_elementwise(
                     _NORMED_RESIDUAL_F16X2, "=r,r,f,f,f,f,f,f,r,r",
-                    [res, v, rstd[:, None], (-mean * rstd)[:, None], g.to(gl.float16)[None, :],
+                    [res, v.to(gl.float32), rstd[:, None], (-mean * rstd)[:, None], g.to(gl.float16)[None, :],
                      b.to(gl.float16)[None, :]], dtype=gl.float16, is_pure=True, pack=2)  # args broadcast to [BM, BN]
             else:
                 normed = (res.to(gl.float32) - mean[:, None]) * rstd[:, None] * g.to(gl.float32)[None, :]
