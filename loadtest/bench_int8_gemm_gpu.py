@@ -8,13 +8,14 @@ One run times, per shape (M = 16384 tokens; (N, K) = QKV, attention out, up, dow
 Every config is timed as the INT8 runtime calls it (``bert_call``: bias always, per-row scales on QKV
 and up, static input steps on attn_out and down, tanh GELU and an int8 output on up, the residual
 LayerNorm'd from its row statistics on the two output projections; the ninth session added the norm,
-so earlier runs' attn_out and down figures carry a plain residual) and checked twice: with unit scales, no epilogue and an fp32 output the
-result must *equal* the int32 product (int32 -> fp32 rounds the same way on both sides), and the
-epilogue's output must match PyTorch's fp32 epilogue on that product. GPU time comes from CUDA events
+so earlier runs' attn_out and down figures carry a plain residual) and checked twice: with unit
+scales, no epilogue and an fp32 output the result must *equal* the int32 product (int32 -> fp32
+rounds the same way on both sides), and the epilogue's output must match PyTorch's fp32 epilogue on
+that product. GPU time comes from CUDA events
 around CUDA-graph replays of 10 calls (no host launch cost), median of 25 replays after warm-up.
 Prints TOPS per config, the best per shape, the rule's tiles with the fp16-pair epilogue
-(``half_epilogue``) against the fp32 one, the whole-layer sums and the row kernels (LayerNorm +
-quantize, quantize alone).
+(``half_epilogue``) against the fp32 one, ``int8_gluon`` (both epilogues), the whole-layer sums and
+the row kernels (LayerNorm + quantize, quantize alone).
 
     PYTHONPATH=backends:. python3 loadtest/bench_int8_gemm_gpu.py [--json out.json] [--quick] [--rows 128]
         [--half-epilogue]
@@ -132,19 +133,23 @@ def is_exact(ops: dict, exact: torch.Tensor, tiles: W8A8Tiles) -> bool:
     return torch.equal(out, exact.float())
 
 
-def bert_call(name: str, ops: dict, tiles: W8A8Tiles | None, gelu_impl: str = "tanh", half: bool = False):
+def bert_call(name: str, ops: dict, tiles: W8A8Tiles | None, gelu_impl: str = "tanh", half: bool = False,
+              gluon: bool = False):
     """The shape's GEMM as the INT8 runtime runs it (its defaults): bias always; QKV and up read per-row
     scaled rows (from a LayerNorm), attn_out and down rows at a static step (folded into the weight
     scale); up applies GELU (``gelu_impl``) and writes int8 rows at the down projection's static step;
     attn_out and down add the residual, LayerNorm'd from its row statistics (the runtime's NormedRows).
-    ``half``: the fp16-pair epilogue (``w8a8_matmul(half_epilogue=True)``)."""
+    ``half``: the fp16-pair epilogue (``half_epilogue=True``); ``gluon``: ``int8_gluon.w8a8_matmul`` (its
+    own tiles, tanh GELU) instead of ``int8_kernels.w8a8_matmul``."""
     is_static_input = name in ("attn_out", "down")
-    return lambda: int8_kernels.w8a8_matmul(
-        ops["qx"], None if is_static_input else ops["x_scale"], ops["qw"],
-        ops["w_scale"] * STATIC_STEP if is_static_input else ops["w_scale"], torch.float16,
-        bias=ops["bias"], residual=ops["residual"] if is_static_input else None, gelu=name == "up",
-        tiles=tiles, gelu_impl=gelu_impl, out_inv_step=ops["out_inv_step"] if name == "up" else None,
-        residual_norm=ops["residual_norm"] if is_static_input else None, half_epilogue=half)
+    args = (ops["qx"], None if is_static_input else ops["x_scale"], ops["qw"],
+            ops["w_scale"] * STATIC_STEP if is_static_input else ops["w_scale"], torch.float16)
+    kwargs = dict(bias=ops["bias"], residual=ops["residual"] if is_static_input else None, gelu=name == "up",
+                  out_inv_step=ops["out_inv_step"] if name == "up" else None,
+                  residual_norm=ops["residual_norm"] if is_static_input else None, half_epilogue=half)
+    if gluon:
+        return lambda: int8_gluon.w8a8_matmul(*args, **kwargs)
+    return lambda: int8_kernels.w8a8_matmul(*args, tiles=tiles, gelu_impl=gelu_impl, **kwargs)
 
 
 def epilogue_error(name: str, ops: dict, exact: torch.Tensor, tiles: W8A8Tiles | None, gelu_impl: str = "tanh",
@@ -200,15 +205,14 @@ def bench_shape(name: str, n: int, k: int, configs: list[W8A8Tiles], half: bool 
     row["half_rule_err"], half_ok = epilogue_error(name, ops, exact, None, half=True)
     print(f"  fp16-pair epilogue (rule tiles): {row['half_rule_ms'] * 1e3:.1f} us against {row['rule_ms'] * 1e3:.1f}, "
           f"err {row['half_rule_err']:.1e}{'' if half_ok else '  WRONG'}", flush=True)
-    if name in ("qkv", "up") and int8_gluon.supports(ops["qx"], ops["qw"], None, name == "up", "tanh", torch.float16,
-                                                     ops["out_inv_step"] if name == "up" else None):
+    is_static_input = name in ("attn_out", "down")
+    if int8_gluon.supports(ops["qx"], ops["qw"], ops["residual"] if is_static_input else None, name == "up", "tanh",
+                           torch.float16, ops["out_inv_step"] if name == "up" else None):
         for half in (False, True):  # int8_gluon: the K step's wgmma kept in flight
-            call = lambda half=half: int8_gluon.w8a8_matmul(  # noqa: E731
-                ops["qx"], ops["x_scale"], ops["qw"], ops["w_scale"], torch.float16, bias=ops["bias"], gelu=name == "up",
-                out_inv_step=ops["out_inv_step"] if name == "up" else None, half_epilogue=half)
-            diff = (call().float() - bert_call(name, ops, None, half=half)().float()).abs().max().item()
+            diff = (bert_call(name, ops, None, half=half, gluon=True)().float()
+                    - bert_call(name, ops, None, half=half)().float()).abs().max().item()
             key = "gluon_half_ms" if half else "gluon_ms"
-            row[key] = gpu_ms(call)
+            row[key] = gpu_ms(bert_call(name, ops, None, half=half, gluon=True))
             print(f"  int8_gluon{' fp16-pair' if half else ''}: {row[key] * 1e3:.1f} us "
                   f"{tops(n, k, row[key]):.0f} TOPS, max diff from the Triton kernel {diff:.3g}", flush=True)
     if name == "up":  # the GELU forms, with the rule's tiles

@@ -139,6 +139,11 @@ def opcodes(kernel) -> collections.Counter:
     return counts
 
 
+def waits(counts: collections.Counter) -> str:
+    """The wgmma waits as "groups left in flight:count" pairs, e.g. "0:1/1:1"."""
+    return "/".join(f"{op[len('mma_wait_'):]}:{c}" for op, c in sorted(counts.items()) if op.startswith("mma_wait"))
+
+
 def by_unit(counts: collections.Counter) -> dict[str, int]:
     units = {unit: sum(counts[op] for op in ops) for unit, ops in UNITS.items()}
     units["total"] = sum(c for op, c in counts.items() if not op.startswith("mma_wait"))
@@ -149,7 +154,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, help="write the counts here")
     p.add_argument("--all-tiles", action="store_true",
-                   help="also compile both epilogues at every tile shape the rule picks (%s rows)" % ", ".join(map(str, ROWS)))
+                   help=f"also compile both epilogues at every tile shape the rule picks ({', '.join(map(str, ROWS))} rows)")
     args = p.parse_args(argv)
     rows = []
     print(f"W8A8 GEMM, sm_90, M = {M}: SASS instructions per program; epilogue rows are over the 'none' floor\n")
@@ -164,11 +169,11 @@ def main(argv=None) -> int:
             shown = units if floor is None else {u: units[u] - floor[u] for u in units}
             floor = floor or units
             top = ", ".join(f"{op} {c}" for op, c in counts.most_common(6) if not op.startswith("mma_wait"))
-            waits = "/".join(f"{op[len('mma_wait_'):]}:{c}" for op, c in sorted(counts.items()) if op.startswith("mma_wait"))
-            rows.append({"gemm": name, "epilogue": epilogue, "units": units, "over_floor": shown, "opcodes": dict(counts)})
+            rows.append({"gemm": name, "epilogue": epilogue, "units": units, "over_floor": shown,
+                         "opcodes": dict(counts)})
             sign = "" if epilogue == "none" else "+"
             print(f"| {name} | {epilogue} | " + " | ".join(f"{sign}{shown[u]}" for u in list(UNITS) + ["total"])
-                  + f" | {waits} | {top} |", flush=True)
+                  + f" | {waits(counts)} | {top} |", flush=True)
     gluon_rows = []
     print("\nint8_gluon (the runtime's opt-in kernel): wgmma waits and instructions per program\n")
     print("| GEMM | epilogue | wgmma waits (groups left in flight: count) | shared memory | total |")
@@ -177,11 +182,10 @@ def main(argv=None) -> int:
         for epilogue in ("fp32", "f16x2"):
             kernel = compile_gluon_gemm(name, epilogue)
             counts = opcodes(kernel)
-            waits = "/".join(f"{op[len('mma_wait_'):]}:{c}" for op, c in sorted(counts.items()) if op.startswith("mma_wait"))
             units = by_unit(counts)
             gluon_rows.append({"gemm": name, "epilogue": epilogue, "units": units, "opcodes": dict(counts),
                                "shared": kernel.metadata.shared})
-            print(f"| {name} | {epilogue} | {waits} | {kernel.metadata.shared} | {units['total']} |", flush=True)
+            print(f"| {name} | {epilogue} | {waits(counts)} | {kernel.metadata.shared} | {units['total']} |", flush=True)
     compiled = compile_all_tiles() if args.all_tiles else []
     if args.json:
         args.json.write_text(json.dumps({"target": "sm_90", "M": M, "rows": rows, "gluon": gluon_rows,

@@ -113,7 +113,8 @@ def test_int8_ffn_hand_offs_match_hf_fp32_on_held_out_text(minilm_artifacts, hel
     sequences = [(e.ids, e.type_ids) for e in tokens]
     embeddings = np.concatenate(runtime.run_many([sequences[i:i + 64] for i in range(0, len(sequences), 64)]))
     cosines = (embeddings * reference).sum(-1)
-    print(f"int8 ({int8_ffn} ffn, {int8_epilogue} epilogue, {int8_gemm_kernel} gemm): mean cosine {cosines.mean():.5f}, min {cosines.min():.5f} over {len(texts)} texts")
+    print(f"int8 ({int8_ffn} ffn, {int8_epilogue} epilogue, {int8_gemm_kernel} gemm): mean cosine "
+          f"{cosines.mean():.5f}, min {cosines.min():.5f} over {len(texts)} texts")
     assert cosines.mean() >= 0.99 and cosines.min() >= 0.97
 
 
@@ -403,7 +404,8 @@ def test_gluon_w8a8_matches_the_triton_kernel(case, half):
     g = torch.Generator(device="cuda").manual_seed(13)
     stats = torch.stack([torch.randn(1100, device="cuda", generator=g),
                          torch.rand(1100, device="cuda", generator=g) + 0.5], 1)             # [M, 2] mean, rstd
-    norm = ((torch.rand(320, device="cuda", generator=g) + 0.5).half(), (torch.randn(320, device="cuda", generator=g) * 0.1).half())
+    norm = ((torch.rand(320, device="cuda", generator=g) + 0.5).half(),                      # [N] weight
+            (torch.randn(320, device="cuda", generator=g) * 0.1).half())                     # [N] bias
     kwargs = dict(bias=ops["bias"].half(), gelu=case == "up", out_inv_step=inv_step if case == "up" else None,
                   half_epilogue=half)
     if case in ("residual", "normed_residual"):
