@@ -9,10 +9,11 @@ once (twice: before and after the peer); the peer is ``generate`` run request by
 with the same torch threads. Prints output tok/s for each, the ratio, and the engine's TTFT and
 TPOT percentiles; writes the figures as JSON under loadtest/results/.
 
-``--host`` measures the engine's own host time instead: a tiny random Llama (the model's matrix
-multiplications cost next to nothing and are timed and subtracted), N concurrent requests, the
+``--host`` measures the engine's own host time instead: a tiny random Llama whose forward is taken
+out (the runner still packs each step's inputs as on the GPU: decode steps into the CUDA-graph
+buffers, others through ``prepare``; random tokens come back at once), N concurrent requests, the
 host microseconds per output token of the whole step (scheduling, staging, append, stop checks,
-detokenization, outputs) for each output kind, and optionally a cProfile of the run.
+detokenization, outputs) and of its phases, for each output kind, and optionally a cProfile.
 """
 from __future__ import annotations
 
@@ -96,9 +97,10 @@ def _pct(values: list[float], q: int) -> float:
 
 
 def bench_host(num_requests: int, input_len: int, output_len: int, output_kind: str | None,
-               cprofile_top: int = 0) -> dict:
-    """Engine host microseconds per output token: everything but the runner's greedy step (whose
-    decode staging is measured apart: ``_stage_decodes_beside``), which is timed and subtracted."""
+               cprofile_top: int = 0, detokenize: bool = True) -> dict:
+    """Engine host microseconds per output token, with the model taken out: the runner's forward
+    packs its inputs as on the GPU (a decode step stages the CUDA-graph buffers, anything else runs
+    ``prepare``) and returns random tokens at once, so every other line of the step is timed."""
     import cProfile
     import pstats
     import tempfile
@@ -109,83 +111,94 @@ def bench_host(num_requests: int, input_len: int, output_len: int, output_kind: 
         model = save_tiny_llama(Path(tmp) / "tiny-llama", max_position_embeddings=input_len + output_len + 16)
         config = EngineConfig(model=str(model), device="cpu", dtype="float32",
                               max_model_len=input_len + output_len + 16, max_num_seqs=num_requests,
-                              max_num_batched_tokens=max(2048, num_requests * input_len), enable_prefix_caching=False)
+                              max_num_batched_tokens=16384, enable_prefix_caching=False)  # bench_gpt's budget
         engine = LLMEngine(config)
     kind = {} if output_kind is None else {"output_kind": output_kind}
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, **kind)
-    stage_time = _stage_decodes_beside(engine)
-    # The runner's whole call: on the CPU, freeing the step's [256, vocab] logits alone costs ms.
-    model_time = _time_calls(engine.runner, ("launch_greedy",))
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=detokenize, **kind)
+    phases = _host_only_forward(engine)
+    for name in ("_launch_ahead", "_resolve", "_postprocess"):
+        _time_calls(engine, (name,), phases, name.strip("_"))
     prompts = random_prompts(num_requests, input_len, engine.runner.vocab_size, seed=0)
     profiler = cProfile.Profile() if cprofile_top else None
-    t0 = time.perf_counter()
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), prompt, params)
+    steps = 0
+    t0 = time.perf_counter()
     if profiler:
         profiler.enable()
     while engine.has_unfinished():
         engine.step()
-    num_tokens = engine.generation_tokens_total
+        steps += 1
     if profiler:
         profiler.disable()
     elapsed = time.perf_counter() - t0
-    host = elapsed - model_time[0]
+    num_tokens = engine.generation_tokens_total
     if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(cprofile_top)
-    return {"output_kind": output_kind or "cumulative", "num_requests": num_requests, "output_tokens": num_tokens,
-            "seconds": elapsed, "runner_seconds": model_time[0], "host_us_per_token": host / num_tokens * 1e6,
-            "stage_us_per_row": stage_time[0] / max(stage_time[1], 1) * 1e6}
+    staged_rows = phases.pop("_staged_rows")
+    return {"output_kind": (output_kind or "cumulative") + ("" if detokenize else " ids"), "num_requests": num_requests, "output_tokens": num_tokens,
+            "steps": steps, "seconds": elapsed, "host_us_per_token": elapsed / num_tokens * 1e6,
+            "phase_us_per_token": {k: v / num_tokens * 1e6 for k, v in phases.items()},
+            "stage_us_per_row": phases["decode staging"] / max(staged_rows, 1) * 1e6}
 
 
-def _stage_decodes_beside(engine) -> list:
-    """Also stage every decode-only batch into CPU ``DecodeBuffers`` (what a CUDA-graph step
-    stages) and time it: [seconds, rows]. Runs inside ``runner.forward``, so it is subtracted."""
+def _host_only_forward(engine) -> dict[str, float]:
+    """Replace the model: ``runner.forward`` packs the step's inputs as the GPU path does (decode
+    steps into ``DecodeBuffers``, what a CUDA-graph replay stages; others through ``prepare``) and
+    returns random token ids. Returns the seconds spent packing, by kind, filled as steps run."""
     from trident.engine.cuda_graph import DecodeBuffers, decode_buckets
+    from trident.engine.model_runner import StepLogits
 
     runner, config = engine.runner, engine.config
     buckets = decode_buckets(config.max_num_seqs)
     buffers = DecodeBuffers(buckets[-1], -(-runner.max_model_len // config.block_size), torch.device("cpu"))
-    totals = [0.0, 0]
-    inner = runner.forward
+    generator = torch.Generator().manual_seed(0)
+    phases = {"decode staging": 0.0, "prepare": 0.0, "_staged_rows": 0}
 
     def forward(seqs, num_new_tokens, inputs_from=None):
-        if all(n == 1 and seq.num_computed_tokens == seq.num_tokens - 1 for seq, n in zip(seqs, num_new_tokens)):
+        t = time.perf_counter()
+        if inputs_from is not None or all(n == 1 and seq.num_computed_tokens == seq.num_tokens - 1
+                                          for seq, n in zip(seqs, num_new_tokens)):
             bucket = next(b for b in buckets if b >= len(seqs))
-            t = time.perf_counter()
             buffers.stage(seqs, bucket, config.block_size, None if inputs_from is None else inputs_from.rows)
-            totals[0] += time.perf_counter() - t
-            totals[1] += len(seqs)
-        return inner(seqs, num_new_tokens, inputs_from)
+            phases["decode staging"] += time.perf_counter() - t
+            phases["_staged_rows"] += len(seqs)
+            num_sampled = len(seqs)
+        else:
+            batch = runner.prepare(seqs, num_new_tokens)
+            phases["prepare"] += time.perf_counter() - t
+            num_sampled = batch.sample_rows.shape[0]
+        token_ids = torch.randint(runner.vocab_size, (num_sampled,), generator=generator)  # [num_sampled]
+        return StepLogits(logits=None, token_ids=token_ids)
     runner.forward = forward
-    return totals
+    return phases
 
 
-def _time_calls(module, names: tuple[str, ...]) -> list[float]:
-    """Accumulate the wall time of ``module``'s methods ``names`` into the returned one-item list."""
-    total = [0.0]
+def _time_calls(owner, names: tuple[str, ...], totals: dict[str, float], key: str) -> None:
+    """Accumulate the wall time of ``owner``'s methods ``names`` into ``totals[key]``."""
+    totals.setdefault(key, 0.0)
     for name in names:
-        inner = getattr(module, name)
+        inner = getattr(owner, name)
 
         def timed(*args, _inner=inner, **kwargs):
             t = time.perf_counter()
             try:
                 return _inner(*args, **kwargs)
             finally:
-                total[0] += time.perf_counter() - t
-        setattr(module, name, timed)
-    return total
+                totals[key] += time.perf_counter() - t
+        setattr(owner, name, timed)
 
 
 def main_host(args: argparse.Namespace) -> list[dict]:
     results = []
-    kinds = [None] if "output_kind" not in SamplingParams.__dataclass_fields__ else [None, "delta", "final_only"]
-    for kind in kinds:
-        run = bench_host(args.num_requests, args.input_len, args.output_len, kind, args.cprofile)
+    # DELTA without detokenization is what the Triton model asks of the engine for a stream.
+    for kind, detokenize in ((None, True), ("delta", True), ("delta", False), ("final_only", True)):
+        run = bench_host(args.num_requests, args.input_len, args.output_len, kind, args.cprofile, detokenize)
         results.append(run)
-        print(f"[host] {run['output_kind']:<11}: {run['host_us_per_token']:6.2f} us/token host "
-              f"({run['output_tokens']} tokens, {run['seconds']:.2f} s, runner {run['runner_seconds']:.2f} s); "
-              f"decode staging {run['stage_us_per_row']:.2f} us/row", 
-              flush=True)
+        phases = ", ".join(f"{k} {v:.2f}" for k, v in run["phase_us_per_token"].items())
+        print(f"[host] {run['output_kind']:<13}: {run['host_us_per_token']:6.2f} us/token host "
+              f"({run['output_tokens']} tokens, {run['steps']} steps, {run['seconds']:.2f} s; "
+              f"decode staging {run['stage_us_per_row']:.2f} us/row); per token: {phases}", flush=True)
     return results
 
 

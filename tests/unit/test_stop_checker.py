@@ -8,7 +8,7 @@ import pytest
 from trident.engine.detokenizer import IncrementalDetokenizer
 from trident.engine.sampling_params import SamplingParams
 from trident.engine.sequence import Sequence
-from trident.engine.stop_checker import StopDecision, check_stop, held_back
+from trident.engine.stop_checker import StopDecision, check_stop, check_token_stop, held_back
 from trident.engine.tokenizer import gpt2_tokenizer
 
 EOS = 0
@@ -122,3 +122,29 @@ def test_stop_string_across_real_gpt2_tokens():
             break
     assert decision == StopDecision("stop", "New York", len(" I love "))
     assert seq.num_output_tokens == 4  # found as soon as " York" arrived, before " City"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sequence_stop_limits_agree_with_check_token_stop(seed):
+    """The engine's per-row loops test a sequence's precomputed limits (max_num_tokens,
+    stop_tokens_from, stop_token_set) instead of calling check_token_stop: both must stop exactly
+    the same tokens, across min_tokens, ignore_eos, stop_token_ids and a context limit."""
+    rng = random.Random(seed)
+    eos = [2, 7]
+    for _ in range(200):
+        max_tokens = rng.randint(1, 12)
+        params = SamplingParams(max_tokens=max_tokens, min_tokens=rng.randint(0, max_tokens),
+                                ignore_eos=rng.random() < 0.3,
+                                stop_token_ids=rng.sample(range(10), rng.randint(0, 2)))
+        prompt = [rng.randrange(10) for _ in range(rng.randint(1, 6))]
+        max_model_len = rng.randint(len(prompt) + 1, len(prompt) + max_tokens + 3)
+        seq = Sequence(0, prompt, params, max_model_len=max_model_len, eos_token_ids=eos)
+        while True:
+            token = rng.randrange(10)
+            seq.append_token(token)
+            n = seq.num_tokens
+            fast = n >= seq.max_num_tokens or (token in seq.stop_token_set and n >= seq.stop_tokens_from)
+            exact = check_token_stop(seq, eos, max_model_len)
+            assert fast == (exact is not None), (params, prompt, max_model_len, seq.token_ids, exact)
+            if exact is not None:
+                break

@@ -28,7 +28,7 @@ from .sampler import Sampler
 from .sampling_params import RequestOutputKind, SamplingParams
 from .scheduler import QueueFullError, Scheduler, SchedulerOutput
 from .sequence import Sequence, SequenceStatus
-from .stop_checker import StopDecision, check_stop, check_token_stop, ends_by_length
+from .stop_checker import StopDecision, check_stop, check_token_stop
 
 __all__ = ["LLM", "LLMEngine", "QueueFullError"]
 
@@ -46,9 +46,6 @@ class _Request:
     # Detokenized token by token: its outputs stream, or stop strings must be matched as it goes.
     # Otherwise (FINAL_ONLY, no stop strings) the text is decoded once when it finishes.
     is_incremental: bool
-    # Its outputs need work at every token (streamed, or decoded as it goes); otherwise only its
-    # last token does, and the steps before skip it.
-    each_token: bool = True
     text_len: int = 0            # how much of detokenizer.text is safe to show
     num_text_emitted: int = 0    # text length at the previous output
     num_tokens_emitted: int = 0  # token count at the previous output (DELTA outputs start there)
@@ -125,6 +122,9 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._requests: dict[str, _Request] = {}
+        # Requests whose outputs need work at every token (streamed, or decoded as they go); the
+        # others need it only at their last token, and the steps before skip them.
+        self._each_token: set[str] = set()
         self._seq_ids = itertools.count()
         self._lock = threading.RLock()
         self._in_flight: _Flight | None = None
@@ -146,14 +146,16 @@ class LLMEngine:
             if request_id in self._requests:
                 raise ValueError(f"request id {request_id!r} is already in flight")
             self._validate(token_ids, params)
-            seq = Sequence(next(self._seq_ids), token_ids, params, request_id, arrival_time)
+            seq = Sequence(next(self._seq_ids), token_ids, params, request_id, arrival_time,
+                           max_model_len=self.max_model_len, eos_token_ids=self._eos_token_ids)
             self.scheduler.add(seq)
             detokenizer = IncrementalDetokenizer(self._decoder, token_ids, params.skip_special_tokens)
             kind = params.output_kind
             incremental = params.detokenize and (kind is not RequestOutputKind.FINAL_ONLY or bool(params.stop))
-            self._requests[request_id] = _Request(
-                seq, detokenizer, kind, is_incremental=incremental,
-                each_token=incremental or kind is not RequestOutputKind.FINAL_ONLY, num_tokens_emitted=len(token_ids))
+            self._requests[request_id] = _Request(seq, detokenizer, kind, is_incremental=incremental,
+                                                  num_tokens_emitted=len(token_ids))
+            if incremental or kind is not RequestOutputKind.FINAL_ONLY:
+                self._each_token.add(request_id)
 
     def abort(self, request_id: str) -> list[RequestOutput]:
         """Stop a request now and free its KV blocks. Returns its final output ("abort"), if it was live."""
@@ -161,6 +163,7 @@ class LLMEngine:
             request = self._requests.pop(request_id, None)
             if request is None:
                 return []
+            self._each_token.discard(request_id)
             self.scheduler.abort(request.seq.seq_id)  # a token still in flight for it is dropped
             self.sampler.free(request.seq.seq_id)
             if not request.is_incremental and request.seq.sampling_params.detokenize:
@@ -282,31 +285,34 @@ class LLMEngine:
         flight = self._in_flight
         if flight is None or flight.tokens.device is None or flight.logprobs is not None or self.scheduler.waiting:
             return None
-        running_status, max_model_len = SequenceStatus.RUNNING, self.max_model_len
+        running_status = SequenceStatus.RUNNING
+        block_size = self.scheduler.block_manager.block_size
         live, rows, continuing = [], [], []
-        # One pass over the rows (this runs every decode step, ~1000 rows), nothing changed yet.
+        new_block = []   # of continuing, those whose next token starts a block
+        # One pass over the rows (this runs every decode step, ~1000 rows), nothing changed yet;
+        # the stop rules are the sequence's precomputed limits (check_token_stop's, ahead of a token).
         for i, seq in enumerate(flight.sampled):
             if seq.status is not running_status:
                 continue
             live.append(seq)
-            p = seq.sampling_params
             num_tokens = len(seq.token_ids) + 1                  # with the in-flight token
-            num_output = num_tokens - seq.num_prompt_tokens
-            if num_output < p.min_tokens:
-                return None   # EOS masking: sampled on the host
-            if ends_by_length(p, num_output, num_tokens, max_model_len):
+            if num_tokens < seq.stop_tokens_from:
+                return None   # min_tokens: EOS masking, sampled on the host
+            if num_tokens >= seq.max_num_tokens:
                 continue      # the in-flight token is its last ("length")
             rows.append(i)
             continuing.append(seq)
+            if num_tokens > len(seq.block_table) * block_size:
+                new_block.append(seq)
         if len(live) != len(self.scheduler.running):
             return None   # someone running was not sampled by the in-flight step (a partial prefill)
-        if not continuing or self.scheduler.num_blocks_to_continue(continuing) > self.scheduler.block_manager.num_free_blocks:
+        if not continuing or len(new_block) > self.scheduler.block_manager.num_free_blocks:
             return None
         for seq in live:
             seq.token_ids.append(PLACEHOLDER)
         self.scheduler.advance(flight.scheduled)
         flight.advanced = True
-        out = self.scheduler.schedule_continuation(continuing)
+        out = self.scheduler.schedule_continuation(continuing, new_block)
         tokens = self.runner.launch_greedy(out.seqs, out.num_new_tokens, InputsFrom(flight.tokens.device, rows))
         self.num_launched_ahead += 1
         return _Flight(out, continuing, tokens)
@@ -321,7 +327,7 @@ class LLMEngine:
         advanced = flight.advanced
         logprobs = flight.logprobs or itertools.repeat(None)
         now = time.monotonic()
-        requests, latencies = self._requests, self._inter_token_latencies
+        requests, latencies, each_token = self._requests, self._inter_token_latencies, self._each_token
         eos, max_model_len = self._eos_token_ids, self.max_model_len
         finished = SequenceStatus.FINISHED
         produced = []
@@ -329,8 +335,9 @@ class LLMEngine:
         for seq, token_id, logprob in zip(flight.sampled, token_ids, logprobs):
             if seq.status is finished:
                 continue    # aborted, or a stop string ended it after this step was launched
+            seq_token_ids = seq.token_ids
             if advanced:
-                seq.token_ids[-1] = token_id   # the placeholder (greedy on the device: no logprob)
+                seq_token_ids[-1] = token_id   # the placeholder (greedy on the device: no logprob)
             else:
                 seq.append_token(token_id, logprob)
             timings = seq.timings
@@ -341,12 +348,16 @@ class LLMEngine:
                 latencies.append(now - timings.last_token)
             timings.last_token = now
             num_tokens += 1
-            request = requests[seq.request_id]
-            stop = check_token_stop(seq, eos, max_model_len)
-            if stop is not None:
-                seq.finish(*stop)
-            if stop is not None or request.each_token:
-                produced.append(request)
+            # check_token_stop's rules through the sequence's precomputed limits; the exact
+            # decision (and its reason) only for the rows they stop.
+            n = len(seq_token_ids)
+            if n >= seq.max_num_tokens or (token_id in seq.stop_token_set and n >= seq.stop_tokens_from):
+                stop = check_token_stop(seq, eos, max_model_len)
+                if stop is not None:
+                    seq.finish(*stop)
+                produced.append(requests[seq.request_id])
+            elif each_token and seq.request_id in each_token:
+                produced.append(requests[seq.request_id])
         self.generation_tokens_total += num_tokens
         if advanced:
             self.scheduler.retire(flight.scheduled)
@@ -417,6 +428,7 @@ class LLMEngine:
 
     def _retire(self, seq: Sequence) -> None:
         self._requests.pop(seq.request_id, None)
+        self._each_token.discard(seq.request_id)
         self.sampler.free(seq.seq_id)
 
 

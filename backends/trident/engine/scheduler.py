@@ -161,21 +161,15 @@ class Scheduler:
                 self.block_manager.free(seq)
                 del live[seq.seq_id]
 
-    def num_blocks_to_continue(self, seqs: list[Sequence]) -> int:
-        """Fresh blocks ``schedule_continuation(seqs)`` would take: one for each sequence whose next
-        token (the one in flight, not yet appended) starts a new block."""
-        block_size = self.block_manager.block_size
-        return sum(1 for seq in seqs if len(seq.token_ids) >= len(seq.block_table) * block_size)
-
-    def schedule_continuation(self, seqs: list[Sequence]) -> SchedulerOutput:
+    def schedule_continuation(self, seqs: list[Sequence], new_block_seqs: list[Sequence]) -> SchedulerOutput:
         """Async scheduling: the next step of ``seqs``, every one a running decode whose last token
         (appended as a placeholder; ``advance`` already ran for the step that samples it) is still on
-        the device. One new token each, no admissions, no preemption: the caller checked
-        ``num_blocks_to_continue`` against the free blocks and that nothing waits."""
-        allocate, block_size = self.block_manager.allocate, self.block_manager.block_size
-        for seq in seqs:
-            if len(seq.token_ids) > len(seq.block_table) * block_size:
-                allocate(seq, 1)
+        the device. One new token each, no admissions, no preemption. ``new_block_seqs``: those of
+        ``seqs`` whose next token starts a new block; the caller checked that they fit in the free
+        blocks and that nothing waits."""
+        allocate = self.block_manager.allocate
+        for seq in new_block_seqs:
+            allocate(seq, 1)
         n = len(seqs)
         return SchedulerOutput(seqs=list(seqs), num_new_tokens=[1] * n, is_sampled=[True] * n)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .sampling_params import SamplingParams
@@ -33,7 +34,8 @@ class Sequence:
     """
 
     def __init__(self, seq_id: int, prompt_token_ids: list[int], sampling_params: SamplingParams,
-                 request_id: str | None = None, arrival_time: float | None = None):
+                 request_id: str | None = None, arrival_time: float | None = None,
+                 max_model_len: int | None = None, eos_token_ids: Iterable[int] = ()):
         if not prompt_token_ids:
             raise ValueError("prompt must have at least one token")
         self.seq_id = seq_id
@@ -54,6 +56,15 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.output_logprobs: list[float] = []
         self.timings = SequenceTimings(arrival=arrival_time or time.monotonic())
+        # The token-level stop rules (``stop_checker.check_token_stop``) as three numbers, for the
+        # engine's loops that visit every row every step: at ``max_num_tokens`` tokens the sequence
+        # ends by length; once it holds ``stop_tokens_from`` tokens, a token in ``stop_token_set``
+        # (EOS unless ignored, ``stop_token_ids``) ends it. (min_tokens <= max_tokens is validated.)
+        params = sampling_params
+        max_num_tokens = self.num_prompt_tokens + params.max_tokens
+        self.max_num_tokens = max_num_tokens if max_model_len is None else min(max_num_tokens, max_model_len)
+        self.stop_tokens_from = self.num_prompt_tokens + params.min_tokens
+        self.stop_token_set = frozenset(params.stop_token_ids).union(() if params.ignore_eos else eos_token_ids)
 
     # -- tokens ------------------------------------------------------------------------------------
     @property
