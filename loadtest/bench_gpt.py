@@ -302,6 +302,7 @@ def run_engine(config, case: Case, prompts, profile_dir: Path | None = None, sys
     unpatched_result = PendingTokens.result
     wait = _Timer(PendingTokens, "result")
     replays_before = engine.runner.graphs.num_replays if engine.runner.graphs else 0
+    in_situ = _DecodeTimer(engine.runner.graphs) if engine.runner.graphs is not None else None
     t0 = time.monotonic()
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), prompt, params, arrival_time=t0)
@@ -322,6 +323,8 @@ def run_engine(config, case: Case, prompts, profile_dir: Path | None = None, sys
                 profiler = None
     finally:
         PendingTokens.result = unpatched_result
+        if in_situ is not None:
+            in_situ.remove()
     elapsed = time.monotonic() - t0
     ttft = [o.timings.time_to_first_token for o in finals]
     tpot = [(o.timings.finished - o.timings.first_token) / max(counts[o.request_id] - 1, 1) for o in finals]
@@ -335,9 +338,51 @@ def run_engine(config, case: Case, prompts, profile_dir: Path | None = None, sys
              "async_scheduling": config.async_scheduling, "launched_ahead": engine.num_launched_ahead}
     if engine.runner.graphs is not None:
         notes["graph_decode_step_ms"] = round(_time_graph(engine.runner.graphs, config.max_num_seqs) * 1e3, 3)
+        notes.update(in_situ.summary())
+        print(f"[{system}] in-situ decode: GPU {notes['in_situ_decode_gpu_ms_mean']} ms/step "
+              f"(full batch {notes['in_situ_decode_gpu_ms_full_batch']}), host in DecodeGraphs.run "
+              f"{notes['in_situ_decode_host_ms_mean']} ms (staging {notes['in_situ_decode_stage_ms_mean']}); "
+              f"largest graph on leftover inputs {notes['graph_decode_step_ms']} ms", flush=True)
     del engine
     _free(config.device)
     return Result(system, case.name, len(prompts), total, elapsed, ttft, tpot, notes)
+
+
+class _DecodeTimer:
+    """The decode replays of the run as they happened: GPU time between CUDA events around each
+    ``DecodeGraphs.run`` (upload, gather, replay), and host time inside it and inside its staging.
+    Whether a step is bound by the GPU or by the host reads off these against the TPOT:
+    ``_time_graph`` replays the largest graph on whatever inputs were left (mostly padding rows with
+    no context, so no attention), which understates the GPU time of a real step."""
+
+    def __init__(self, graphs):
+        self.graphs, self.events, self.rows = graphs, [], []
+        self.host, self.stage = _Timer(graphs, "run"), _Timer(graphs.buffers, "stage")
+        inner = graphs.run   # the timed one
+
+        def run(seqs, inputs_from=None):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = inner(seqs, inputs_from)
+            end.record()
+            self.events.append((start, end))
+            self.rows.append(len(seqs))
+            return out
+        graphs.run = run
+
+    def remove(self) -> None:
+        """Back to the class's methods."""
+        del self.graphs.run, self.graphs.buffers.stage
+
+    def summary(self) -> dict:
+        torch.cuda.synchronize()
+        gpu = [start.elapsed_time(end) for start, end in self.events]   # ms
+        n = max(len(gpu), 1)
+        big = [ms for ms, rows in zip(gpu, self.rows) if rows >= max(self.rows, default=0) * 0.9]
+        return {"in_situ_decode_steps": len(gpu), "in_situ_decode_gpu_ms_mean": round(sum(gpu) / n, 3),
+                "in_situ_decode_gpu_ms_full_batch": round(statistics.median(big), 3) if big else None,
+                "in_situ_decode_host_ms_mean": round(self.host.total * 1e3 / n, 3),
+                "in_situ_decode_stage_ms_mean": round(self.stage.total * 1e3 / n, 3)}
 
 
 def _time_graph(graphs, batch: int, iters: int = 50) -> float:
