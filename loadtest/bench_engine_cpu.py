@@ -2,7 +2,7 @@
 
     python loadtest/bench_engine_cpu.py [--model DIR] [--num-requests 32] [--input-len 64]
                                         [--output-len 64] [--threads 1] [--hf-requests K]
-    python loadtest/bench_engine_cpu.py --host [--num-requests 256] [--cprofile 25]
+    python loadtest/bench_engine_cpu.py --host [--num-requests 256] [--output-len-min 16] [--cprofile 25]
 
 N requests of random-token prompts (fixed lengths, EOS ignored, greedy) go to the engine all at
 once (twice: before and after the peer); the peer is ``generate`` run request by request on the same weights, in the same process,
@@ -18,6 +18,7 @@ detokenization, outputs) and of its phases, for each output kind, and optionally
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -97,10 +98,12 @@ def _pct(values: list[float], q: int) -> float:
 
 
 def bench_host(num_requests: int, input_len: int, output_len: int, output_kind: str | None,
-               cprofile_top: int = 0, detokenize: bool = True) -> dict:
+               cprofile_top: int = 0, detokenize: bool = True, output_len_min: int | None = None) -> dict:
     """Engine host microseconds per output token, with the model taken out: the runner's forward
     packs its inputs as on the GPU (a decode step stages the CUDA-graph buffers, anything else runs
-    ``prepare``) and returns random tokens at once, so every other line of the step is timed."""
+    ``prepare``) and returns random tokens at once, so every other line of the step is timed.
+    ``output_len_min``: each request's output length is drawn from [output_len_min, output_len], so
+    rows end at different steps (as EOS would end them) instead of all in the last ones."""
     import cProfile
     import pstats
     import tempfile
@@ -119,9 +122,11 @@ def bench_host(num_requests: int, input_len: int, output_len: int, output_kind: 
     for name in ("_launch_ahead", "_resolve", "_postprocess"):
         _time_calls(engine, (name,), phases, name.strip("_"))
     prompts = random_prompts(num_requests, input_len, engine.runner.vocab_size, seed=0)
+    rng = random.Random(1)
+    lengths = [output_len if output_len_min is None else rng.randint(output_len_min, output_len) for _ in prompts]
     profiler = cProfile.Profile() if cprofile_top else None
-    for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, params)
+    for i, (prompt, length) in enumerate(zip(prompts, lengths)):
+        engine.add_request(str(i), prompt, dataclasses.replace(params, max_tokens=length))
     steps = 0
     t0 = time.perf_counter()
     if profiler:
@@ -193,7 +198,8 @@ def main_host(args: argparse.Namespace) -> list[dict]:
     results = []
     # DELTA without detokenization is what the Triton model asks of the engine for a stream.
     for kind, detokenize in ((None, True), ("delta", True), ("delta", False), ("final_only", True)):
-        run = bench_host(args.num_requests, args.input_len, args.output_len, kind, args.cprofile, detokenize)
+        run = bench_host(args.num_requests, args.input_len, args.output_len, kind, args.cprofile, detokenize,
+                         args.output_len_min)
         results.append(run)
         phases = ", ".join(f"{k} {v:.2f}" for k, v in run["phase_us_per_token"].items())
         print(f"[host] {run['output_kind']:<13}: {run['host_us_per_token']:6.2f} us/token host "
@@ -258,6 +264,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", action="store_true",
                         help="host us/token of the engine itself (tiny random model, forward subtracted)")
     parser.add_argument("--cprofile", type=int, default=0, help="with --host: print the top N functions")
+    parser.add_argument("--output-len-min", type=int, default=None,
+                        help="with --host: output lengths uniform in [this, --output-len], so rows end apart")
     return parser.parse_args(argv)
 
 

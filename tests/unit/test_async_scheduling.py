@@ -44,6 +44,35 @@ def test_decode_steps_launch_ahead_and_match_hf(tiny, corpus):
     assert engine.stats().kv_cache_usage == 0.0
 
 
+def test_a_continuation_keeps_each_staying_row_in_its_place(tiny, corpus):
+    """When rows end, the rows above fill their places (``_keep_places``) instead of every later
+    row shifting down: a sequence that stays keeps its row unless its row is past the new batch,
+    so the staged block tables mostly stay as they are. The tokens stay Hugging Face's."""
+    prompts = make_prompts(corpus)
+    engine = make_engine(tiny)
+    launches = []   # (seq ids by row, whether a continuation)
+    inner = engine.runner.launch_greedy
+
+    def launch_greedy(seqs, num_new_tokens, inputs_from=None):
+        launches.append(([seq.seq_id for seq in seqs], inputs_from is not None))
+        return inner(seqs, num_new_tokens, inputs_from)
+    engine.runner.launch_greedy = launch_greedy
+    for i, (prompt, n) in enumerate(zip(prompts, MAX_TOKENS)):
+        engine.add_request(str(i), prompt, greedy(n))
+    outputs = drain_checked(engine)
+    for i, (prompt, n) in enumerate(zip(prompts, MAX_TOKENS)):
+        assert outputs[str(i)][-1].output_token_ids == hf_greedy(tiny, prompt, n), i
+    shrinking = 0
+    for (before, _), (after, is_continuation) in zip(launches, launches[1:]):
+        if not is_continuation or len(after) == len(before):
+            continue
+        shrinking += 1
+        for row, seq_id in enumerate(before):
+            if row < len(after) and seq_id in after:
+                assert after[row] == seq_id, (before, after)
+    assert shrinking > 0   # MAX_TOKENS differ: rows ended while others went on
+
+
 def test_a_stop_token_the_host_has_not_seen_drops_the_extra_row(tiny, corpus):
     prompts = make_prompts(corpus)
     engine = make_engine(tiny)

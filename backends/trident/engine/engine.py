@@ -9,6 +9,7 @@ call ``abort`` or ``add_request`` safely (it waits for the current step to end).
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import gc
 import itertools
@@ -308,6 +309,9 @@ class LLMEngine:
             return None   # someone running was not sampled by the in-flight step (a partial prefill)
         if not continuing or len(new_block) > self.scheduler.block_manager.num_free_blocks:
             return None
+        if len(rows) < len(flight.sampled):
+            rows = _keep_places(rows)
+            continuing = [flight.sampled[i] for i in rows]
         for seq in live:
             seq.token_ids.append(PLACEHOLDER)
         self.scheduler.advance(flight.scheduled)
@@ -445,6 +449,24 @@ class LLM:
     def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
         return self.engine.generate(prompts, sampling_params)
+
+
+def _keep_places(kept: list[int]) -> list[int]:
+    """The row order of a continuation, from the ascending indices ``kept`` of the rows that go on:
+    a row that stays below ``len(kept)`` keeps its index, and the places of the rows that ended are
+    taken by the rows above ``len(kept)``, last first (vLLM's condensed persistent batch). Row i of
+    the staged decode inputs then holds the same sequence as in the step before, so its block table
+    needs no rewrite (``DecodeBuffers.stage``); closing the gaps in order instead would shift every
+    row after the first that ended."""
+    n = len(kept)
+    num_stay = bisect.bisect_left(kept, n)       # kept[:num_stay] < n stay where they are
+    if num_stay == n:
+        return kept
+    order = list(range(n))
+    holes = sorted(set(order).difference(kept[:num_stay]))   # as many as kept[num_stay:]
+    for hole, row in zip(holes, reversed(kept[num_stay:])):
+        order[hole] = row
+    return order
 
 
 def _is_token_list(prompts) -> bool:
