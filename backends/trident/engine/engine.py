@@ -52,8 +52,9 @@ class _Request:
     num_tokens_emitted: int = 0  # token count at the previous output (DELTA outputs start there)
 
     def output(self) -> RequestOutput:
+        # (Built for every streamed row every step: plain attribute reads, no property calls.)
         seq = self.seq
-        params = seq.sampling_params
+        with_logprobs = seq.sampling_params.logprobs
         t = seq.timings
         num_tokens = len(seq.token_ids)
         out = RequestOutput(
@@ -61,10 +62,11 @@ class _Request:
             num_tokens=num_tokens, text_source=self.detokenizer, text_len=self.text_len,
             prev_text_len=self.num_text_emitted,
             first_id=self.num_tokens_emitted if self.kind is RequestOutputKind.DELTA else None,
-            finished=seq.is_finished, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-            num_cached_tokens=seq.num_cached_tokens, times=(t.arrival, t.first_scheduled, t.first_token, t.finished),
-            logprobs=seq.output_logprobs if params.logprobs else None,
-            cumulative_logprob=seq.cumulative_logprob if params.logprobs else None)
+            finished=seq.status is SequenceStatus.FINISHED, finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason, num_cached_tokens=seq.num_cached_tokens,
+            times=(t.arrival, t.first_scheduled, t.first_token, t.finished),
+            logprobs=seq.output_logprobs if with_logprobs else None,
+            cumulative_logprob=seq.cumulative_logprob if with_logprobs else None)
         self.num_text_emitted, self.num_tokens_emitted = self.text_len, num_tokens
         return out
 
