@@ -279,17 +279,23 @@ class _Timer:
         setattr(owner, name, timed)
 
 
+# What the engine_sampled systems ask for: the sampler on the device after each forward.
+SAMPLED = {"temperature": 0.8, "top_p": 0.95}
+
+
 def run_engine(config, case: Case, prompts, profile_dir: Path | None = None, system: str = "engine",
-               streaming: bool = False, profile_steps: tuple[int, int] = (40, 60)) -> Result:
+               streaming: bool = False, profile_steps: tuple[int, int] = (40, 60),
+               sampling: dict | None = None) -> Result:
     """What an offline user runs (vLLM's ``LLM``): FINAL_ONLY requests, one output each, all at once.
     ``streaming``: what the Triton model asks of the engine for a stream instead (DELTA outputs, one
-    per request per step, token ids only: the text is decoded by the stub)."""
+    per request per step, token ids only: the text is decoded by the stub). ``sampling``: sampling
+    parameters instead of greedy (``SAMPLED``)."""
     from trident.engine.engine import LLMEngine
     from trident.engine.model_runner import PendingTokens
     from trident.engine.sampling_params import RequestOutputKind, SamplingParams
 
     engine = LLMEngine(config)
-    params = SamplingParams(temperature=0.0, max_tokens=case.output_len, ignore_eos=True,
+    params = SamplingParams(**(sampling or {"temperature": 0.0}), max_tokens=case.output_len, ignore_eos=True,
                             output_kind=RequestOutputKind.DELTA if streaming else RequestOutputKind.FINAL_ONLY,
                             detokenize=not streaming)
     for i, prompt in enumerate(prompts[:8]):     # warm-up: prefill + a few decode buckets
@@ -651,6 +657,10 @@ def run_case(case: Case, args, work: Path, tokenizers: Path | None) -> list[Resu
     # The same engine with every step waiting for the previous one's tokens (no async scheduling).
     attempt("engine_sync", lambda: run_engine(dataclasses.replace(econfig, async_scheduling=False), case, prompts,
                                               None, "engine_sync"))
+    # Temperature sampling: the sampler's kernels queued after each forward, launched ahead or not.
+    attempt("engine_sampled", lambda: run_engine(econfig, case, prompts, None, "engine_sampled", sampling=SAMPLED))
+    attempt("engine_sampled_sync", lambda: run_engine(dataclasses.replace(econfig, async_scheduling=False), case,
+                                                      prompts, None, "engine_sampled_sync", sampling=SAMPLED))
     # INT8 weights quantized at load (W8A16, per-channel; build.gpt_int8 is where the perplexity gate
     # lives). W8A8 needs SmoothQuant-calibrated weights from that build, which random weights lack.
     w8a16 = dataclasses.replace(econfig, quantization="int8_weight_only")
@@ -834,9 +844,9 @@ def _print_ratios(rows: list[dict]) -> None:
 
 
 # -- plots ---------------------------------------------------------------------------------------
-COLORS = {"engine": "#1f77b4", "engine_sync": "#6baed6", "engine_stream": "#9ecae1", "engine_w8a16": "#aec7e8", "triton": "#2ca02c", "triton_stream": "#98df8a",
-          "triton_stream_all": "#c7e9c0", "hf_static": "#ff7f0e",
-          "hf_cb": "#d62728"}
+COLORS = {"engine": "#1f77b4", "engine_sync": "#6baed6", "engine_sampled": "#3182bd", "engine_sampled_sync": "#c6dbef",
+          "engine_stream": "#9ecae1", "engine_w8a16": "#aec7e8", "triton": "#2ca02c", "triton_stream": "#98df8a",
+          "triton_stream_all": "#c7e9c0", "hf_static": "#ff7f0e", "hf_cb": "#d62728"}
 
 
 def _color(system: str) -> str:

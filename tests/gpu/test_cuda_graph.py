@@ -5,6 +5,7 @@ package); prompts are token ids, so the tokenizer only feeds the detokenizer.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,24 @@ def test_greedy_tokens_equal_across_graphs_eager_and_cpu(model_dir):
     assert eager.runner.graphs.num_replays == 0
     assert graph_tokens == greedy(LLMEngine(_config(model_dir, "cpu")))
     assert [len(t) for t in graph_tokens] == MAX_TOKENS
+
+
+@needs_cuda
+def test_sampled_steps_launch_ahead_under_graphs_and_draw_what_sync_draws(model_dir):
+    """Seeded temperature sampling on the device after graph replays: launched ahead (async) or
+    not, the same tokens and log-probs; the pinned log-prob copies arrive with the tokens."""
+    params = [SamplingParams(temperature=0.8, top_p=0.9, top_k=50 if i % 2 else 0, seed=7 + i, max_tokens=n,
+                             ignore_eos=True, logprobs=True) for i, n in enumerate(MAX_TOKENS)]
+
+    def run(async_scheduling: bool):
+        engine = LLMEngine(dataclasses.replace(_config(model_dir, "cuda"), async_scheduling=async_scheduling))
+        outs = engine.generate(_prompts(), params)
+        return engine, [(o.output_token_ids, o.logprobs) for o in outs]
+
+    async_engine, async_ = run(True)
+    sync_engine, sync = run(False)
+    assert async_engine.num_launched_ahead > 0 and sync_engine.num_launched_ahead == 0
+    assert async_engine.runner.graphs.num_replays > 0
+    assert [tokens for tokens, _ in async_] == [tokens for tokens, _ in sync]
+    for (tokens, logprobs), (_, sync_logprobs) in zip(async_, sync):
+        assert len(logprobs) == len(tokens) and logprobs == pytest.approx(sync_logprobs, abs=1e-4)

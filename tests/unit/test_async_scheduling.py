@@ -131,3 +131,46 @@ def test_async_and_sync_agree_through_preemption_arrivals_aborts_and_sampling(ti
     if full is not None:
         assert aborted_async[0] == full[:len(aborted_async[0])]
     assert async_ == sync
+
+
+def test_sampled_decodes_launch_ahead_and_draw_what_sync_draws(tiny, corpus):
+    """Temperature sampling (seeded, with top-k / top-p / min-p, log-probs asked) runs on the device
+    after the forward, so its steps launch ahead like greedy ones: the same tokens and log-probs as
+    synchronous scheduling, placeholders never seen."""
+    prompts = make_prompts(corpus)
+    params = [SamplingParams(temperature=0.9, top_k=40 if i % 2 else 0, top_p=0.9 if i % 3 else 1.0,
+                             min_p=0.05 if i % 4 == 1 else 0.0, seed=100 + i, max_tokens=n, logprobs=True)
+              for i, n in enumerate(MAX_TOKENS)]
+
+    def run(async_scheduling: bool):
+        engine = make_engine(tiny, async_scheduling=async_scheduling)
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            engine.add_request(str(i), prompt, p)
+        outputs = drain_checked(engine)
+        finals = {rid: (outs[-1].output_token_ids, outs[-1].logprobs) for rid, outs in outputs.items()}
+        return engine, finals
+
+    sync_engine, sync = run(False)
+    async_engine, async_ = run(True)
+    assert sync_engine.num_launched_ahead == 0
+    assert async_engine.num_launched_ahead >= max(MAX_TOKENS) // 2
+    assert {rid: tokens for rid, (tokens, _) in async_.items()} == {rid: tokens for rid, (tokens, _) in sync.items()}
+    for rid, (tokens, logprobs) in async_.items():
+        assert len(logprobs) == len(tokens) and logprobs == pytest.approx(sync[rid][1], abs=1e-5), rid
+
+
+def test_penalties_keep_their_steps_synchronous(tiny, corpus):
+    """A repetition penalty reads the tokens so far, the one in flight included: such a batch is not
+    launched ahead, and its tokens are the synchronous ones."""
+    prompts = make_prompts(corpus)[:4]
+    params = SamplingParams(temperature=0.0, repetition_penalty=1.3, max_tokens=12)
+
+    def run(async_scheduling: bool):
+        engine = make_engine(tiny, async_scheduling=async_scheduling)
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), prompt, params)
+        return engine, {rid: outs[-1].output_token_ids for rid, outs in drain_checked(engine).items()}
+
+    async_engine, async_ = run(True)
+    assert async_engine.num_launched_ahead == 0
+    assert async_ == run(False)[1]

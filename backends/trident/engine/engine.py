@@ -77,7 +77,9 @@ class _Flight:
     scheduled: SchedulerOutput
     sampled: list[Sequence]
     tokens: PendingTokens
-    logprobs: list[float | None] | None = None
+    # Its tokens are the raw logits' argmax (``Sampler.is_plain_greedy``): picked inside the
+    # forward's graph. Otherwise the sampler picked them on the device after the forward.
+    greedy: bool = True
     # Set when the next step was launched before this one's tokens were taken (async scheduling):
     # the scheduler has advanced past this step, and each live sampled sequence holds a
     # placeholder where this step's token goes.
@@ -267,26 +269,29 @@ class LLMEngine:
         if out.is_empty:
             return
         sampled = [seq for seq, is_sampled in zip(out.seqs, out.is_sampled) if is_sampled]
-        if self.sampler.is_plain_greedy(sampled):
-            # On-device argmax: only the token ids cross to the host, when the step is resolved.
+        # Either way only the token ids (and log-probs) cross to the host, when the step is resolved.
+        if self.sampler.is_plain_greedy(sampled):   # the argmax inside the forward
             self._in_flight = _Flight(out, sampled, self.runner.launch_greedy(out.seqs, out.num_new_tokens))
-            return
-        # Logits to the host sampler: synchronous, resolved on the next call like any step.
-        logits = self.runner.execute(out.seqs, out.num_new_tokens)   # [num_sampled, vocab]
-        results = self.sampler(logits, sampled) if sampled else []
-        self._in_flight = _Flight(out, sampled, PendingTokens([r.token_id for r in results]),
-                                  [r.logprob for r in results])
+        else:   # the sampler's kernels queued behind the forward
+            tokens = self.runner.launch_sampled(out.seqs, out.num_new_tokens, self._sample_rows(sampled))
+            self._in_flight = _Flight(out, sampled, tokens, greedy=False)
+
+    def _sample_rows(self, seqs: list[Sequence]):
+        """``Sampler.sample`` for these rows, as ``ModelRunner.launch_sampled`` calls it."""
+        return lambda logits: self.sampler.sample(logits, seqs)
 
     def _launch_ahead(self) -> _Flight | None:
         """Async scheduling (vLLM's): launch the next step before the in-flight one's tokens reach
         the host, when the next step is the in-flight decodes again, one token each. Its input
         tokens are gathered on the device from the in-flight step's; the host holds placeholders
         until ``_resolve``. A sequence that the in-flight step's token ends (EOS, a stop token: not
-        known yet) wastes one row of the new step, whose token is dropped. None, and nothing
-        changed, when the next step needs anything else: a waiting request to admit, a partial
-        prefill, sampling on the host, a preemption, nothing to continue."""
+        known yet) wastes one row of the new step, whose token is dropped (a sampled row also draws
+        its noise: an unseeded row's draws then differ from a synchronous run's; a seeded row's do
+        not). None, and nothing changed, when the next step needs anything else: a waiting request
+        to admit, a partial prefill, min_tokens masking or penalties (they read the in-flight
+        token), a preemption, nothing to continue."""
         flight = self._in_flight
-        if flight is None or flight.tokens.device is None or flight.logprobs is not None or self.scheduler.waiting:
+        if flight is None or flight.tokens.device is None or self.scheduler.waiting:
             return None
         running_status = SequenceStatus.RUNNING
         block_size = self.scheduler.block_manager.block_size
@@ -311,6 +316,8 @@ class LLMEngine:
             return None   # someone running was not sampled by the in-flight step (a partial prefill)
         if not continuing or len(new_block) > self.scheduler.block_manager.num_free_blocks:
             return None
+        if not flight.greedy and any(_needs_token_values(seq) for seq in continuing):
+            return None   # penalties count the tokens of the step in flight: sampled after it resolves
         if len(rows) < len(flight.sampled):
             rows = _keep_places(rows)
             continuing = [flight.sampled[i] for i in rows]
@@ -319,9 +326,12 @@ class LLMEngine:
         self.scheduler.advance(flight.scheduled)
         flight.advanced = True
         out = self.scheduler.schedule_continuation(continuing, new_block)
-        tokens = self.runner.launch_greedy(out.seqs, out.num_new_tokens, InputsFrom(flight.tokens.device, rows))
+        inputs_from = InputsFrom(flight.tokens.device, rows)
         self.num_launched_ahead += 1
-        return _Flight(out, continuing, tokens)
+        if flight.greedy:   # the same rows and parameters: still plain greedy
+            return _Flight(out, continuing, self.runner.launch_greedy(out.seqs, out.num_new_tokens, inputs_from))
+        tokens = self.runner.launch_sampled(out.seqs, out.num_new_tokens, self._sample_rows(continuing), inputs_from)
+        return _Flight(out, continuing, tokens, greedy=False)
 
     def _resolve(self) -> list[_Request]:
         """Append the in-flight step's tokens and apply the stop rules that need no text. Returns
@@ -331,7 +341,7 @@ class LLMEngine:
             return []
         token_ids = flight.tokens.result()
         advanced = flight.advanced
-        logprobs = flight.logprobs or itertools.repeat(None)
+        logprobs = flight.tokens.logprobs() or itertools.repeat(None)
         now = time.monotonic()
         requests, latencies, each_token = self._requests, self._inter_token_latencies, self._each_token
         eos, max_model_len = self._eos_token_ids, self.max_model_len
@@ -343,7 +353,9 @@ class LLMEngine:
                 continue    # aborted, or a stop string ended it after this step was launched
             seq_token_ids = seq.token_ids
             if advanced:
-                seq_token_ids[-1] = token_id   # the placeholder (greedy on the device: no logprob)
+                seq_token_ids[-1] = token_id   # the placeholder
+                if logprob is not None:
+                    seq.add_logprob(logprob)
             else:
                 seq.append_token(token_id, logprob)
             timings = seq.timings
@@ -451,6 +463,13 @@ class LLM:
     def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
         return self.engine.generate(prompts, sampling_params)
+
+
+def _needs_token_values(seq: Sequence) -> bool:
+    """Whether sampling its next token reads its previous tokens' values (penalties), which a
+    step launched ahead of the last one's tokens does not have on the host."""
+    p = seq.sampling_params
+    return p.repetition_penalty != 1.0 or bool(p.frequency_penalty) or bool(p.presence_penalty)
 
 
 def _keep_places(kept: list[int]) -> list[int]:

@@ -52,23 +52,33 @@ class StepLogits:
 
 
 class PendingTokens:
-    """The greedy tokens of a launched step. On CUDA they are on their way to pinned host memory
-    behind a recorded event and ``result()`` waits for it (the step's one host sync); on the CPU
-    they are there at once. ``device`` keeps them where the forward left them, for a next step
-    launched before they reach the host (async scheduling: ``launch_greedy(inputs_from=...)``)."""
+    """The tokens of a launched step (and their log-probs, when a row asked for them). On CUDA they
+    are on their way to pinned host memory behind a recorded event and ``result()`` waits for it
+    (the step's one host sync); on the CPU they are there at once. ``device`` keeps the tokens where
+    the step left them, for a next step launched before they reach the host (async scheduling:
+    ``launch_greedy`` / ``launch_sampled`` with ``inputs_from``)."""
 
     def __init__(self, token_ids: list[int] | None = None, host: torch.Tensor | None = None,
-                 event: "torch.cuda.Event | None" = None, device: torch.Tensor | None = None):
+                 event: "torch.cuda.Event | None" = None, device: torch.Tensor | None = None,
+                 logprobs: list[float] | torch.Tensor | None = None):
         self._token_ids = token_ids
         self._host = host          # [num_sampled] pinned
         self._event = event
         self.device = device       # [num_sampled] on the model's device
+        self._logprobs = logprobs  # a list, or [num_sampled] pinned fp32 on its way like the tokens
 
     def result(self) -> list[int]:
         if self._token_ids is None:
             self._event.synchronize()
             self._token_ids = self._host.tolist()
         return self._token_ids
+
+    def logprobs(self) -> list[float] | None:
+        """The chosen tokens' log-probs (after ``result()``), or None when no row asked."""
+        if isinstance(self._logprobs, torch.Tensor):
+            self.result()
+            self._logprobs = self._logprobs.tolist()
+        return self._logprobs
 
 
 @dataclass
@@ -130,6 +140,8 @@ class ModelRunner:
         # tokens): their host copies alternate between two pinned buffers, each with its event.
         self._token_ids_host = [torch.zeros(config.max_num_seqs, dtype=torch.long, pin_memory=True)
                                 for _ in range(2)] if is_cuda else None
+        self._logprobs_host = [torch.zeros(config.max_num_seqs, dtype=torch.float32, pin_memory=True)
+                               for _ in range(2)] if is_cuda else None
         self._copy_done = [torch.cuda.Event() for _ in range(2)] if is_cuda else None
         self._num_launched = 0
 
@@ -146,16 +158,37 @@ class ModelRunner:
         """Launch the forward and the copy of its argmax tokens to pinned host memory; returns at
         once on CUDA, so the host can do other work while the GPU runs (the engine's pipeline).
         ``inputs_from``: the input tokens are still on the device (see ``InputsFrom``)."""
-        token_ids = self.forward(seqs, num_new_tokens, inputs_from).token_ids  # [num_sampled]
+        return self._pending(self.forward(seqs, num_new_tokens, inputs_from).token_ids)  # [num_sampled]
+
+    @torch.inference_mode()
+    def launch_sampled(self, seqs: list[Sequence], num_new_tokens: list[int], sample,
+                       inputs_from: "InputsFrom | None" = None) -> "PendingTokens":
+        """``launch_greedy`` for steps whose tokens the sampler picks: the forward, then
+        ``sample(logits)`` (``Sampler.sample`` bound to the sampled rows: fp32 logits
+        [num_sampled, vocab] -> tokens and log-probs on the device, queued without a host sync),
+        then the copies to pinned host memory. Returns at once on CUDA."""
+        logits = self.forward(seqs, num_new_tokens, inputs_from).logits  # [num_sampled, vocab] model dtype
+        # fp32 as ``execute`` hands it: a copy, so the sampler never reads graph memory that the
+        # next replay (queued after it on the same stream) rewrites.
+        token_ids, logprobs = sample(logits.to(torch.float32, copy=True))
+        return self._pending(token_ids, logprobs)
+
+    def _pending(self, token_ids: torch.Tensor, logprobs: torch.Tensor | None = None) -> "PendingTokens":
+        """Start the copy of a step's tokens [num_sampled] (and log-probs) to pinned host memory."""
         num_sampled = token_ids.shape[0]
         if num_sampled == 0 or self._token_ids_host is None or num_sampled > self._token_ids_host[0].shape[0]:
-            return PendingTokens(token_ids.tolist(), device=token_ids)   # CPU (or nothing sampled): resolved
+            return PendingTokens(token_ids.tolist(), device=token_ids,   # CPU (or nothing sampled): resolved
+                                 logprobs=None if logprobs is None else logprobs.tolist())
         k = self._num_launched % 2
         self._num_launched += 1
         host, event = self._token_ids_host[k][:num_sampled], self._copy_done[k]
         host.copy_(token_ids, non_blocking=True)
+        host_logprobs = None
+        if logprobs is not None:
+            host_logprobs = self._logprobs_host[k][:num_sampled]
+            host_logprobs.copy_(logprobs, non_blocking=True)
         event.record()
-        return PendingTokens(host=host, event=event, device=token_ids)
+        return PendingTokens(host=host, event=event, device=token_ids, logprobs=host_logprobs)
 
     def forward(self, seqs: list[Sequence], num_new_tokens: list[int],
                 inputs_from: "InputsFrom | None" = None) -> StepLogits:

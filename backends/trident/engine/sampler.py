@@ -45,15 +45,26 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
         """logits: fp32 [num_seqs, vocab], row i for seqs[i]."""
+        tokens, logprobs = self.sample(logits, seqs)
+        params = [seq.sampling_params for seq in seqs]
+        logprob_list = logprobs.tolist() if logprobs is not None else [None] * len(seqs)
+        return [SampleResult(t, lp if p.logprobs else None) for t, lp, p in zip(tokens.tolist(), logprob_list, params)]
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The tokens [num_seqs] int64 and, when some row asked for them, the log-probs [num_seqs] fp32
+        of the distributions they were drawn from, left on ``logits``' device. Nothing here waits
+        for the device (the per-row choices are read from the parameters on the host), so a step's
+        sampling queues behind its forward and the host goes on (async scheduling)."""
         if logits.shape[0] != len(seqs):
             raise ValueError(f"{logits.shape[0]} logits rows for {len(seqs)} sequences")
         params = [seq.sampling_params for seq in seqs]
         want_logprobs = any(p.logprobs for p in params)
         if all(p.is_greedy for p in params) and not any(_needs_logits_processing(s) for s in seqs):
             tokens = logits.argmax(dim=-1)  # [num_seqs]
-            return _results(tokens, logits if want_logprobs else None, params)
+            return tokens, _chosen_logprobs(logits, tokens) if want_logprobs else None
         logits = self._process(logits.clone(), seqs)
-        return self._sample(logits, seqs)
+        tokens, distribution = self._sample(logits, seqs)
+        return tokens, _chosen_logprobs(distribution, tokens) if want_logprobs else None
 
     @staticmethod
     def is_plain_greedy(seqs: list[Sequence]) -> bool:
@@ -95,30 +106,35 @@ class Sampler:
                     logits[i, banned] = float("-inf")
 
     # -- sampling ----------------------------------------------------------------------------------
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [num_seqs] and the distribution each row drew from [num_seqs, vocab]."""
         params = [seq.sampling_params for seq in seqs]
-        is_greedy = torch.tensor([p.is_greedy for p in params], device=logits.device)  # [num_seqs]
         greedy_tokens = logits.argmax(dim=-1)  # [num_seqs]
-        if bool(is_greedy.all()):
-            return _results(greedy_tokens, logits, params)
-        temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
-                                   dtype=logits.dtype, device=logits.device)
+        if all(p.is_greedy for p in params):
+            return greedy_tokens, logits
+        device = logits.device
+        is_greedy = _to(torch.tensor([p.is_greedy for p in params]), device)  # [num_seqs]
+        temperature = _to(torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
+                                       dtype=logits.dtype), device)  # [num_seqs]
         warped = apply_top_k_top_p_min_p(logits / temperature[:, None], params)  # [num_seqs, vocab]
         sampled = self._exponential_race(warped.softmax(dim=-1), seqs)
         tokens = torch.where(is_greedy, greedy_tokens, sampled)
         distribution = torch.where(is_greedy[:, None], logits, warped)
-        return _results(tokens, distribution, params)
+        return tokens, distribution
 
     def _exponential_race(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """argmax(p / q) with q ~ Exp(1) picks token t with probability p_t (Gumbel-max in disguise).
 
         Greedy rows draw nothing, so they never shift the engine-wide random stream."""
-        q = torch.ones_like(probs)
         drawn = [i for i, s in enumerate(seqs) if not s.sampling_params.is_greedy]
         unseeded = [i for i in drawn if seqs[i].sampling_params.seed is None]
-        if unseeded:
-            noise = torch.empty((len(unseeded), probs.shape[1]), device=probs.device)
-            q[unseeded] = noise.exponential_(generator=self._engine_generator(probs.device))
+        if len(unseeded) == len(seqs):   # every row from the shared stream (the common batch): one pass
+            q = torch.empty_like(probs).exponential_(generator=self._engine_generator(probs.device))
+        else:
+            q = torch.ones_like(probs)  # [num_seqs, vocab]
+            if unseeded:
+                noise = torch.empty((len(unseeded), probs.shape[1]), device=probs.device)
+                q[unseeded] = noise.exponential_(generator=self._engine_generator(probs.device))
         for i in drawn:
             if seqs[i].sampling_params.seed is not None:
                 q[i].exponential_(generator=self._seq_generator(seqs[i], probs.device))
@@ -159,19 +175,19 @@ def apply_frequency_presence_penalties(logits: torch.Tensor, output_ids: list[li
 
 def apply_top_k_top_p_min_p(logits: torch.Tensor, params: list) -> torch.Tensor:
     """Mask (to -inf) the tokens outside each row's top-k, then top-p, then min-p set."""
-    vocab = logits.shape[1]
-    top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
+    vocab, device = logits.shape[1], logits.device
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     if any(k < vocab for k in top_k):
-        logits = _top_k(logits, torch.tensor(top_k, device=logits.device))
+        logits = _top_k(logits, _to(torch.tensor(top_k), device), max(top_k))
     if any(p.top_p < 1.0 for p in params):
-        logits = _top_p(logits, torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=logits.device))
+        logits = _top_p(logits, _to(torch.tensor([p.top_p for p in params], dtype=logits.dtype), device))
     if any(p.min_p > 0.0 for p in params):
-        logits = _min_p(logits, torch.tensor([p.min_p for p in params], dtype=logits.dtype, device=logits.device))
+        logits = _min_p(logits, _to(torch.tensor([p.min_p for p in params], dtype=logits.dtype), device))
     return logits
 
 
-def _top_k(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    values = logits.topk(int(k.max()), dim=-1).values  # [rows, max_k]
+def _top_k(logits: torch.Tensor, k: torch.Tensor, max_k: int) -> torch.Tensor:
+    values = logits.topk(max_k, dim=-1).values  # [rows, max_k]
     threshold = values.gather(1, (k - 1)[:, None])  # [rows, 1]
     return logits.masked_fill(logits < threshold, float("-inf"))
 
@@ -211,10 +227,12 @@ def _needs_logits_processing(seq: Sequence) -> bool:
             or seq.num_output_tokens < p.min_tokens)
 
 
-def _results(tokens: torch.Tensor, distribution: torch.Tensor | None, params: list) -> list[SampleResult]:
-    token_list = tokens.tolist()
-    logprobs = [None] * len(token_list)
-    if distribution is not None and any(p.logprobs for p in params):
-        chosen = distribution.log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]  # [num_seqs]
-        logprobs = chosen.tolist()
-    return [SampleResult(t, lp if p.logprobs else None) for t, lp, p in zip(token_list, logprobs, params)]
+def _chosen_logprobs(distribution: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log_softmax(distribution)[row, token] [num_seqs] fp32."""
+    return distribution.log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0].float()
+
+
+def _to(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small per-step tensor built on the host, copied without waiting for the device's queue
+    (from pageable memory the copy takes the source before it returns)."""
+    return host.to(device, non_blocking=True)

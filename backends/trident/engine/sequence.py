@@ -90,8 +90,12 @@ class Sequence:
     def append_token(self, token_id: int, logprob: float | None = None) -> None:
         self.token_ids.append(token_id)
         if logprob is not None:
-            self.cumulative_logprob += logprob
-            self.output_logprobs.append(logprob)
+            self.add_logprob(logprob)
+
+    def add_logprob(self, logprob: float) -> None:
+        """The log-prob of the last output token (appended already, or as a placeholder)."""
+        self.cumulative_logprob += logprob
+        self.output_logprobs.append(logprob)
 
     # -- status ------------------------------------------------------------------------------------
     @property
