@@ -63,7 +63,7 @@ class Sampler:
             tokens = logits.argmax(dim=-1)  # [num_seqs]
             return tokens, _chosen_logprobs(logits, tokens) if want_logprobs else None
         logits = self._process(logits.clone(), seqs)
-        tokens, distribution = self._sample(logits, seqs)
+        tokens, distribution = self._sample(logits, seqs, want_logprobs)
         return tokens, _chosen_logprobs(distribution, tokens) if want_logprobs else None
 
     @staticmethod
@@ -106,21 +106,25 @@ class Sampler:
                     logits[i, banned] = float("-inf")
 
     # -- sampling ----------------------------------------------------------------------------------
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens [num_seqs] and the distribution each row drew from [num_seqs, vocab]."""
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence],
+                want_distribution: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens [num_seqs] and, if wanted, the distribution each row drew from [num_seqs, vocab]
+        (at a thousand rows of a 50k vocabulary every full pass is ~200 MB: none is spent on what
+        the batch does not need)."""
         params = [seq.sampling_params for seq in seqs]
-        greedy_tokens = logits.argmax(dim=-1)  # [num_seqs]
-        if all(p.is_greedy for p in params):
-            return greedy_tokens, logits
+        greedy = [p.is_greedy for p in params]
+        if all(greedy):
+            return logits.argmax(dim=-1), logits
         device = logits.device
-        is_greedy = _to(torch.tensor([p.is_greedy for p in params]), device)  # [num_seqs]
         temperature = _to(torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
                                        dtype=logits.dtype), device)  # [num_seqs]
         warped = apply_top_k_top_p_min_p(logits / temperature[:, None], params)  # [num_seqs, vocab]
-        sampled = self._exponential_race(warped.softmax(dim=-1), seqs)
-        tokens = torch.where(is_greedy, greedy_tokens, sampled)
-        distribution = torch.where(is_greedy[:, None], logits, warped)
-        return tokens, distribution
+        tokens = self._exponential_race(warped.softmax(dim=-1), seqs)  # [num_seqs]
+        if not any(greedy):
+            return tokens, warped
+        is_greedy = _to(torch.tensor(greedy), device)  # [num_seqs]
+        tokens = torch.where(is_greedy, logits.argmax(dim=-1), tokens)
+        return tokens, torch.where(is_greedy[:, None], logits, warped) if want_distribution else None
 
     def _exponential_race(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """argmax(p / q) with q ~ Exp(1) picks token t with probability p_t (Gumbel-max in disguise).
