@@ -354,10 +354,10 @@ class LLMEngine:
             seq_token_ids = seq.token_ids
             if advanced:
                 seq_token_ids[-1] = token_id   # the placeholder
-                if logprob is not None:
-                    seq.add_logprob(logprob)
             else:
-                seq.append_token(token_id, logprob)
+                seq_token_ids.append(token_id)
+            if logprob is not None and seq.sampling_params.logprobs:   # (a batch's rows all get one)
+                seq.add_logprob(logprob)
             timings = seq.timings
             if timings.first_token is None:
                 timings.first_token = now
