@@ -13,6 +13,7 @@ import torch
 from tests.gpu.paged_layout import PagedBatch, dense_reference, make_paged_batch, plain_store, relative_error
 from tests.gpu.kernel_device import DEVICE, IS_CUDA, KERNEL_TEST_MARKS
 from trident.engine import attention, kernels
+from trident.models.quant import dequantize_kv, quantize_kv
 
 
 pytestmark = KERNEL_TEST_MARKS
@@ -120,6 +121,60 @@ def test_prefill_matches_plain_path_and_dense_reference(dtype, layout):
                                   out=_poisoned(batch.query))
 
     _check_against_references(batch, out, scale)
+
+
+def _int8_cache(batch: PagedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch's caches quantized as an int8 KV cache stores them (``quant.quantize_kv``: static
+    per-head scales), the new tokens stored by the kernel: (k_cache, v_cache, kv_scales [2, kv_heads])."""
+    scales = torch.stack([(batch.key.float().abs().amax(dim=(0, 2)) * 1.1 + 0.5) / 127,
+                          (batch.value.float().abs().amax(dim=(0, 2)) * 1.3 + 0.5) / 127])  # [2, kv_heads] unequal
+    k_cache, v_cache = quantize_kv(batch.k_cache, scales[0]), quantize_kv(batch.v_cache, scales[1])
+    kernels.store_kv(quantize_kv(batch.key, scales[0]), quantize_kv(batch.value, scales[1]), k_cache, v_cache,
+                     batch.slot_mapping)
+    return k_cache, v_cache, scales.to(batch.query.device)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS[:3], ids=lambda l: "g{}-d{}-bs{}".format(*l))
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
+@pytest.mark.parametrize("dtype", ATTENTION_DTYPES, ids=str)
+def test_int8_cache_matches_the_plain_path(dtype, decode, layout):
+    """An int8 KV cache read by the kernels (tiles converted, per-head scales folded into the score
+    and the output) gives the plain path's answer, which dequantizes the gathered blocks."""
+    if decode:
+        query_lens, context_lens = [1] * len(DECODE_CONTEXTS), DECODE_CONTEXTS
+    else:
+        query_lens, context_lens = _chunks()
+    batch = _batch(query_lens, context_lens, dtype, layout, seed=9)
+    scale = 1 / math.sqrt(layout[1])
+    k_cache, v_cache, kv_scales = _int8_cache(batch)
+
+    out = kernels.paged_attention(batch.query, k_cache, v_cache, batch.block_tables, batch.cu_seqlens_q,
+                                  batch.context_lens, scale, max_query_len=batch.max_query_len,
+                                  out=_poisoned(batch.query), kv_scales=kv_scales)
+
+    # (The plain path attends a fresh prompt's own keys directly: the values the cache gives back.)
+    key, value = (dequantize_kv(quantize_kv(x.cpu(), s.cpu()), s.cpu(), dtype)
+                  for x, s in ((batch.key, kv_scales[0]), (batch.value, kv_scales[1])))
+    plain = attention.paged_attention(batch.query.cpu(), key, value, k_cache.cpu(), v_cache.cpu(),
+                                      _cpu_metadata(batch), scale, kv_scales.cpu())
+    assert relative_error(out.cpu(), plain) <= TOLERANCE[dtype]
+    # and near the unquantized answer: int8 steps of ~1% of each head's range
+    assert relative_error(out, dense_reference(batch, scale)) <= 0.05
+
+
+def _cpu_metadata(batch: PagedBatch):
+    return attention.AttentionMetadata.build(batch.slot_mapping.cpu(), batch.block_tables.cpu(), batch.query_lens,
+                                             batch.context_lens_list, batch.block_size, use_kernels=False)
+
+
+def test_int8_cache_needs_its_scales():
+    batch = _batch([1, 1], [30, 9], torch.float16, (3, 64, 16), seed=10)
+    k_cache, v_cache, kv_scales = _int8_cache(batch)
+    with pytest.raises(ValueError, match="per-head scales"):
+        kernels.decode_attention(batch.query, k_cache, v_cache, batch.block_tables, batch.context_lens, 0.125)
+    with pytest.raises(ValueError, match="query's dtype"):
+        kernels.decode_attention(batch.query, batch.k_cache, batch.v_cache, batch.block_tables, batch.context_lens,
+                                 0.125, kv_scales=kv_scales)
 
 
 @pytest.mark.parametrize("num_splits", [1, 3, 8, 64])

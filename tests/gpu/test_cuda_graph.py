@@ -5,7 +5,9 @@ package); prompts are token ids, so the tokenizer only feeds the detokenizer.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 from pathlib import Path
 
 import pytest
@@ -122,3 +124,35 @@ def test_sampled_steps_launch_ahead_under_graphs_and_draw_what_sync_draws(model_
     assert [tokens for tokens, _ in async_] == [tokens for tokens, _ in sync]
     for (tokens, logprobs), (_, sync_logprobs) in zip(async_, sync):
         assert len(logprobs) == len(tokens) and logprobs == pytest.approx(sync_logprobs, abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def int8_kv_dir(model_dir, tmp_path_factory) -> Path:
+    """The tiny model built with int8 weights (W8A16) and calibrated per-head int8 KV scales."""
+    from build import gpt_int8
+
+    out = tmp_path_factory.mktemp("built") / "w8a16-kv8"
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = gpt_int8.main(["--model", str(model_dir), "--out", str(out), "--mode", "w8a16", "--kv-cache-dtype",
+                              "int8", "--num-tokens", "384", "--window", "128", "--stride", "64",
+                              "--calibration-texts", "16", "--max-ppl-increase", "1.0"])
+    assert code == 0
+    return out
+
+
+@needs_cuda
+def test_int8_kv_cache_runs_the_kernels_under_graphs_and_matches_cpu(int8_kv_dir):
+    """An int8 KV cache on CUDA takes the Triton kernels (tiles read as int8, per-head scales
+    folded) and the decode graphs; its greedy tokens are the CPU plain path's on the same artifacts
+    (fp32 sums in another order may flip a rare late token)."""
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in MAX_TOKENS]
+    config = dict(quantization="int8_weight_only", kv_cache_dtype="int8")
+    gpu = LLMEngine(dataclasses.replace(_config(int8_kv_dir, "cuda"), **config))
+    assert gpu.runner.use_attention_kernels and gpu.runner.kv_cache.dtype == torch.int8
+    gpu_tokens = [out.output_token_ids for out in gpu.generate(_prompts(), params)]
+    cpu = LLMEngine(dataclasses.replace(_config(int8_kv_dir, "cpu"), **config))
+    cpu_tokens = [out.output_token_ids for out in cpu.generate(_prompts(), params)]
+    assert gpu.runner.graphs.num_replays > 0
+    same = sum(a == b for g, c in zip(gpu_tokens, cpu_tokens) for a, b in zip(g, c))
+    assert same >= 0.9 * sum(MAX_TOKENS)
+    assert [t[:3] for t in gpu_tokens] == [t[:3] for t in cpu_tokens]

@@ -120,15 +120,13 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     query: [num_tokens, num_heads, head_dim]; key/value: [num_tokens, num_kv_heads, head_dim] (the
     new tokens, already stored, used directly for prefills without earlier context).
     k_cache/v_cache: [num_blocks, block_size, num_kv_heads, head_dim]. Returns like ``query``.
-    kv_scales: [2, num_kv_heads] per-head scales of an int8 cache (dequantized as it is gathered);
-    the Triton kernels do not read int8 caches, so the runner keeps them off for one.
+    kv_scales: [2, num_kv_heads] per-head scales of an int8 cache (dequantized as it is gathered
+    here, as its tiles are read by the kernels).
     """
     if metadata.use_kernels:
-        if kv_scales is not None:
-            raise ValueError("the Triton attention kernels do not read an int8 KV cache; use the plain path")
         return kernels.paged_attention(query, k_cache, v_cache, metadata.block_tables, metadata.cu_seqlens_q,
                                        metadata.context_lens, scale, max_query_len=metadata.max_query_len,
-                                       max_context_len=metadata.max_context_len)
+                                       max_context_len=metadata.max_context_len, kv_scales=kv_scales)
     decode = metadata.decode
     if decode is not None and decode.is_whole_batch:
         return _decode_attention(query, k_cache, v_cache, decode, scale, kv_scales)

@@ -120,10 +120,9 @@ class ModelRunner:
                                       max_model_len=self.max_model_len)
         self.kv_cache = torch.zeros(2, shape.num_layers, self.capacity.num_blocks, self.block_size,
                                     shape.num_kv_heads, shape.head_dim, dtype=self.kv_dtype, device=self.device)
-        # Triton kernels where they run; tests switch this off to compare with the plain path.
-        # (The kernels do not read an int8 cache: that runs on the plain path.)
-        self.use_attention_kernels = (self.device.type == "cuda" and kernels.IS_AVAILABLE
-                                      and config.kv_cache_dtype == "auto")
+        # Triton kernels where they run (an int8 cache too); tests switch this off to compare
+        # with the plain path.
+        self.use_attention_kernels = self.device.type == "cuda" and kernels.IS_AVAILABLE
         logger.info("loaded %s on %s (%s) in %.1f s; attention: %s", config.model, self.device, self.dtype,
                     time.perf_counter() - t0,
                     "Triton paged kernels" if self.use_attention_kernels else "plain PyTorch")

@@ -232,7 +232,9 @@ class PagedAttention(nn.Module):
             kv_scales = self.kv_scales
             q_key, q_value = quantize_kv(key, kv_scales[0]), quantize_kv(value, kv_scales[1])  # int8, like key
             store_kv(q_key, q_value, k_cache, v_cache, metadata.slot_mapping)
-            key, value = dequantize_kv(q_key, kv_scales[0], query.dtype), dequantize_kv(q_value, kv_scales[1], query.dtype)
+            if not metadata.use_kernels:   # (the kernels read every key, fresh or not, from the cache)
+                key, value = (dequantize_kv(q_key, kv_scales[0], query.dtype),
+                              dequantize_kv(q_value, kv_scales[1], query.dtype))
         elif not is_stored:
             store_kv(key, value, k_cache, v_cache, metadata.slot_mapping)
         out = paged_attention(query, key, value, k_cache, v_cache, metadata, self.scale, kv_scales)

@@ -48,7 +48,7 @@ def supports(tensor: torch.Tensor) -> bool:
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
                     scale: float, *, max_query_len: int, max_context_len: int | None = None,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of the packed new tokens over their sequences' paged contexts.
 
     The contract of ``trident.engine.attention.paged_attention`` with the metadata spelled out:
@@ -56,12 +56,13 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     cu_seqlens_q [num_seqs + 1], context_lens [num_seqs], block_tables [num_seqs, max_blocks]
     (int32, on the query's device). ``max_query_len`` and ``max_context_len`` are host-side
     bounds: a step of single-token queries takes the decode kernel, any other the prefill kernel.
+    An int8 cache comes with its per-head ``kv_scales`` [2, num_kv_heads] (keys, values).
     """
     if max_query_len == 1:
         return decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale,
-                                max_context_len=max_context_len, out=out)
+                                max_context_len=max_context_len, out=out, kv_scales=kv_scales)
     return prefill_attention(query, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
-                             max_query_len=max_query_len, out=out)
+                             max_query_len=max_query_len, out=out, kv_scales=kv_scales)
 
 
 __all__ = ["IS_AVAILABLE", "IS_INTERPRETED", "supports", "paged_attention"]

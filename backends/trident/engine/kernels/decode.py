@@ -1,7 +1,9 @@
 """Decode attention: one new query token per sequence, read straight from the paged KV cache.
 
 One program serves one (sequence, KV head, split): it loads the whole group of query heads that
-share the KV head, so grouped-query attention reads each cached key/value once. Long contexts are
+share the KV head, so grouped-query attention reads each cached key/value once. An int8 cache
+(per-head static scales) is read as it is: the tiles are converted to the query's dtype (exact for
+int8), the key scale is folded into the score scale and the value scale into the output. Long contexts are
 cut into ``num_splits`` page-aligned ranges (flash-decoding): each split writes a partial output
 and its log-sum-exp, and a second small kernel merges them. Short contexts at large batch use one
 split and write the output directly.
@@ -15,7 +17,7 @@ import triton
 import triton.language as tl
 
 from trident.engine.kernels.device import check_cache, dot_precision, num_sms, pad
-from trident.engine.kernels.paged_kv import load_kv_tile
+from trident.engine.kernels.paged_kv import head_scales, load_kv_tile
 
 # A split shorter than this spends more on its partial write and merge than it saves.
 MIN_TOKENS_PER_SPLIT = 256
@@ -24,14 +26,16 @@ MAX_SPLITS = 64
 
 @triton.jit
 def _decode_kernel(
-    query, k_cache, v_cache, block_tables, context_lens, out, partial_out, partial_lse,
+    query, k_cache, v_cache, block_tables, context_lens, out, partial_out, partial_lse, kv_scales,
     stride_q_t, stride_q_h, stride_kc_b, stride_kc_t, stride_kc_h, stride_vc_b, stride_vc_t, stride_vc_h,
     stride_bt_s, stride_o_t, stride_o_h, stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h,
-    scale_log2, num_splits,
+    stride_ks, scale_log2, num_splits,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, IS_SPLIT: tl.constexpr,
+    KV_INT8: tl.constexpr,
 ):
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    score_scale, v_scale = head_scales(kv_scales, stride_ks, kv_head, scale_log2, KV_INT8)
     context_len = tl.load(context_lens + seq)
     # Page-aligned split ranges, sized per sequence so short and long contexts both balance.
     split_len = tl.cdiv(tl.cdiv(context_len, num_splits), BLOCK_N) * BLOCK_N
@@ -55,8 +59,9 @@ def _decode_kernel(
         token_mask = tokens < end
         k, v = load_kv_tile(k_cache, v_cache, block_row, tokens, token_mask, kv_head, dims, dim_mask,
                             stride_kc_b, stride_kc_t, stride_kc_h, stride_vc_b, stride_vc_t, stride_vc_h,
-                            BLOCK_SIZE)  # [block_n, head_dim] each
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [group, block_n]
+                            BLOCK_SIZE)  # [block_n, head_dim] each (int8 -> the query's dtype: exact)
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * score_scale  # [group, block_n]
         s = tl.where(token_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])  # [group, block_n]
@@ -69,7 +74,7 @@ def _decode_kernel(
     if IS_SPLIT:
         # An empty split (context shorter than its start) leaves l_i = 0: it merges with weight 0.
         has_tokens = l_i > 0
-        o = tl.where(has_tokens[:, None], acc / tl.where(has_tokens, l_i, 1.0)[:, None], 0.0)
+        o = tl.where(has_tokens[:, None], acc * (v_scale / tl.where(has_tokens, l_i, 1.0))[:, None], 0.0)
         lse = tl.where(has_tokens, m_i + tl.log2(tl.where(has_tokens, l_i, 1.0)), float("-inf"))
         po_ptrs = partial_out + seq * stride_po_s + heads[:, None] * stride_po_h + split * stride_po_p + dims[None, :]
         tl.store(po_ptrs, o, mask=out_mask)
@@ -77,7 +82,7 @@ def _decode_kernel(
     else:
         o_ptrs = out + seq * stride_o_t + heads[:, None] * stride_o_h + dims[None, :]
         # A padding row (context_len 0, as in a CUDA-graph bucket) gets zeros rather than NaN.
-        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
         tl.store(o_ptrs, o.to(out.dtype.element_ty), mask=out_mask)
 
 
@@ -122,6 +127,7 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float, *,
                      max_context_len: int | None = None, num_splits: int | None = None,
                      out: torch.Tensor | None = None, block_n: int | None = None,
+                     kv_scales: torch.Tensor | None = None,
                      num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """Attention of one query token per sequence over its cached context (its own key included).
 
@@ -129,10 +135,11 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     block_tables [num_seqs, max_blocks] int32; context_lens [num_seqs] int32 (>= 1).
     ``max_context_len`` (a host-side upper bound; default: what the block table can address) and
     ``num_splits`` only tune the split; neither reads device memory, so the call can be captured.
-    A row with context_len 0 (a CUDA-graph padding row) gets zeros. Returns ``out`` (or a new
-    tensor) like ``query``.
+    A row with context_len 0 (a CUDA-graph padding row) gets zeros. An int8 cache comes with its
+    per-head ``kv_scales`` [2, num_kv_heads] fp32 (keys, values). Returns ``out`` (or a new tensor)
+    like ``query``.
     """
-    check_cache(query, k_cache, v_cache)
+    check_cache(query, k_cache, v_cache, kv_scales)
     num_seqs, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -156,13 +163,14 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     pl_strides = partial_lse.stride()[:2] if is_split else (0, 0)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, context_lens, out, partial_out, partial_lse,
+        context_lens if kv_scales is None else kv_scales,
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1), *po_strides, *pl_strides,
-        scale * math.log2(math.e), num_splits,
+        0 if kv_scales is None else kv_scales.stride(0), scale * math.log2(math.e), num_splits,
         GROUP=group, GROUP_PAD=pad(group), HEAD_DIM=head_dim, DIM_PAD=dim_pad,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, PRECISION=dot_precision(query.dtype), IS_SPLIT=is_split,
-        num_warps=num_warps, num_stages=num_stages,
+        KV_INT8=kv_scales is not None, num_warps=num_warps, num_stages=num_stages,
     )
     if is_split:
         _merge_kernel[(num_seqs, num_heads)](

@@ -30,14 +30,22 @@ def num_sms(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def check_cache(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    """The layouts the kernels index: caches [num_blocks, block_size, num_kv_heads, head_dim]."""
-    if k_cache.shape != v_cache.shape or k_cache.dim() != 4:
-        raise ValueError(f"k/v caches must both be [num_blocks, block_size, kv_heads, head_dim], "
-                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    if query.dtype not in SUPPORTED_DTYPES or k_cache.dtype != query.dtype:
-        raise ValueError(f"query/cache dtypes must match and be one of {SUPPORTED_DTYPES}, "
-                         f"got {query.dtype} and {k_cache.dtype}")
+def check_cache(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                kv_scales: torch.Tensor | None = None) -> None:
+    """The layouts the kernels index: caches [num_blocks, block_size, num_kv_heads, head_dim], of
+    the query's dtype, or int8 with per-head ``kv_scales`` [2, num_kv_heads] (keys, values)."""
+    if k_cache.shape != v_cache.shape or k_cache.dim() != 4 or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"k/v caches must both be [num_blocks, block_size, kv_heads, head_dim] of one dtype, "
+                         f"got {tuple(k_cache.shape)} {k_cache.dtype} and {tuple(v_cache.shape)} {v_cache.dtype}")
+    if query.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"query dtype must be one of {SUPPORTED_DTYPES}, got {query.dtype}")
+    if k_cache.dtype == torch.int8:
+        if kv_scales is None or tuple(kv_scales.shape) != (2, k_cache.shape[2]) or kv_scales.stride(-1) != 1:
+            raise ValueError(f"an int8 cache needs per-head scales [2, {k_cache.shape[2]}] (keys, values), "
+                             f"got {None if kv_scales is None else tuple(kv_scales.shape)}")
+    elif k_cache.dtype != query.dtype or kv_scales is not None:
+        raise ValueError(f"the cache must be of the query's dtype ({query.dtype}) or int8 with scales, "
+                         f"got {k_cache.dtype}{' with scales' if kv_scales is not None else ''}")
     if query.shape[-1] != k_cache.shape[-1] or query.shape[-2] % k_cache.shape[-2]:
         raise ValueError(f"query heads {tuple(query.shape[-2:])} do not fit cache heads {tuple(k_cache.shape[-2:])}")
     for name, t in (("query", query), ("k_cache", k_cache), ("v_cache", v_cache)):

@@ -1,5 +1,6 @@
 """The one paged read both attention kernels share: a tile of cached keys and values, through a
-sequence's block table (slot = block_table[token // block_size] * block_size + token % block_size)."""
+sequence's block table (slot = block_table[token // block_size] * block_size + token % block_size),
+and the per-head scales of an int8 cache."""
 from __future__ import annotations
 
 import triton
@@ -22,3 +23,13 @@ def load_kv_tile(k_cache, v_cache, block_row, tokens, token_mask, kv_head, dims,
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # [block_n, head_dim]
     v = tl.load(v_ptrs, mask=kv_mask, other=0.0)  # [block_n, head_dim]
     return k, v
+
+
+@triton.jit
+def head_scales(kv_scales, stride_ks, kv_head, scale_log2, KV_INT8: tl.constexpr):
+    """(score multiplier, output multiplier) of a KV head: an int8 cache's key scale joins the
+    softmax scale (q . (k_int8 * s_k) = s_k * (q . k_int8)), its value scale multiplies the output
+    (sum_j p_j * v_int8_j * s_v); 1 for a cache of the query's dtype."""
+    if KV_INT8:
+        return scale_log2 * tl.load(kv_scales + kv_head), tl.load(kv_scales + stride_ks + kv_head)
+    return scale_log2, 1.0

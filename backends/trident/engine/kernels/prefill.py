@@ -7,7 +7,8 @@ is read through the block table; nothing is gathered into a contiguous copy. Cau
 sequence sits at position ``context_len - query_len + i`` and sees keys up to that position.
 
 One program handles ``BLOCK_M`` query rows of one sequence and one query head. Key tiles wholly
-below the tile's first position need no mask; only the tiles on the diagonal are masked.
+below the tile's first position need no mask; only the tiles on the diagonal are masked. An int8
+cache is read as the decode kernel reads it (``paged_kv.head_scales``).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import triton
 import triton.language as tl
 
 from trident.engine.kernels.device import check_cache, dot_precision, pad
-from trident.engine.kernels.paged_kv import load_kv_tile
+from trident.engine.kernels.paged_kv import head_scales, load_kv_tile
 
 
 @triton.jit
@@ -30,7 +31,8 @@ def _attend_tile(q, acc, m_i, l_i, k_cache, v_cache, block_row, n0, kv_end, q_po
     token_mask = tokens < kv_end
     k, v = load_kv_tile(k_cache, v_cache, block_row, tokens, token_mask, kv_head, dims, dim_mask,
                         stride_kc_b, stride_kc_t, stride_kc_h, stride_vc_b, stride_vc_t, stride_vc_h,
-                        BLOCK_SIZE)  # [block_n, head_dim] each
+                        BLOCK_SIZE)  # [block_n, head_dim] each (int8 -> the query's dtype: exact)
+    k, v = k.to(q.dtype), v.to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [block_m, block_n]
     if IS_CAUSAL_TILE:
         visible = (tokens[None, :] <= q_pos[:, None]) & token_mask[None, :]
@@ -45,11 +47,11 @@ def _attend_tile(q, acc, m_i, l_i, k_cache, v_cache, block_row, n0, kv_end, q_po
 
 @triton.jit
 def _prefill_kernel(
-    query, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
+    query, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out, kv_scales,
     stride_q_t, stride_q_h, stride_kc_b, stride_kc_t, stride_kc_h, stride_vc_b, stride_vc_t, stride_vc_h,
-    stride_bt_s, stride_o_t, stride_o_h, scale_log2,
+    stride_bt_s, stride_o_t, stride_o_h, stride_ks, softmax_scale_log2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, KV_INT8: tl.constexpr,
 ):
     m_block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(cu_seqlens_q + seq)
@@ -58,6 +60,7 @@ def _prefill_kernel(
         return
     context_len = tl.load(context_lens + seq)
     kv_head = head // GROUP
+    scale_log2, v_scale = head_scales(kv_scales, stride_ks, kv_head, softmax_scale_log2, KV_INT8)
 
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # [block_m] row within the sequence's chunk
     row_mask = rows < query_len
@@ -88,23 +91,26 @@ def _prefill_kernel(
             BLOCK_SIZE, BLOCK_N, PRECISION, True)
 
     o_ptrs = out + (q_start + rows)[:, None] * stride_o_t + head * stride_o_h + dims[None, :]
-    tl.store(o_ptrs, (acc / l_i[:, None]).to(out.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
+    tl.store(o_ptrs, (acc * (v_scale / l_i)[:, None]).to(out.dtype.element_ty),
+             mask=row_mask[:, None] & dim_mask[None, :])
 
 
 def prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
                       scale: float, *, max_query_len: int, out: torch.Tensor | None = None,
                       block_m: int | None = None, block_n: int | None = None,
+                      kv_scales: torch.Tensor | None = None,
                       num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """Causal attention of packed new tokens over their sequences' cached contexts.
 
     query [num_tokens, num_heads, head_dim] (sequences back to back as in ``cu_seqlens_q``
     [num_seqs + 1] int32); caches [num_blocks, block_size, num_kv_heads, head_dim], already holding
     the new tokens; block_tables [num_seqs, max_blocks] int32; context_lens [num_seqs] int32, new
-    tokens included. ``max_query_len`` is the host-side bound that sizes the grid.
+    tokens included. ``max_query_len`` is the host-side bound that sizes the grid. An int8 cache
+    comes with its per-head ``kv_scales`` [2, num_kv_heads] fp32 (keys, values).
     Returns ``out`` (or a new tensor) like ``query``.
     """
-    check_cache(query, k_cache, v_cache)
+    check_cache(query, k_cache, v_cache, kv_scales)
     num_tokens, num_heads, head_dim = query.shape
     num_seqs = cu_seqlens_q.shape[0] - 1
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -117,11 +123,12 @@ def prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     grid = (triton.cdiv(max_query_len, block_m), num_seqs, num_heads)
     _prefill_kernel[grid](
         query, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
+        context_lens if kv_scales is None else kv_scales,
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), scale * math.log2(math.e),
+        out.stride(0), out.stride(1), 0 if kv_scales is None else kv_scales.stride(0), scale * math.log2(math.e),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, DIM_PAD=pad(head_dim),
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=dot_precision(query.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        KV_INT8=kv_scales is not None, num_warps=num_warps, num_stages=num_stages,
     )
     return out
