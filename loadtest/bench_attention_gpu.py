@@ -41,11 +41,11 @@ class Case:
     def num_tokens(self) -> int:
         return self.num_seqs * self.query_len
 
-    def bytes_moved(self, element_size: int) -> int:
+    def bytes_moved(self, element_size: int, kv_element_size: int | None = None) -> int:
         """Fewest bytes: every cached K/V row once, queries read and outputs written once."""
         kv = self.num_seqs * self.context_len * self.num_kv_heads * self.head_dim * 2
         q_and_out = self.num_tokens * self.num_heads * self.head_dim * 2
-        return (kv + q_and_out) * element_size
+        return kv * (kv_element_size or element_size) + q_and_out * element_size
 
     def flops(self) -> int:
         """QK^T and PV over the causally visible keys."""
@@ -56,6 +56,7 @@ class Case:
 
 CASES = [
     Case("decode SmolLM2 B=256 ctx=192", 256, 1, 192, 9, 3, 64),
+    Case("decode SmolLM2 B=1000 ctx=192", 1000, 1, 192, 9, 3, 64),   # bench_gpt's 1000 x 128/128, mid-decode
     Case("decode GPT-2 B=256 ctx=192", 256, 1, 192, 12, 12, 64),
     Case("decode SmolLM2 B=16 ctx=4096", 16, 1, 4096, 9, 3, 64),
     Case("prefill SmolLM2 128x128", 128, 128, 128, 9, 3, 64),
@@ -127,6 +128,23 @@ def triton_attention(layout: Layout, **tuning) -> Callable[[int], torch.Tensor]:
                                             max_context_len=case.context_len, **tuning)
         return kernels.prefill_attention(q, k, v, layout.block_tables, layout.cu_seqlens_q, layout.context_lens,
                                          layout.scale, max_query_len=case.query_len, **tuning)
+    return run
+
+
+def int8_cache_attention(layout: Layout) -> Callable[[int], torch.Tensor]:
+    """The kernels over int8 copies of the caches (``kv_cache_dtype="int8"``: static per-head scales)."""
+    from trident.models.quant import quantize_kv
+
+    case, caches = layout.case, []
+    for k, v in zip(layout.k_caches, layout.v_caches):
+        scales = torch.stack([k.float().abs().amax(dim=(0, 1, 3)), v.float().abs().amax(dim=(0, 1, 3))]) / 127  # [2, kv_heads]
+        caches.append((quantize_kv(k, scales[0]), quantize_kv(v, scales[1]), scales))
+
+    def run(i: int) -> torch.Tensor:
+        k, v, scales = caches[i]
+        return kernels.paged_attention(layout.queries[i], k, v, layout.block_tables, layout.cu_seqlens_q,
+                                       layout.context_lens, layout.scale, max_query_len=case.query_len,
+                                       max_context_len=case.context_len, kv_scales=scales)
     return run
 
 
@@ -253,7 +271,7 @@ class Row:
 
 
 def measure(layout: Layout, method: str, make_run: Callable, reference: torch.Tensor | None, repeats: int,
-            dtype: torch.dtype) -> Row:
+            dtype: torch.dtype, kv_element_size: int | None = None) -> Row:
     case, num_layers = layout.case, len(layout.k_caches)
     try:
         run = make_run()
@@ -269,7 +287,8 @@ def measure(layout: Layout, method: str, make_run: Callable, reference: torch.Te
         return Row(case.name, method, None, None, None, None, None, f"failed: {type(exc).__name__}: {exc}"[:160])
     best = graph if graph is not None else eager
     seconds = best * 1e-6
-    return Row(case.name, method, graph, eager, case.bytes_moved(torch.finfo(dtype).bits // 8) / seconds / 1e9,
+    return Row(case.name, method, graph, eager,
+               case.bytes_moved(torch.finfo(dtype).bits // 8, kv_element_size) / seconds / 1e9,
                case.flops() / seconds / 1e12, error, note)
 
 
@@ -305,6 +324,10 @@ def run_case(case: Case, args, dtype: torch.dtype, device: torch.device) -> list
     reference = plain_attention(layout)(0)
     rows = [measure(layout, "plain PyTorch (gather + SDPA)", lambda: plain_attention(layout), None, args.repeats, dtype),
             measure(layout, "triton (default)", lambda: triton_attention(layout), reference, args.repeats, dtype)]
+    # int8 KV: half the bytes per cached token (its GB/s counts the int8 bytes; the error is against
+    # the unquantized cache, so it includes the quantization)
+    rows.append(measure(layout, "triton int8 cache", lambda: int8_cache_attention(layout), reference, args.repeats,
+                        dtype, kv_element_size=1))
     if args.sweep:
         sweep = DECODE_SWEEP if case.query_len == 1 else PREFILL_SWEEP
         for tuning in sweep:
