@@ -1,12 +1,12 @@
 """Decode attention: one new query token per sequence, read straight from the paged KV cache.
 
 One program serves one (sequence, KV head, split): it loads the whole group of query heads that
-share the KV head, so grouped-query attention reads each cached key/value once. An int8 cache
-(per-head static scales) is read as it is: the tiles are converted to the query's dtype (exact for
-int8), the key scale is folded into the score scale and the value scale into the output. Long contexts are
+share the KV head, so grouped-query attention reads each cached key/value once. Long contexts are
 cut into ``num_splits`` page-aligned ranges (flash-decoding): each split writes a partial output
 and its log-sum-exp, and a second small kernel merges them. Short contexts at large batch use one
-split and write the output directly.
+split and write the output directly. An int8 cache (per-head static scales) is read as it is: its
+tiles are converted to the query's dtype (exact for int8), the key scale joins the score scale and
+the value scale the output's divisor (``paged_kv.head_scales``).
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def _decode_kernel(
     if IS_SPLIT:
         # An empty split (context shorter than its start) leaves l_i = 0: it merges with weight 0.
         has_tokens = l_i > 0
-        o = tl.where(has_tokens[:, None], acc * (v_scale / tl.where(has_tokens, l_i, 1.0))[:, None], 0.0)
+        o = tl.where(has_tokens[:, None], acc / (tl.where(has_tokens, l_i, 1.0) / v_scale)[:, None], 0.0)
         lse = tl.where(has_tokens, m_i + tl.log2(tl.where(has_tokens, l_i, 1.0)), float("-inf"))
         po_ptrs = partial_out + seq * stride_po_s + heads[:, None] * stride_po_h + split * stride_po_p + dims[None, :]
         tl.store(po_ptrs, o, mask=out_mask)
@@ -82,7 +82,7 @@ def _decode_kernel(
     else:
         o_ptrs = out + seq * stride_o_t + heads[:, None] * stride_o_h + dims[None, :]
         # A padding row (context_len 0, as in a CUDA-graph bucket) gets zeros rather than NaN.
-        o = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
+        o = acc / (tl.where(l_i > 0, l_i, 1.0) / v_scale)[:, None]   # (/ 1.0: the same bits as before)
         tl.store(o_ptrs, o.to(out.dtype.element_ty), mask=out_mask)
 
 

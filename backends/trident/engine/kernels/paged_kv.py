@@ -29,7 +29,8 @@ def load_kv_tile(k_cache, v_cache, block_row, tokens, token_mask, kv_head, dims,
 def head_scales(kv_scales, stride_ks, kv_head, scale_log2, KV_INT8: tl.constexpr):
     """(score multiplier, output multiplier) of a KV head: an int8 cache's key scale joins the
     softmax scale (q . (k_int8 * s_k) = s_k * (q . k_int8)), its value scale multiplies the output
-    (sum_j p_j * v_int8_j * s_v); 1 for a cache of the query's dtype."""
+    (sum_j p_j * v_int8_j * s_v, applied as acc / (l / s_v)); 1.0 for a cache of the query's dtype,
+    which leaves acc / l as it was."""
     if KV_INT8:
         return scale_log2 * tl.load(kv_scales + kv_head), tl.load(kv_scales + stride_ks + kv_head)
     return scale_log2, 1.0

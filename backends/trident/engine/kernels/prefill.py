@@ -91,7 +91,7 @@ def _prefill_kernel(
             BLOCK_SIZE, BLOCK_N, PRECISION, True)
 
     o_ptrs = out + (q_start + rows)[:, None] * stride_o_t + head * stride_o_h + dims[None, :]
-    tl.store(o_ptrs, (acc * (v_scale / l_i)[:, None]).to(out.dtype.element_ty),
+    tl.store(o_ptrs, (acc / (l_i / v_scale)[:, None]).to(out.dtype.element_ty),
              mask=row_mask[:, None] & dim_mask[None, :])
 
 
