@@ -141,6 +141,25 @@ def make_model_dir(shape: str, path: Path, tokenizer_dir: Path | None, dtype: to
     return path
 
 
+def make_kv8_dir(model_dir: Path, path: Path) -> Path:
+    """``model_dir`` as a built W8A16 directory whose int8 KV cache scales are stand-ins (the
+    weights are random: speed is what is measured, and it does not depend on the scales' values).
+    Real scales come from ``build.gpt_int8 --kv-cache-dtype int8``, gated on perplexity."""
+    from trident.models.loader import load_model
+    from trident.models.quant import QuantManifest, attention_modules, save_quantized, set_kv_cache_scales
+
+    model = load_model(model_dir, torch.device("cpu"), torch.float32, quantization="int8_weight_only")
+    num_kv_heads = attention_modules(model)[0].num_kv_heads
+    set_kv_cache_scales(model, torch.full((len(attention_modules(model)), 2, num_kv_heads), 0.05))
+    path.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():   # config, generation config, tokenizer files
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy(f, path / f.name)
+    save_quantized(model, path, QuantManifest(quantization="int8_weight_only", has_kv_cache_scales=True,
+                                              source_model=str(model_dir)))
+    return path
+
+
 def random_prompts(case: Case, vocab_size: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     # Skip the first ids: special tokens live there in both vocabularies.
@@ -665,6 +684,10 @@ def run_case(case: Case, args, work: Path, tokenizers: Path | None) -> list[Resu
     # lives). W8A8 needs SmoothQuant-calibrated weights from that build, which random weights lack.
     w8a16 = dataclasses.replace(econfig, quantization="int8_weight_only")
     attempt("engine_w8a16", lambda: run_engine(w8a16, case, prompts, None, "engine_w8a16"))
+    # The same weights with an int8 KV cache (half the bytes the decode attention reads).
+    attempt("engine_w8a16_kv8", lambda: run_engine(
+        dataclasses.replace(w8a16, model=str(make_kv8_dir(model_dir, model_dir.with_name(model_dir.name + "-kv8"))),
+                            kv_cache_dtype="int8"), case, prompts, None, "engine_w8a16_kv8"))
     attempt("hf_static", lambda: run_hf_static(model_dir, case, prompts, args.device, dtype, args.hf_batch))
     if {"triton", "triton_stream", "triton_stream_all"} & set(systems) and case.shape in args.triton_shapes:
         values = {k: v for k, v in asdict(econfig).items() if v is not None and k not in ("model", "tokenizer")}
@@ -845,7 +868,7 @@ def _print_ratios(rows: list[dict]) -> None:
 
 # -- plots ---------------------------------------------------------------------------------------
 COLORS = {"engine": "#1f77b4", "engine_sync": "#6baed6", "engine_sampled": "#3182bd", "engine_sampled_sync": "#c6dbef",
-          "engine_stream": "#9ecae1", "engine_w8a16": "#aec7e8", "triton": "#2ca02c", "triton_stream": "#98df8a",
+          "engine_stream": "#9ecae1", "engine_w8a16": "#aec7e8", "engine_w8a16_kv8": "#17becf", "triton": "#2ca02c", "triton_stream": "#98df8a",
           "triton_stream_all": "#c7e9c0", "hf_static": "#ff7f0e", "hf_cb": "#d62728"}
 
 
