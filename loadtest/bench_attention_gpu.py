@@ -69,6 +69,9 @@ DECODE_SWEEP = [dict(block_n=n, num_warps=w, num_stages=s) for n, w, s in
                 [(16, 1, 2), (32, 2, 2), (64, 4, 2), (64, 4, 3), (64, 2, 3), (128, 4, 2), (128, 8, 3)]]
 PREFILL_SWEEP = [dict(block_m=m, block_n=n, num_warps=w, num_stages=s) for m, n, w, s in
                  [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2), (128, 64, 8, 2), (128, 32, 4, 3), (32, 64, 4, 2)]]
+# A program per KV head over (row, head) pairs of its group (``prefill_attention(pack_gqa=True)``).
+PACK_GQA_SWEEP = [dict(pack_gqa=True, block_m=m, block_n=n, num_warps=w) for m, n, w in
+                  [(64, 64, 4), (128, 64, 4), (128, 64, 8), (128, 32, 4), (256, 64, 8)]]
 
 
 @dataclass
@@ -328,6 +331,11 @@ def run_case(case: Case, args, dtype: torch.dtype, device: torch.device) -> list
     # the unquantized cache, so it includes the quantization)
     rows.append(measure(layout, "triton int8 cache", lambda: int8_cache_attention(layout), reference, args.repeats,
                         dtype, kv_element_size=1))
+    if case.query_len > 1 and case.num_heads > case.num_kv_heads:   # GQA prefill: packed tiles, always shown
+        for tuning in PACK_GQA_SWEEP if args.sweep else PACK_GQA_SWEEP[:2]:
+            label = "triton " + ",".join(f"{k.replace('num_', '')}={v}" for k, v in tuning.items())
+            rows.append(measure(layout, label, lambda t=tuning: triton_attention(layout, **t), reference,
+                                args.repeats, dtype))
     if args.sweep:
         sweep = DECODE_SWEEP if case.query_len == 1 else PREFILL_SWEEP
         for tuning in sweep:

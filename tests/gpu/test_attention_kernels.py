@@ -177,6 +177,23 @@ def test_int8_cache_needs_its_scales():
                                  0.125, kv_scales=kv_scales)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: "g{}-d{}-bs{}".format(*l))
+@pytest.mark.parametrize("block_m", [16, 64, 128])
+def test_prefill_packing_a_kv_heads_group_matches_the_plain_path(layout, block_m):
+    """``pack_gqa``: tiles of (row, head) pairs of one KV head, rows cut mid-group at tile edges, the
+    causal range per tile from its first to its last row; fp16, every prefill shape."""
+    query_lens, context_lens = _chunks()
+    batch = _batch(query_lens, context_lens, torch.float16, layout, seed=11)
+    scale = 1 / math.sqrt(layout[1])
+    kernels.store_kv(batch.key, batch.value, batch.k_cache, batch.v_cache, batch.slot_mapping)
+
+    out = kernels.prefill_attention(batch.query, batch.k_cache, batch.v_cache, batch.block_tables,
+                                    batch.cu_seqlens_q, batch.context_lens, scale, max_query_len=batch.max_query_len,
+                                    out=_poisoned(batch.query), block_m=block_m, pack_gqa=True)
+
+    _check_against_references(batch, out, scale)
+
+
 @pytest.mark.parametrize("num_splits", [1, 3, 8, 64])
 def test_decode_splits_agree_with_the_dense_reference(num_splits):
     # Many splits over short contexts leave some splits empty: they must merge with weight zero.
