@@ -241,12 +241,13 @@ class LLMEngine:
             if not prompt:
                 raise ValueError("prompt is empty: give at least one character or token")
             return list(self.tokenizer.encode(prompt))
-        token_ids = [int(t) for t in prompt]
+        token_ids = list(map(int, prompt))   # (C loops: a thousand prompts arrive in one step)
         if not token_ids:
             raise ValueError("prompt is empty: give at least one character or token")
-        bad = [t for t in token_ids if not 0 <= t < self.runner.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids out of range [0, {self.runner.vocab_size}): {bad[:5]}")
+        vocab_size = self.runner.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab_size:
+            bad = [t for t in token_ids if not 0 <= t < vocab_size]
+            raise ValueError(f"prompt token ids out of range [0, {vocab_size}): {bad[:5]}")
         return token_ids
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
