@@ -4,11 +4,13 @@ run-ahead does, the tokens must be Hugging Face's, the placeholders must never l
 sequence that a token the host has not seen yet ends (a stop token) must lose its extra row."""
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from tests.unit.test_engine import (EOS, MAX_TOKENS, PROMPT_LENS, drain, greedy, hf_greedy, make_engine,  # noqa: F401
                                     make_prompts, corpus, tiny)
-from trident.engine.engine import PLACEHOLDER
+from trident.engine.engine import PLACEHOLDER, _keep_places
 from trident.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -42,6 +44,20 @@ def test_decode_steps_launch_ahead_and_match_hf(tiny, corpus):
     # Most steps after the prefill are decodes of the same sequences: they ran ahead.
     assert engine.num_launched_ahead >= max(MAX_TOKENS) // 2
     assert engine.stats().kv_cache_usage == 0.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_keep_places_moves_only_the_rows_above_the_new_batch(seed):
+    """``_keep_places``: a permutation of the rows that go on in which every one of them below the
+    new batch size keeps its index, and the others fill the gaps."""
+    rng = random.Random(seed)
+    for _ in range(300):
+        before = rng.randint(0, 40)
+        kept = sorted(rng.sample(range(before), rng.randint(0, before)))
+        order = _keep_places(kept)
+        assert sorted(order) == kept
+        assert all(order[row] == row for row in kept if row < len(kept))
+    assert _keep_places([0, 2, 3, 5]) == [0, 5, 2, 3]
 
 
 def test_a_continuation_keeps_each_staying_row_in_its_place(tiny, corpus):
