@@ -329,7 +329,9 @@ class LLMEngine:
         out = self.scheduler.schedule_continuation(continuing, new_block)
         inputs_from = InputsFrom(flight.tokens.device, rows)
         self.num_launched_ahead += 1
-        if flight.greedy:   # the same rows and parameters: still plain greedy
+        # The same rows as a greedy flight: still plain greedy. A sampled flight's rows may have
+        # become so (its sampled rows ended).
+        if flight.greedy or self.sampler.is_plain_greedy(continuing):
             return _Flight(out, continuing, self.runner.launch_greedy(out.seqs, out.num_new_tokens, inputs_from))
         tokens = self.runner.launch_sampled(out.seqs, out.num_new_tokens, self._sample_rows(continuing), inputs_from)
         return _Flight(out, continuing, tokens, greedy=False)
