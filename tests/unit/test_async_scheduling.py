@@ -190,3 +190,27 @@ def test_penalties_keep_their_steps_synchronous(tiny, corpus):
     async_engine, async_ = run(True)
     assert async_engine.num_launched_ahead == 0
     assert async_ == run(False)[1]
+
+
+def test_min_tokens_is_masked_in_steps_launched_ahead(tiny, corpus):
+    """min_tokens masks a row's stop tokens on the device, counting the placeholder as the output it
+    stands for: sampled steps with it launch ahead, stop no earlier than min_tokens, and give the
+    synchronous run's tokens and finish reasons."""
+    prompts = make_prompts(corpus)
+    stops = [hf_greedy(tiny, prompt, 4)[1:4] for prompt in prompts]   # tokens the model likes early on
+    params = [SamplingParams(temperature=0.05, seed=50 + i, max_tokens=24, min_tokens=6, stop_token_ids=stop)
+              for i, stop in enumerate(stops)]
+
+    def run(async_scheduling: bool):
+        engine = make_engine(tiny, async_scheduling=async_scheduling)
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            engine.add_request(str(i), prompt, p)
+        finals = {rid: outs[-1] for rid, outs in drain_checked(engine).items()}
+        return engine, {rid: (out.output_token_ids, out.finish_reason) for rid, out in finals.items()}
+
+    async_engine, async_ = run(True)
+    assert async_engine.num_launched_ahead > 0
+    assert async_ == run(False)[1]
+    for rid, (tokens, _) in async_.items():   # masked: none of the first min_tokens is a stop token
+        assert len(tokens) >= 6 and not set(tokens[:6]) & set(stops[int(rid)]), (rid, tokens)
+    assert any(reason == "stop" for _, reason in async_.values())   # the stop tokens did come, after min_tokens

@@ -288,9 +288,10 @@ class LLMEngine:
         until ``_resolve``. A sequence that the in-flight step's token ends (EOS, a stop token: not
         known yet) wastes one row of the new step, whose token is dropped (a sampled row also draws
         its noise: an unseeded row's draws then differ from a synchronous run's; a seeded row's do
-        not). None, and nothing changed, when the next step needs anything else: a waiting request
-        to admit, a partial prefill, min_tokens masking or penalties (they read the in-flight
-        token), a preemption, nothing to continue."""
+        not). ``min_tokens`` masking holds too: the sampler counts the placeholder as the output it
+        stands for. None, and nothing changed, when the next step needs anything else: a waiting
+        request to admit, a partial prefill, penalties (they read the in-flight token's value), a
+        preemption, nothing to continue."""
         flight = self._in_flight
         if flight is None or flight.tokens.device is None or self.scheduler.waiting:
             return None
@@ -305,8 +306,6 @@ class LLMEngine:
                 continue
             live.append(seq)
             num_tokens = len(seq.token_ids) + 1                  # with the in-flight token
-            if num_tokens < seq.stop_tokens_from:
-                return None   # min_tokens: EOS masking, sampled on the host
             if num_tokens >= seq.max_num_tokens:
                 continue      # the in-flight token is its last ("length")
             rows.append(i)

@@ -98,12 +98,15 @@ class Sampler:
         return logits
 
     def _mask_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        rows, columns = [], []   # every (row, banned token) pair of the batch: one masked write
         for i, seq in enumerate(seqs):
             params = seq.sampling_params
             if seq.num_output_tokens < params.min_tokens:
                 banned = list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_token_ids)
-                if banned:
-                    logits[i, banned] = float("-inf")
+                rows += [i] * len(banned)
+                columns += banned
+        if rows:
+            logits[_to(torch.tensor(rows), logits.device), _to(torch.tensor(columns), logits.device)] = float("-inf")
 
     # -- sampling ----------------------------------------------------------------------------------
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence],
