@@ -107,10 +107,12 @@ def test_greedy_tokens_equal_across_graphs_eager_and_cpu(model_dir):
 
 @needs_cuda
 def test_sampled_steps_launch_ahead_under_graphs_and_draw_what_sync_draws(model_dir):
-    """Seeded temperature sampling on the device after graph replays: launched ahead (async) or
-    not, the same tokens and log-probs; the pinned log-prob copies arrive with the tokens."""
+    """Seeded temperature sampling on the device after graph replays (a frequency penalty on some
+    rows, which counts the in-flight token from the device): launched ahead (async) or not, the
+    same tokens and log-probs; the pinned log-prob copies arrive with the tokens."""
     params = [SamplingParams(temperature=0.8, top_p=0.9, top_k=50 if i % 2 else 0, seed=7 + i, max_tokens=n,
-                             ignore_eos=True, logprobs=True) for i, n in enumerate(MAX_TOKENS)]
+                             ignore_eos=True, logprobs=True, frequency_penalty=0.5 if i % 3 == 0 else 0.0)
+              for i, n in enumerate(MAX_TOKENS)]
 
     def run(async_scheduling: bool):
         engine = LLMEngine(dataclasses.replace(_config(model_dir, "cuda"), async_scheduling=async_scheduling))

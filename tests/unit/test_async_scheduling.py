@@ -175,23 +175,6 @@ def test_sampled_decodes_launch_ahead_and_draw_what_sync_draws(tiny, corpus):
         assert len(logprobs) == len(tokens) and logprobs == pytest.approx(sync[rid][1], abs=1e-5), rid
 
 
-def test_penalties_keep_their_steps_synchronous(tiny, corpus):
-    """A repetition penalty reads the tokens so far, the one in flight included: such a batch is not
-    launched ahead, and its tokens are the synchronous ones."""
-    prompts = make_prompts(corpus)[:4]
-    params = SamplingParams(temperature=0.0, repetition_penalty=1.3, max_tokens=12)
-
-    def run(async_scheduling: bool):
-        engine = make_engine(tiny, async_scheduling=async_scheduling)
-        for i, prompt in enumerate(prompts):
-            engine.add_request(str(i), prompt, params)
-        return engine, {rid: outs[-1].output_token_ids for rid, outs in drain_checked(engine).items()}
-
-    async_engine, async_ = run(True)
-    assert async_engine.num_launched_ahead == 0
-    assert async_ == run(False)[1]
-
-
 def test_min_tokens_is_masked_in_steps_launched_ahead(tiny, corpus):
     """min_tokens masks a row's stop tokens on the device, counting the placeholder as the output it
     stands for: sampled steps with it launch ahead, stop no earlier than min_tokens, and give the
@@ -214,3 +197,24 @@ def test_min_tokens_is_masked_in_steps_launched_ahead(tiny, corpus):
     for rid, (tokens, _) in async_.items():   # masked: none of the first min_tokens is a stop token
         assert len(tokens) >= 6 and not set(tokens[:6]) & set(stops[int(rid)]), (rid, tokens)
     assert any(reason == "stop" for _, reason in async_.values())   # the stop tokens did come, after min_tokens
+
+
+def test_penalties_count_the_in_flight_token_from_the_device(tiny, corpus):
+    """Repetition, frequency and presence penalties read every token so far; in a step launched
+    ahead the last one is still a placeholder on the host, so the sampler adds its device value:
+    steps launch ahead and give the synchronous run's tokens (greedy with a repetition penalty,
+    seeded sampling with frequency / presence penalties)."""
+    prompts = make_prompts(corpus)[:6]
+    params = [SamplingParams(temperature=0.0, repetition_penalty=1.5, max_tokens=16) if i % 2 else
+              SamplingParams(temperature=0.8, seed=i, frequency_penalty=0.9, presence_penalty=0.6, max_tokens=16)
+              for i in range(len(prompts))]
+
+    def run(async_scheduling: bool):
+        engine = make_engine(tiny, async_scheduling=async_scheduling)
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            engine.add_request(str(i), prompt, p)
+        return engine, {rid: outs[-1].output_token_ids for rid, outs in drain_checked(engine).items()}
+
+    async_engine, async_ = run(True)
+    assert async_engine.num_launched_ahead > 0
+    assert async_ == run(False)[1]

@@ -277,9 +277,9 @@ class LLMEngine:
             tokens = self.runner.launch_sampled(out.seqs, out.num_new_tokens, self._sample_rows(sampled))
             self._in_flight = _Flight(out, sampled, tokens, greedy=False)
 
-    def _sample_rows(self, seqs: list[Sequence]):
+    def _sample_rows(self, seqs: list[Sequence], in_flight=None):
         """``Sampler.sample`` for these rows, as ``ModelRunner.launch_sampled`` calls it."""
-        return lambda logits: self.sampler.sample(logits, seqs)
+        return lambda logits: self.sampler.sample(logits, seqs, in_flight)
 
     def _launch_ahead(self) -> _Flight | None:
         """Async scheduling (vLLM's): launch the next step before the in-flight one's tokens reach
@@ -288,10 +288,10 @@ class LLMEngine:
         until ``_resolve``. A sequence that the in-flight step's token ends (EOS, a stop token: not
         known yet) wastes one row of the new step, whose token is dropped (a sampled row also draws
         its noise: an unseeded row's draws then differ from a synchronous run's; a seeded row's do
-        not). ``min_tokens`` masking holds too: the sampler counts the placeholder as the output it
-        stands for. None, and nothing changed, when the next step needs anything else: a waiting
-        request to admit, a partial prefill, penalties (they read the in-flight token's value), a
-        preemption, nothing to continue."""
+        not). ``min_tokens`` masking holds too (the sampler counts the placeholder as the output it
+        stands for), and penalties take the in-flight token's value from the device. None, and
+        nothing changed, when the next step needs anything else: a waiting request to admit, a
+        partial prefill, a preemption, nothing to continue."""
         flight = self._in_flight
         if flight is None or flight.tokens.device is None or self.scheduler.waiting:
             return None
@@ -316,8 +316,6 @@ class LLMEngine:
             return None   # someone running was not sampled by the in-flight step (a partial prefill)
         if not continuing or len(new_block) > self.scheduler.block_manager.num_free_blocks:
             return None
-        if not flight.greedy and any(_needs_token_values(seq) for seq in continuing):
-            return None   # penalties count the tokens of the step in flight: sampled after it resolves
         if len(rows) < len(flight.sampled):
             rows = _keep_places(rows)
             continuing = [flight.sampled[i] for i in rows]
@@ -332,7 +330,10 @@ class LLMEngine:
         # become so (its sampled rows ended).
         if flight.greedy or self.sampler.is_plain_greedy(continuing):
             return _Flight(out, continuing, self.runner.launch_greedy(out.seqs, out.num_new_tokens, inputs_from))
-        tokens = self.runner.launch_sampled(out.seqs, out.num_new_tokens, self._sample_rows(continuing), inputs_from)
+        # Penalties count each row's in-flight token from the device (the host has a placeholder).
+        in_flight = inputs_from.gathered() if any(map(_has_penalties, continuing)) else None  # [rows]
+        tokens = self.runner.launch_sampled(out.seqs, out.num_new_tokens, self._sample_rows(continuing, in_flight),
+                                            inputs_from)
         return _Flight(out, continuing, tokens, greedy=False)
 
     def _resolve(self) -> list[_Request]:
@@ -467,9 +468,7 @@ class LLM:
         return self.engine.generate(prompts, sampling_params)
 
 
-def _needs_token_values(seq: Sequence) -> bool:
-    """Whether sampling its next token reads its previous tokens' values (penalties), which a
-    step launched ahead of the last one's tokens does not have on the host."""
+def _has_penalties(seq: Sequence) -> bool:
     p = seq.sampling_params
     return p.repetition_penalty != 1.0 or bool(p.frequency_penalty) or bool(p.presence_penalty)
 

@@ -89,6 +89,11 @@ class InputsFrom:
     tokens: torch.Tensor          # [num_sampled_before] on the device
     rows: list[int]
 
+    def gathered(self) -> torch.Tensor:
+        """tokens[rows] [num_rows] on the device (for the sampler's penalties)."""
+        index = torch.from_numpy(np.fromiter(self.rows, np.int64, len(self.rows)))  # [num_rows]
+        return torch.index_select(self.tokens, 0, index.to(self.tokens.device, non_blocking=True))
+
     def gather_into(self, input_ids: torch.Tensor) -> None:
         """The eager path's gather (a graph step stages ``rows`` with its other inputs instead)."""
         index = torch.from_numpy(np.fromiter(self.rows, np.int64, len(self.rows)))  # [num_rows]

@@ -50,11 +50,16 @@ class Sampler:
         logprob_list = logprobs.tolist() if logprobs is not None else [None] * len(seqs)
         return [SampleResult(t, lp if p.logprobs else None) for t, lp, p in zip(tokens.tolist(), logprob_list, params)]
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence],
+               in_flight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The tokens [num_seqs] int64 and, when some row asked for them, the log-probs [num_seqs] fp32
         of the distributions they were drawn from, left on ``logits``' device. Nothing here waits
         for the device (the per-row choices are read from the parameters on the host), so a step's
-        sampling queues behind its forward and the host goes on (async scheduling)."""
+        sampling queues behind its forward and the host goes on (async scheduling).
+
+        ``in_flight`` [num_seqs]: a step launched ahead of the previous one's tokens; each row's last
+        token is still a placeholder on the host, and this is its value on the device (penalties
+        count it from here)."""
         if logits.shape[0] != len(seqs):
             raise ValueError(f"{logits.shape[0]} logits rows for {len(seqs)} sequences")
         params = [seq.sampling_params for seq in seqs]
@@ -62,7 +67,7 @@ class Sampler:
         if all(p.is_greedy for p in params) and not any(_needs_logits_processing(s) for s in seqs):
             tokens = logits.argmax(dim=-1)  # [num_seqs]
             return tokens, _chosen_logprobs(logits, tokens) if want_logprobs else None
-        logits = self._process(logits.clone(), seqs)
+        logits = self._process(logits.clone(), seqs, in_flight)
         tokens, distribution = self._sample(logits, seqs, want_logprobs)
         return tokens, _chosen_logprobs(distribution, tokens) if want_logprobs else None
 
@@ -83,18 +88,23 @@ class Sampler:
         self._seq_generators.pop(seq_id, None)
 
     # -- logits processing -------------------------------------------------------------------------
-    def _process(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _process(self, logits: torch.Tensor, seqs: list[Sequence],
+                 in_flight: torch.Tensor | None = None) -> torch.Tensor:
         self._mask_min_tokens(logits, seqs)
+        # Launched ahead (``in_flight``): each row's last host token is a placeholder; the lists
+        # leave it out and the penalties add its device value.
+        known = slice(None) if in_flight is None else slice(None, -1)
         rows = [i for i, s in enumerate(seqs) if s.sampling_params.repetition_penalty != 1.0]
         if rows:
             penalties = [seqs[i].sampling_params.repetition_penalty for i in rows]
-            logits[rows] = apply_repetition_penalty(logits[rows], [seqs[i].token_ids for i in rows], penalties)
+            logits[rows] = apply_repetition_penalty(logits[rows], [seqs[i].token_ids[known] for i in rows], penalties,
+                                                    _rows_of(in_flight, rows))
         rows = [i for i, s in enumerate(seqs) if s.sampling_params.frequency_penalty or s.sampling_params.presence_penalty]
         if rows:
             logits[rows] = apply_frequency_presence_penalties(
-                logits[rows], [seqs[i].output_token_ids for i in rows],
+                logits[rows], [seqs[i].output_token_ids[known] for i in rows],
                 [seqs[i].sampling_params.frequency_penalty for i in rows],
-                [seqs[i].sampling_params.presence_penalty for i in rows])
+                [seqs[i].sampling_params.presence_penalty for i in rows], _rows_of(in_flight, rows))
         return logits
 
     def _mask_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -163,18 +173,22 @@ class Sampler:
         return generator
 
 
-def apply_repetition_penalty(logits: torch.Tensor, token_ids: list[list[int]], penalties: list[float]) -> torch.Tensor:
-    """HF semantics: every token seen in prompt or output gets ``x / p`` if ``x > 0`` else ``x * p``."""
-    seen = _token_mask(token_ids, logits.shape[1], logits.device)  # [rows, vocab]
+def apply_repetition_penalty(logits: torch.Tensor, token_ids: list[list[int]], penalties: list[float],
+                             extra: torch.Tensor | None = None) -> torch.Tensor:
+    """HF semantics: every token seen in prompt or output gets ``x / p`` if ``x > 0`` else ``x * p``.
+    ``extra`` [rows]: one more token per row, on the device (the in-flight one)."""
+    seen = _token_counts(token_ids, logits.shape[1], logits.device, extra) > 0  # [rows, vocab]
     p = torch.tensor(penalties, dtype=logits.dtype, device=logits.device)[:, None]
     penalised = torch.where(logits > 0, logits / p, logits * p)
     return torch.where(seen, penalised, logits)
 
 
 def apply_frequency_presence_penalties(logits: torch.Tensor, output_ids: list[list[int]],
-                                       frequency: list[float], presence: list[float]) -> torch.Tensor:
-    """vLLM/OpenAI semantics over output tokens: ``x - frequency * count - presence * (count > 0)``."""
-    counts = _token_counts(output_ids, logits.shape[1], logits.device)  # [rows, vocab]
+                                       frequency: list[float], presence: list[float],
+                                       extra: torch.Tensor | None = None) -> torch.Tensor:
+    """vLLM/OpenAI semantics over output tokens: ``x - frequency * count - presence * (count > 0)``.
+    ``extra`` [rows]: one more output token per row, on the device (the in-flight one)."""
+    counts = _token_counts(output_ids, logits.shape[1], logits.device, extra)  # [rows, vocab]
     f = torch.tensor(frequency, dtype=logits.dtype, device=logits.device)[:, None]
     p = torch.tensor(presence, dtype=logits.dtype, device=logits.device)[:, None]
     return logits - f * counts - p * (counts > 0).to(logits.dtype)
@@ -214,18 +228,23 @@ def _min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def _token_mask(token_ids: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    return _token_counts(token_ids, vocab, device) > 0
-
-
-def _token_counts(token_ids: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """[rows, vocab] occurrence counts; rows are padded with an extra column that is dropped."""
+def _token_counts(token_ids: list[list[int]], vocab: int, device: torch.device,
+                  extra: torch.Tensor | None = None) -> torch.Tensor:
+    """[rows, vocab] occurrence counts of ``token_ids`` (and of ``extra`` [rows], one more token per
+    row already on the device); rows are padded with an extra column that is dropped."""
     width = max((len(ids) for ids in token_ids), default=0)
-    padded = torch.tensor([ids + [vocab] * (width - len(ids)) for ids in token_ids],
-                          dtype=torch.long, device=device).view(len(token_ids), width)
+    padded = _to(torch.tensor([ids + [vocab] * (width - len(ids)) for ids in token_ids],
+                              dtype=torch.long).view(len(token_ids), width), device)  # [rows, width]
+    if extra is not None:
+        padded = torch.cat([padded, extra.view(-1, 1).to(torch.long)], dim=1)  # [rows, width + 1]
     counts = torch.zeros(len(token_ids), vocab + 1, device=device)
     counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))
     return counts[:, :vocab]
+
+
+def _rows_of(tokens: torch.Tensor | None, rows: list[int]) -> torch.Tensor | None:
+    """tokens[rows] on the device, or None."""
+    return None if tokens is None else tokens.index_select(0, _to(torch.tensor(rows), tokens.device))
 
 
 def _needs_logits_processing(seq: Sequence) -> bool:
