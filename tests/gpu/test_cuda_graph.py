@@ -158,3 +158,28 @@ def test_int8_kv_cache_runs_the_kernels_under_graphs_and_matches_cpu(int8_kv_dir
     same = sum(a == b for g, c in zip(gpu_tokens, cpu_tokens) for a, b in zip(g, c))
     assert same >= 0.9 * sum(MAX_TOKENS)
     assert [t[:3] for t in gpu_tokens] == [t[:3] for t in cpu_tokens]
+
+
+@needs_cuda
+def test_arrivals_admitted_ahead_on_cuda_give_the_sync_tokens(model_dir):
+    """One request arriving per step while others decode: async scheduling admits them into the
+    step it launches ahead (an eager mixed step whose decode rows gather their inputs on the GPU,
+    between graph replays); greedy tokens equal the synchronous run's."""
+    prompts = _prompts()
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in MAX_TOKENS]
+
+    def run(async_scheduling: bool) -> dict[str, list[int]]:
+        engine = LLMEngine(dataclasses.replace(_config(model_dir, "cuda"), async_scheduling=async_scheduling))
+        outputs, step = {}, 0
+        while step < len(prompts) or engine.has_unfinished():
+            if step < len(prompts):
+                engine.add_request(str(step), prompts[step], params[step])
+            for out in engine.step():
+                if out.finished:
+                    outputs[out.request_id] = out.output_token_ids
+            step += 1
+        if async_scheduling:
+            assert engine.num_launched_ahead > 0 and engine.runner.graphs.num_replays > 0
+        return outputs
+
+    assert run(True) == run(False)

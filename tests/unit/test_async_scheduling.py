@@ -218,3 +218,37 @@ def test_penalties_count_the_in_flight_token_from_the_device(tiny, corpus):
     async_engine, async_ = run(True)
     assert async_engine.num_launched_ahead > 0
     assert async_ == run(False)[1]
+
+
+def test_arrivals_are_admitted_into_steps_launched_ahead(tiny, corpus):
+    """Requests arriving one per step while others decode (online serving) are admitted into the
+    step launched ahead, behind the decodes (their prefill in the same forward, decode rows' inputs
+    still gathered on the device); the tokens stay the synchronous run's, greedy and seeded."""
+    prompts = make_prompts(corpus)
+    params = [greedy(n) if i % 2 else SamplingParams(temperature=0.7, seed=i, max_tokens=n, repetition_penalty=1.2)
+              for i, n in enumerate(MAX_TOKENS)]
+
+    def run(async_scheduling: bool):
+        engine = make_engine(tiny, async_scheduling=async_scheduling, max_num_batched_tokens=96)
+        admitted_ahead = []
+        inner = engine.scheduler.admit
+
+        def admit(out):
+            before = len(out.seqs)
+            inner(out)
+            admitted_ahead.append(len(out.seqs) - before)
+        engine.scheduler.admit = admit
+
+        def feed(engine, step):
+            if step < len(prompts):   # one arrival per step
+                engine.add_request(str(step), prompts[step], params[step])
+        outputs = drain_checked(engine, feed)
+        return sum(admitted_ahead), {rid: outs[-1].output_token_ids for rid, outs in outputs.items()}
+
+    admitted_async, async_ = run(True)
+    admitted_sync, sync = run(False)
+    assert admitted_async > 0 and admitted_sync == 0
+    assert async_ == sync
+    for i, (prompt, n) in enumerate(zip(prompts, MAX_TOKENS)):
+        if i % 2:
+            assert async_[str(i)] == hf_greedy(tiny, prompt, n), i

@@ -289,11 +289,12 @@ class LLMEngine:
         known yet) wastes one row of the new step, whose token is dropped (a sampled row also draws
         its noise: an unseeded row's draws then differ from a synchronous run's; a seeded row's do
         not). ``min_tokens`` masking holds too (the sampler counts the placeholder as the output it
-        stands for), and penalties take the in-flight token's value from the device. None, and
-        nothing changed, when the next step needs anything else: a waiting request to admit, a
-        partial prefill, a preemption, nothing to continue."""
+        stands for), and penalties take the in-flight token's value from the device. Waiting
+        requests are admitted into the same step behind the decodes, as far as the token budget and
+        the free blocks go (never by preempting). None, and nothing changed, when the next step
+        needs anything else: a partial prefill to continue, a preemption, nothing to continue."""
         flight = self._in_flight
-        if flight is None or flight.tokens.device is None or self.scheduler.waiting:
+        if flight is None or flight.tokens.device is None:
             return None
         running_status = SequenceStatus.RUNNING
         block_size = self.scheduler.block_manager.block_size
@@ -324,17 +325,23 @@ class LLMEngine:
         self.scheduler.advance(flight.scheduled)
         flight.advanced = True
         out = self.scheduler.schedule_continuation(continuing, new_block)
+        self.scheduler.admit(out)   # the waiting, behind the decodes: out.seqs starts with continuing
+        sampled = continuing if len(out.seqs) == len(continuing) else \
+            [seq for seq, is_sampled in zip(out.seqs, out.is_sampled) if is_sampled]
         inputs_from = InputsFrom(flight.tokens.device, rows)
         self.num_launched_ahead += 1
         # The same rows as a greedy flight: still plain greedy. A sampled flight's rows may have
         # become so (its sampled rows ended).
-        if flight.greedy or self.sampler.is_plain_greedy(continuing):
-            return _Flight(out, continuing, self.runner.launch_greedy(out.seqs, out.num_new_tokens, inputs_from))
-        # Penalties count each row's in-flight token from the device (the host has a placeholder).
-        in_flight = inputs_from.gathered() if any(map(_has_penalties, continuing)) else None  # [rows]
-        tokens = self.runner.launch_sampled(out.seqs, out.num_new_tokens, self._sample_rows(continuing, in_flight),
+        if (flight.greedy and sampled is continuing) or self.sampler.is_plain_greedy(sampled):
+            return _Flight(out, sampled, self.runner.launch_greedy(out.seqs, out.num_new_tokens, inputs_from))
+        # Penalties count each continuing row's in-flight token from the device (the host has a
+        # placeholder); an admitted row has none (the vocabulary size stands for "no token").
+        in_flight = None
+        if any(map(_has_penalties, sampled)):
+            in_flight = inputs_from.gathered(len(sampled) - len(continuing), pad=self.runner.vocab_size)  # [sampled]
+        tokens = self.runner.launch_sampled(out.seqs, out.num_new_tokens, self._sample_rows(sampled, in_flight),
                                             inputs_from)
-        return _Flight(out, continuing, tokens, greedy=False)
+        return _Flight(out, sampled, tokens, greedy=False)
 
     def _resolve(self) -> list[_Request]:
         """Append the in-flight step's tokens and apply the stop rules that need no text. Returns

@@ -89,10 +89,14 @@ class InputsFrom:
     tokens: torch.Tensor          # [num_sampled_before] on the device
     rows: list[int]
 
-    def gathered(self) -> torch.Tensor:
-        """tokens[rows] [num_rows] on the device (for the sampler's penalties)."""
+    def gathered(self, num_padding: int = 0, pad: int = 0) -> torch.Tensor:
+        """tokens[rows] on the device, then ``num_padding`` times ``pad`` [num_rows + num_padding]
+        (for the sampler's penalties: rows admitted into the step have no in-flight token)."""
         index = torch.from_numpy(np.fromiter(self.rows, np.int64, len(self.rows)))  # [num_rows]
-        return torch.index_select(self.tokens, 0, index.to(self.tokens.device, non_blocking=True))
+        gathered = torch.index_select(self.tokens, 0, index.to(self.tokens.device, non_blocking=True))
+        if num_padding:
+            gathered = torch.cat([gathered, gathered.new_full((num_padding,), pad)])
+        return gathered
 
     def gather_into(self, input_ids: torch.Tensor) -> None:
         """The eager path's gather (a graph step stages ``rows`` with its other inputs instead)."""
@@ -201,8 +205,8 @@ class ModelRunner:
             out = self.graphs.run(seqs, inputs_from)
             return StepLogits(out.logits, out.token_ids)
         batch = self.prepare(seqs, num_new_tokens)
-        if inputs_from is not None:   # a decode step: row i is sequence i's one token
-            inputs_from.gather_into(batch.input_ids[:len(seqs)])
+        if inputs_from is not None:   # the leading decode rows: row i is sequence i's one token
+            inputs_from.gather_into(batch.input_ids[:len(inputs_from.rows)])
         hidden = self.model(batch.input_ids, batch.positions, self.kv_cache, batch.metadata)  # [num_tokens, hidden]
         logits = self.model.compute_logits(hidden[batch.sample_rows])  # [num_sampled, vocab]
         return StepLogits(logits, logits.argmax(dim=-1))
@@ -214,8 +218,8 @@ class ModelRunner:
             return False
         if len(seqs) != len(num_new_tokens) or not seqs:
             return False
-        if inputs_from is not None:
-            return True   # a continuation of running decodes (Scheduler.schedule_continuation): one token each
+        if inputs_from is not None:   # a continuation of running decodes (Scheduler.schedule_continuation),
+            return len(inputs_from.rows) == len(seqs)   # one token each, unless it also admits prefills
         # (Block-table coverage is checked as the rows are staged; the scheduler keeps positions
         # within max_model_len.)
         return all(n == 1 and seq.num_tokens - seq.num_computed_tokens == 1

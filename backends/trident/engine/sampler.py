@@ -57,9 +57,9 @@ class Sampler:
         for the device (the per-row choices are read from the parameters on the host), so a step's
         sampling queues behind its forward and the host goes on (async scheduling).
 
-        ``in_flight`` [num_seqs]: a step launched ahead of the previous one's tokens; each row's last
-        token is still a placeholder on the host, and this is its value on the device (penalties
-        count it from here)."""
+        ``in_flight`` [num_seqs]: a step launched ahead of the previous one's tokens; a row whose last
+        token is still a placeholder on the host has its value here, on the device (penalties count
+        it from here); a row without one (admitted into that step) has the vocabulary size."""
         if logits.shape[0] != len(seqs):
             raise ValueError(f"{logits.shape[0]} logits rows for {len(seqs)} sequences")
         params = [seq.sampling_params for seq in seqs]
@@ -91,18 +91,17 @@ class Sampler:
     def _process(self, logits: torch.Tensor, seqs: list[Sequence],
                  in_flight: torch.Tensor | None = None) -> torch.Tensor:
         self._mask_min_tokens(logits, seqs)
-        # Launched ahead (``in_flight``): each row's last host token is a placeholder; the lists
-        # leave it out and the penalties add its device value.
-        known = slice(None) if in_flight is None else slice(None, -1)
+        # Launched ahead (``in_flight``): a row whose last host token is a placeholder (negative)
+        # counts it from the device instead; rows without one have the vocabulary size there.
         rows = [i for i, s in enumerate(seqs) if s.sampling_params.repetition_penalty != 1.0]
         if rows:
             penalties = [seqs[i].sampling_params.repetition_penalty for i in rows]
-            logits[rows] = apply_repetition_penalty(logits[rows], [seqs[i].token_ids[known] for i in rows], penalties,
-                                                    _rows_of(in_flight, rows))
+            logits[rows] = apply_repetition_penalty(logits[rows], [_known(seqs[i].token_ids) for i in rows],
+                                                    penalties, _rows_of(in_flight, rows))
         rows = [i for i, s in enumerate(seqs) if s.sampling_params.frequency_penalty or s.sampling_params.presence_penalty]
         if rows:
             logits[rows] = apply_frequency_presence_penalties(
-                logits[rows], [seqs[i].output_token_ids[known] for i in rows],
+                logits[rows], [_known(seqs[i].output_token_ids) for i in rows],
                 [seqs[i].sampling_params.frequency_penalty for i in rows],
                 [seqs[i].sampling_params.presence_penalty for i in rows], _rows_of(in_flight, rows))
         return logits
@@ -240,6 +239,11 @@ def _token_counts(token_ids: list[list[int]], vocab: int, device: torch.device,
     counts = torch.zeros(len(token_ids), vocab + 1, device=device)
     counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))
     return counts[:, :vocab]
+
+
+def _known(token_ids: list[int]) -> list[int]:
+    """The tokens whose values the host has: all but a trailing placeholder (a negative id)."""
+    return token_ids[:-1] if token_ids and token_ids[-1] < 0 else token_ids
 
 
 def _rows_of(tokens: torch.Tensor | None, rows: list[int]) -> torch.Tensor | None:

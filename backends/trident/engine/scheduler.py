@@ -173,6 +173,13 @@ class Scheduler:
         n = len(seqs)
         return SchedulerOutput(seqs=list(seqs), num_new_tokens=[1] * n, is_sampled=[True] * n)
 
+    def admit(self, out: SchedulerOutput) -> None:
+        """Async scheduling: admit waiting sequences into a continuation (``schedule_continuation``)
+        with the token budget it leaves, FCFS and only into free blocks: no preemption, as
+        ``schedule`` admits after its running sequences."""
+        if self.waiting:
+            self._schedule_waiting(out, self.config.max_num_batched_tokens - out.num_batched_tokens)
+
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         # Runs for every running sequence every step: attribute reads only on the common path (a
         # decode whose block table already covers its next position).
