@@ -335,10 +335,10 @@ class LLMEngine:
         if (flight.greedy and sampled is continuing) or self.sampler.is_plain_greedy(sampled):
             return _Flight(out, sampled, self.runner.launch_greedy(out.seqs, out.num_new_tokens, inputs_from))
         # Penalties count each continuing row's in-flight token from the device (the host has a
-        # placeholder); an admitted row has none (the vocabulary size stands for "no token").
+        # placeholder); an admitted row has none (-1).
         in_flight = None
         if any(map(_has_penalties, sampled)):
-            in_flight = inputs_from.gathered(len(sampled) - len(continuing), pad=self.runner.vocab_size)  # [sampled]
+            in_flight = inputs_from.gathered(len(sampled) - len(continuing), pad=-1)  # [sampled]
         tokens = self.runner.launch_sampled(out.seqs, out.num_new_tokens, self._sample_rows(sampled, in_flight),
                                             inputs_from)
         return _Flight(out, sampled, tokens, greedy=False)

@@ -89,7 +89,7 @@ class InputsFrom:
     tokens: torch.Tensor          # [num_sampled_before] on the device
     rows: list[int]
 
-    def gathered(self, num_padding: int = 0, pad: int = 0) -> torch.Tensor:
+    def gathered(self, num_padding: int = 0, pad: int = -1) -> torch.Tensor:
         """tokens[rows] on the device, then ``num_padding`` times ``pad`` [num_rows + num_padding]
         (for the sampler's penalties: rows admitted into the step have no in-flight token)."""
         index = torch.from_numpy(np.fromiter(self.rows, np.int64, len(self.rows)))  # [num_rows]

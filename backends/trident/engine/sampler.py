@@ -59,7 +59,7 @@ class Sampler:
 
         ``in_flight`` [num_seqs]: a step launched ahead of the previous one's tokens; a row whose last
         token is still a placeholder on the host has its value here, on the device (penalties count
-        it from here); a row without one (admitted into that step) has the vocabulary size."""
+        it from here); a row without one (admitted into that step) has -1."""
         if logits.shape[0] != len(seqs):
             raise ValueError(f"{logits.shape[0]} logits rows for {len(seqs)} sequences")
         params = [seq.sampling_params for seq in seqs]
@@ -92,7 +92,7 @@ class Sampler:
                  in_flight: torch.Tensor | None = None) -> torch.Tensor:
         self._mask_min_tokens(logits, seqs)
         # Launched ahead (``in_flight``): a row whose last host token is a placeholder (negative)
-        # counts it from the device instead; rows without one have the vocabulary size there.
+        # counts it from the device instead; rows without one have -1 there.
         rows = [i for i, s in enumerate(seqs) if s.sampling_params.repetition_penalty != 1.0]
         if rows:
             penalties = [seqs[i].sampling_params.repetition_penalty for i in rows]
@@ -230,12 +230,13 @@ def _min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 def _token_counts(token_ids: list[list[int]], vocab: int, device: torch.device,
                   extra: torch.Tensor | None = None) -> torch.Tensor:
     """[rows, vocab] occurrence counts of ``token_ids`` (and of ``extra`` [rows], one more token per
-    row already on the device); rows are padded with an extra column that is dropped."""
+    row already on the device, or -1 for none); rows are padded with an extra column that is dropped."""
     width = max((len(ids) for ids in token_ids), default=0)
     padded = _to(torch.tensor([ids + [vocab] * (width - len(ids)) for ids in token_ids],
                               dtype=torch.long).view(len(token_ids), width), device)  # [rows, width]
-    if extra is not None:
-        padded = torch.cat([padded, extra.view(-1, 1).to(torch.long)], dim=1)  # [rows, width + 1]
+    if extra is not None:   # -1 (no token) goes to the dropped column too
+        extra = torch.where(extra < 0, vocab, extra.to(torch.long))
+        padded = torch.cat([padded, extra.view(-1, 1)], dim=1)  # [rows, width + 1]
     counts = torch.zeros(len(token_ids), vocab + 1, device=device)
     counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))
     return counts[:, :vocab]
