@@ -2,7 +2,8 @@
 
     python loadtest/bench_engine_cpu.py [--model DIR] [--num-requests 32] [--input-len 64]
                                         [--output-len 64] [--threads 1] [--hf-requests K]
-    python loadtest/bench_engine_cpu.py --host [--num-requests 256] [--output-len-min 16] [--cprofile 25]
+    python loadtest/bench_engine_cpu.py --host [--num-requests 256] [--output-len-min 16] [--arrivals-per-step 4]
+                                        [--cprofile 25]
 
 N requests of random-token prompts (fixed lengths, EOS ignored, greedy) go to the engine all at
 once (twice: before and after the peer); the peer is ``generate`` run request by request on the same weights, in the same process,
@@ -98,12 +99,15 @@ def _pct(values: list[float], q: int) -> float:
 
 
 def bench_host(num_requests: int, input_len: int, output_len: int, output_kind: str | None,
-               cprofile_top: int = 0, detokenize: bool = True, output_len_min: int | None = None) -> dict:
+               cprofile_top: int = 0, detokenize: bool = True, output_len_min: int | None = None,
+               arrivals_per_step: int = 0) -> dict:
     """Engine host microseconds per output token, with the model taken out: the runner's forward
     packs its inputs as on the GPU (a decode step stages the CUDA-graph buffers, anything else runs
     ``prepare``) and returns random tokens at once, so every other line of the step is timed.
     ``output_len_min``: each request's output length is drawn from [output_len_min, output_len], so
-    rows end at different steps (as EOS would end them) instead of all in the last ones."""
+    rows end at different steps (as EOS would end them) instead of all in the last ones.
+    ``arrivals_per_step``: requests arrive that many per step (online serving) instead of all at
+    once; the result says how many steps were launched ahead of the previous one's tokens."""
     import cProfile
     import pstats
     import tempfile
@@ -125,13 +129,17 @@ def bench_host(num_requests: int, input_len: int, output_len: int, output_kind: 
     rng = random.Random(1)
     lengths = [output_len if output_len_min is None else rng.randint(output_len_min, output_len) for _ in prompts]
     profiler = cProfile.Profile() if cprofile_top else None
-    for i, (prompt, length) in enumerate(zip(prompts, lengths)):
-        engine.add_request(str(i), prompt, dataclasses.replace(params, max_tokens=length))
+    pending = [(str(i), prompt, dataclasses.replace(params, max_tokens=length))
+               for i, (prompt, length) in enumerate(zip(prompts, lengths))][::-1]
+    for _ in range(len(pending) if not arrivals_per_step else 0):
+        engine.add_request(*pending.pop())
     steps = 0
     t0 = time.perf_counter()
     if profiler:
         profiler.enable()
-    while engine.has_unfinished():
+    while pending or engine.has_unfinished():
+        for _ in range(min(arrivals_per_step, len(pending))):
+            engine.add_request(*pending.pop())
         engine.step()
         steps += 1
     if profiler:
@@ -142,7 +150,8 @@ def bench_host(num_requests: int, input_len: int, output_len: int, output_kind: 
         pstats.Stats(profiler).sort_stats("tottime").print_stats(cprofile_top)
     staged_rows = phases.pop("_staged_rows")
     return {"output_kind": (output_kind or "cumulative") + ("" if detokenize else " ids"), "num_requests": num_requests, "output_tokens": num_tokens,
-            "steps": steps, "seconds": elapsed, "host_us_per_token": elapsed / num_tokens * 1e6,
+            "steps": steps, "launched_ahead": engine.num_launched_ahead,
+            "seconds": elapsed, "host_us_per_token": elapsed / num_tokens * 1e6,
             "phase_us_per_token": {k: v / num_tokens * 1e6 for k, v in phases.items()},
             "stage_us_per_row": phases["decode staging"] / max(staged_rows, 1) * 1e6}
 
@@ -162,8 +171,10 @@ def _host_only_forward(engine) -> dict[str, float]:
 
     def forward(seqs, num_new_tokens, inputs_from=None):
         t = time.perf_counter()
-        if inputs_from is not None or all(n == 1 and seq.num_computed_tokens == seq.num_tokens - 1
-                                          for seq, n in zip(seqs, num_new_tokens)):
+        # What ModelRunner._is_graphable picks: a continuation of decodes only (one that also
+        # admits prefills runs eagerly), or every row computing its one last token.
+        if (len(inputs_from.rows) == len(seqs) if inputs_from is not None else
+                all(n == 1 and seq.num_computed_tokens == seq.num_tokens - 1 for seq, n in zip(seqs, num_new_tokens))):
             bucket = next(b for b in buckets if b >= len(seqs))
             buffers.stage(seqs, bucket, config.block_size, None if inputs_from is None else inputs_from.rows)
             phases["decode staging"] += time.perf_counter() - t
@@ -199,11 +210,12 @@ def main_host(args: argparse.Namespace) -> list[dict]:
     # DELTA without detokenization is what the Triton model asks of the engine for a stream.
     for kind, detokenize in ((None, True), ("delta", True), ("delta", False), ("final_only", True)):
         run = bench_host(args.num_requests, args.input_len, args.output_len, kind, args.cprofile, detokenize,
-                         args.output_len_min)
+                         args.output_len_min, args.arrivals_per_step)
         results.append(run)
         phases = ", ".join(f"{k} {v:.2f}" for k, v in run["phase_us_per_token"].items())
         print(f"[host] {run['output_kind']:<13}: {run['host_us_per_token']:6.2f} us/token host "
-              f"({run['output_tokens']} tokens, {run['steps']} steps, {run['seconds']:.2f} s; "
+              f"({run['output_tokens']} tokens, {run['steps']} steps, {run['launched_ahead']} launched ahead, "
+              f"{run['seconds']:.2f} s; "
               f"decode staging {run['stage_us_per_row']:.2f} us/row); per token: {phases}", flush=True)
     return results
 
@@ -266,6 +278,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cprofile", type=int, default=0, help="with --host: print the top N functions")
     parser.add_argument("--output-len-min", type=int, default=None,
                         help="with --host: output lengths uniform in [this, --output-len], so rows end apart")
+    parser.add_argument("--arrivals-per-step", type=int, default=0,
+                        help="with --host: requests arrive this many per step instead of all at once")
     return parser.parse_args(argv)
 
 
