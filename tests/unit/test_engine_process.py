@@ -39,35 +39,40 @@ def core(config):
     process.shutdown()
 
 
+def messages(core: EngineProcess, what: str, timeout_s: float = 120):
+    """The core's steps as they come, failing after ``timeout_s`` with no ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert time.monotonic() < deadline, f"no {what}"
+        for message in core.get(timeout=0.5):
+            assert not isinstance(message, EngineDied), message
+            yield message
+
+
 def collect(core: EngineProcess, request_ids: set[str], timeout_s: float = 120) -> dict[str, list]:
     """Every output and error of the given requests, until each has its final answer."""
     seen: dict[str, list] = {rid: [] for rid in request_ids}
     open_ids = set(request_ids)
-    deadline = time.monotonic() + timeout_s
-    while open_ids:
-        assert time.monotonic() < deadline, f"no final answer for {sorted(open_ids)}"
-        for message in core.get(timeout=0.5):
-            assert not isinstance(message, EngineDied), message
-            for out in message.outputs():
-                seen[out.request_id].append(out)
-                if out.finished:
-                    open_ids.discard(out.request_id)
-            for request_id, error in message.errors:
-                seen[request_id].append(error)
-                open_ids.discard(request_id)
-    return seen
+    if not open_ids:
+        return seen
+    for message in messages(core, f"final answer for {sorted(open_ids)}", timeout_s):
+        for out in message.outputs():
+            seen[out.request_id].append(out)
+            if out.finished:
+                open_ids.discard(out.request_id)
+        for request_id, error in message.errors:
+            seen[request_id].append(error)
+            open_ids.discard(request_id)
+        if not open_ids:
+            return seen
 
 
 def first_output(core: EngineProcess, request_id: str, timeout_s: float = 120):
     """The first output of ``request_id`` (the others are dropped)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        assert time.monotonic() < deadline, f"no output for {request_id}"
-        for message in core.get(timeout=0.5):
-            assert not isinstance(message, EngineDied), message
-            for out in message.outputs():
-                if out.request_id == request_id:
-                    return out
+    for message in messages(core, f"output for {request_id}", timeout_s):
+        for out in message.outputs():
+            if out.request_id == request_id:
+                return out
 
 
 def test_child_matches_the_in_process_engine_for_every_output_kind(core, config):
