@@ -161,7 +161,7 @@ def _host_only_forward(engine) -> dict[str, float]:
     steps into ``DecodeBuffers``, what a CUDA-graph replay stages; others through ``prepare``) and
     returns random token ids. Returns the seconds spent packing, by kind, filled as steps run."""
     from trident.engine.cuda_graph import DecodeBuffers, decode_buckets
-    from trident.engine.model_runner import StepLogits
+    from trident.engine.model_runner import StepLogits, is_decode_step
 
     runner, config = engine.runner, engine.config
     buckets = decode_buckets(config.max_num_seqs)
@@ -171,10 +171,7 @@ def _host_only_forward(engine) -> dict[str, float]:
 
     def forward(seqs, num_new_tokens, inputs_from=None):
         t = time.perf_counter()
-        # What ModelRunner._is_graphable picks: a continuation of decodes only (one that also
-        # admits prefills runs eagerly), or every row computing its one last token.
-        if (len(inputs_from.rows) == len(seqs) if inputs_from is not None else
-                all(n == 1 and seq.num_computed_tokens == seq.num_tokens - 1 for seq, n in zip(seqs, num_new_tokens))):
+        if is_decode_step(seqs, num_new_tokens, inputs_from):   # what a CUDA graph would replay
             bucket = next(b for b in buckets if b >= len(seqs))
             buffers.stage(seqs, bucket, config.block_size, None if inputs_from is None else inputs_from.rows)
             phases["decode staging"] += time.perf_counter() - t

@@ -25,7 +25,7 @@ from .detokenizer import IncrementalDetokenizer, add_tokens_at_end, fast_decoder
 from .metrics import EngineStats
 from .model_runner import InputsFrom, ModelRunner, PendingTokens
 from .outputs import RequestOutput
-from .sampler import Sampler
+from .sampler import Sampler, has_penalties
 from .sampling_params import RequestOutputKind, SamplingParams
 from .scheduler import QueueFullError, Scheduler, SchedulerOutput
 from .sequence import Sequence, SequenceStatus
@@ -326,18 +326,18 @@ class LLMEngine:
         flight.advanced = True
         out = self.scheduler.schedule_continuation(continuing, new_block)
         self.scheduler.admit(out)   # the waiting, behind the decodes: out.seqs starts with continuing
-        sampled = continuing if len(out.seqs) == len(continuing) else \
-            [seq for seq, is_sampled in zip(out.seqs, out.is_sampled) if is_sampled]
+        admitted = len(out.seqs) > len(continuing)
+        sampled = [seq for seq, is_sampled in zip(out.seqs, out.is_sampled) if is_sampled] if admitted else continuing
         inputs_from = InputsFrom(flight.tokens.device, rows)
         self.num_launched_ahead += 1
         # The same rows as a greedy flight: still plain greedy. A sampled flight's rows may have
         # become so (its sampled rows ended).
-        if (flight.greedy and sampled is continuing) or self.sampler.is_plain_greedy(sampled):
+        if (flight.greedy and not admitted) or self.sampler.is_plain_greedy(sampled):
             return _Flight(out, sampled, self.runner.launch_greedy(out.seqs, out.num_new_tokens, inputs_from))
         # Penalties count each continuing row's in-flight token from the device (the host has a
         # placeholder); an admitted row has none (-1).
         in_flight = None
-        if any(map(_has_penalties, sampled)):
+        if any(map(has_penalties, sampled)):
             in_flight = inputs_from.gathered(len(sampled) - len(continuing), pad=-1)  # [sampled]
         tokens = self.runner.launch_sampled(out.seqs, out.num_new_tokens, self._sample_rows(sampled, in_flight),
                                             inputs_from)
@@ -473,11 +473,6 @@ class LLM:
     def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
         return self.engine.generate(prompts, sampling_params)
-
-
-def _has_penalties(seq: Sequence) -> bool:
-    p = seq.sampling_params
-    return p.repetition_penalty != 1.0 or bool(p.frequency_penalty) or bool(p.presence_penalty)
 
 
 def _keep_places(kept: list[int]) -> list[int]:

@@ -92,17 +92,31 @@ class InputsFrom:
     def gathered(self, num_padding: int = 0, pad: int = -1) -> torch.Tensor:
         """tokens[rows] on the device, then ``num_padding`` times ``pad`` [num_rows + num_padding]
         (for the sampler's penalties: rows admitted into the step have no in-flight token)."""
-        index = torch.from_numpy(np.fromiter(self.rows, np.int64, len(self.rows)))  # [num_rows]
-        gathered = torch.index_select(self.tokens, 0, index.to(self.tokens.device, non_blocking=True))
+        gathered = torch.index_select(self.tokens, 0, self._index())
         if num_padding:
             gathered = torch.cat([gathered, gathered.new_full((num_padding,), pad)])
         return gathered
 
     def gather_into(self, input_ids: torch.Tensor) -> None:
         """The eager path's gather (a graph step stages ``rows`` with its other inputs instead)."""
+        torch.index_select(self.tokens, 0, self._index(), out=input_ids)
+
+    def _index(self) -> torch.Tensor:
+        """``rows`` [num_rows] on the tokens' device. From pageable memory, non_blocking still
+        copies the source before returning: no sync."""
         index = torch.from_numpy(np.fromiter(self.rows, np.int64, len(self.rows)))  # [num_rows]
-        # From pageable memory, non_blocking still copies the source before returning: no sync.
-        torch.index_select(self.tokens, 0, index.to(self.tokens.device, non_blocking=True), out=input_ids)
+        return index.to(self.tokens.device, non_blocking=True)
+
+
+def is_decode_step(seqs: list[Sequence], num_new_tokens: list[int], inputs_from: InputsFrom | None = None) -> bool:
+    """Every sequence computes exactly its one last token: a continuation of running decodes
+    (``Scheduler.schedule_continuation``; one that also admits prefills is not), or rows that each
+    have one token left. What a decode CUDA graph can replay."""
+    if len(seqs) != len(num_new_tokens) or not seqs:
+        return False
+    if inputs_from is not None:
+        return len(inputs_from.rows) == len(seqs)
+    return all(n == 1 and seq.num_tokens - seq.num_computed_tokens == 1 for seq, n in zip(seqs, num_new_tokens))
 
 
 class ModelRunner:
@@ -213,17 +227,11 @@ class ModelRunner:
 
     def _is_graphable(self, seqs: list[Sequence], num_new_tokens: list[int],
                       inputs_from: "InputsFrom | None" = None) -> bool:
-        """Every sequence computes exactly its one last token, and a graph holds them all."""
+        """A decode step (``is_decode_step``) that a graph holds. (Block-table coverage is checked
+        as the rows are staged; the scheduler keeps positions within max_model_len.)"""
         if not (self.use_cuda_graphs and self.use_attention_kernels) or len(seqs) > self.graphs.max_batch:
             return False
-        if len(seqs) != len(num_new_tokens) or not seqs:
-            return False
-        if inputs_from is not None:   # a continuation of running decodes (Scheduler.schedule_continuation),
-            return len(inputs_from.rows) == len(seqs)   # one token each, unless it also admits prefills
-        # (Block-table coverage is checked as the rows are staged; the scheduler keeps positions
-        # within max_model_len.)
-        return all(n == 1 and seq.num_tokens - seq.num_computed_tokens == 1
-                   for seq, n in zip(seqs, num_new_tokens))
+        return is_decode_step(seqs, num_new_tokens, inputs_from)
 
     def prepare(self, seqs: list[Sequence], num_new_tokens: list[int]) -> ModelInput:
         """Pack the step's new tokens. Per-token work is numpy over whole arrays: a prefill step

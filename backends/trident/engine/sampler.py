@@ -252,10 +252,15 @@ def _rows_of(tokens: torch.Tensor | None, rows: list[int]) -> torch.Tensor | Non
     return None if tokens is None else tokens.index_select(0, _to(torch.tensor(rows), tokens.device))
 
 
-def _needs_logits_processing(seq: Sequence) -> bool:
+def has_penalties(seq: Sequence) -> bool:
+    """Whether sampling its next token reads its previous tokens' values (repetition, frequency,
+    presence penalties)."""
     p = seq.sampling_params
-    return (p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-            or seq.num_output_tokens < p.min_tokens)
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+def _needs_logits_processing(seq: Sequence) -> bool:
+    return has_penalties(seq) or seq.num_output_tokens < seq.sampling_params.min_tokens
 
 
 def _chosen_logprobs(distribution: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

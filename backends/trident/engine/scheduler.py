@@ -164,9 +164,9 @@ class Scheduler:
     def schedule_continuation(self, seqs: list[Sequence], new_block_seqs: list[Sequence]) -> SchedulerOutput:
         """Async scheduling: the next step of ``seqs``, every one a running decode whose last token
         (appended as a placeholder; ``advance`` already ran for the step that samples it) is still on
-        the device. One new token each, no admissions, no preemption. ``new_block_seqs``: those of
-        ``seqs`` whose next token starts a new block; the caller checked that they fit in the free
-        blocks and that nothing waits."""
+        the device. One new token each, no preemption (``admit`` may add waiting sequences after).
+        ``new_block_seqs``: those of ``seqs`` whose next token starts a new block; the caller checked
+        that they fit in the free blocks."""
         allocate = self.block_manager.allocate
         for seq in new_block_seqs:
             allocate(seq, 1)
