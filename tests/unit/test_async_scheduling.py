@@ -33,6 +33,14 @@ def drain_checked(engine, on_step=None) -> dict[str, list]:
     return outputs
 
 
+def run_all(tiny, prompts, params, async_scheduling: bool):
+    """All requests added at once, drained with the placeholder check: (engine, final output by id)."""
+    engine = make_engine(tiny, async_scheduling=async_scheduling)
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        engine.add_request(str(i), prompt, p)
+    return engine, {rid: outs[-1] for rid, outs in drain_checked(engine).items()}
+
+
 def test_decode_steps_launch_ahead_and_match_hf(tiny, corpus):
     prompts = make_prompts(corpus)
     engine = make_engine(tiny)
@@ -159,12 +167,8 @@ def test_sampled_decodes_launch_ahead_and_draw_what_sync_draws(tiny, corpus):
               for i, n in enumerate(MAX_TOKENS)]
 
     def run(async_scheduling: bool):
-        engine = make_engine(tiny, async_scheduling=async_scheduling)
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            engine.add_request(str(i), prompt, p)
-        outputs = drain_checked(engine)
-        finals = {rid: (outs[-1].output_token_ids, outs[-1].logprobs) for rid, outs in outputs.items()}
-        return engine, finals
+        engine, finals = run_all(tiny, prompts, params, async_scheduling)
+        return engine, {rid: (out.output_token_ids, out.logprobs) for rid, out in finals.items()}
 
     sync_engine, sync = run(False)
     async_engine, async_ = run(True)
@@ -185,10 +189,7 @@ def test_min_tokens_is_masked_in_steps_launched_ahead(tiny, corpus):
               for i, stop in enumerate(stops)]
 
     def run(async_scheduling: bool):
-        engine = make_engine(tiny, async_scheduling=async_scheduling)
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            engine.add_request(str(i), prompt, p)
-        finals = {rid: outs[-1] for rid, outs in drain_checked(engine).items()}
+        engine, finals = run_all(tiny, prompts, params, async_scheduling)
         return engine, {rid: (out.output_token_ids, out.finish_reason) for rid, out in finals.items()}
 
     async_engine, async_ = run(True)
@@ -210,10 +211,8 @@ def test_penalties_count_the_in_flight_token_from_the_device(tiny, corpus):
               for i in range(len(prompts))]
 
     def run(async_scheduling: bool):
-        engine = make_engine(tiny, async_scheduling=async_scheduling)
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            engine.add_request(str(i), prompt, p)
-        return engine, {rid: outs[-1].output_token_ids for rid, outs in drain_checked(engine).items()}
+        engine, finals = run_all(tiny, prompts, params, async_scheduling)
+        return engine, {rid: out.output_token_ids for rid, out in finals.items()}
 
     async_engine, async_ = run(True)
     assert async_engine.num_launched_ahead > 0
