@@ -121,12 +121,11 @@ VARIANTS = {
     "fp16 flash attention": ("fp16", {"attention": "flash"}),
     "int8 flash attention": ("int8", {"attention": "flash"}),
     "fp16 our attention": ("fp16", {"attention": "triton"}),
-    "int8 erf gelu": ("int8", {"int8_gelu": "erf"}),
-    "int8 fp32 epilogue": ("int8", {"int8_epilogue": "fp32"}),    # the GEMM epilogues in fp32
-    "int8 f16x2 epilogue": ("int8", {"int8_epilogue": "f16x2"}),  # and in fp16 pairs
-    "int8 gluon gemm": ("int8", {"int8_gemm_kernel": "gluon"}),    # QKV / up on int8_gluon (wgmma in flight)
-    "int8 gluon f16x2": ("int8", {"int8_gemm_kernel": "gluon", "int8_epilogue": "f16x2"}),
-    "int8 session 2": ("int8", {"attention": "flash", "int8_gelu": "erf", "int8_ffn": "dynamic",
+    "int8 erf gelu": ("int8", {"int8_gelu": "erf", "int8_epilogue": "fp32"}),  # the fp16 pairs compute tanh
+    "int8 fp32 epilogue": ("int8", {"int8_epilogue": "fp32"}),    # the GEMM epilogues in fp32, not fp16 pairs
+    "int8 gluon gemm": ("int8", {"int8_gemm_kernel": "gluon"}),    # the GEMMs on int8_gluon (wgmma in flight)
+    "int8 gluon fp32": ("int8", {"int8_gemm_kernel": "gluon", "int8_epilogue": "fp32"}),
+    "int8 session 2": ("int8", {"attention": "flash", "int8_gelu": "erf", "int8_epilogue": "fp32", "int8_ffn": "dynamic",
                                 "int8_attn": "dynamic"}),
     "int8 static ffn": ("int8", {"int8_ffn": "static"}),
     "int8 dynamic ffn": ("int8", {"int8_ffn": "dynamic"}),

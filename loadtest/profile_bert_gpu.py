@@ -67,10 +67,9 @@ def batch_of(vocab_size: int, seed: int = 0) -> list[tuple[list[int], list[int]]
 VARIANTS = {"int8_dynamic": ("int8", {"int8_ffn": "dynamic", "int8_attn": "dynamic"}),
             "int8_static": ("int8", {"int8_ffn": "static", "int8_attn": "static"}),
             "int8_dynamic_attn": ("int8", {"int8_attn": "dynamic"}),  # the fifth session's default
-            "int8_fp32_epilogue": ("int8", {"int8_epilogue": "fp32"}),   # the GEMM epilogues in fp32
-            "int8_f16x2_epilogue": ("int8", {"int8_epilogue": "f16x2"}),  # and in fp16 pairs
-            "int8_gluon": ("int8", {"int8_gemm_kernel": "gluon"}),        # QKV / up on int8_gluon
-            "int8_gluon_f16x2": ("int8", {"int8_gemm_kernel": "gluon", "int8_epilogue": "f16x2"})}
+            "int8_fp32_epilogue": ("int8", {"int8_epilogue": "fp32"}),   # the GEMM epilogues in fp32, not fp16 pairs
+            "int8_gluon": ("int8", {"int8_gemm_kernel": "gluon"}),        # the GEMMs on int8_gluon
+            "int8_gluon_fp32": ("int8", {"int8_gemm_kernel": "gluon", "int8_epilogue": "fp32"})}
 
 
 def runtime(precision: str, use_cuda_graphs: bool) -> TorchRuntime:

@@ -75,11 +75,13 @@ class TorchRuntimeOptions:
     attention: str = "auto"            # triton (ours, <= 128 tokens, quantizes for int8) | flash (varlen)
                                        # | auto: ours before int8 linears, flash for fp16 (torch_model.attention)
     int8_gelu: str = "tanh"            # the fused int8 up projection's GELU: tanh form | erf (see FusedInt8Linear)
-    int8_epilogue: str = "fp32"        # the fused int8 GEMMs' GELU, int8 rounding and residual: fp32 | f16x2
-                                       # (fp16 pairs, two values an instruction; needs int8_gelu "tanh";
-                                       # int8_kernels: "The fp16-pair epilogue"; off until timed)
+    int8_epilogue: str = "f16x2"       # the fused int8 GEMMs' GELU, int8 rounding and residual: f16x2 (fp16
+                                       # pairs, two values an instruction; needs int8_gelu "tanh"; int8_kernels:
+                                       # "The fp16-pair epilogue") | fp32. H200, BERT-base s128: 31.96k vs
+                                       # 30.31k seq/s; real MiniLM within the same cosine bars
     int8_gemm_kernel: str = "triton"   # the fused int8 GEMM: triton (int8_kernels) | gluon (int8_gluon where it
-                                       # applies, >= 1024 rows on sm_90: wgmma kept in flight; off until timed)
+                                       # applies, >= 1024 rows on sm_90: wgmma kept in flight). H200, BERT-base
+                                       # s128: 29.21k (fp32 epilogue) and 31.05k (f16x2) seq/s: slower
     int8_ffn: str = "static"           # the GELU output's int8 hand-off (int8_gemm "fused"; the others are always
                                        # dynamic): static (one calibrated step per layer, written by the up
                                        # projection's epilogue) | dynamic (per-row scale,
