@@ -1,5 +1,5 @@
 """Sampler: filters and penalties against Hugging Face's logits processors, distributions with
-fixed seeds and enough draws, per-request seeds across batch compositions."""
+fixed seeds and enough draws, per-request seeds across batch compositions, draws keyed on position."""
 from __future__ import annotations
 
 import collections
@@ -10,7 +10,7 @@ from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, Te
                           TopKLogitsWarper, TopPLogitsWarper)
 
 from trident.engine.sampler import (Sampler, apply_frequency_presence_penalties, apply_repetition_penalty,
-                                    apply_top_k_top_p_min_p)
+                                    apply_top_k_top_p_min_p, draw)
 from trident.engine.sampling_params import SamplingParams
 from trident.engine.sequence import Sequence
 
@@ -171,15 +171,31 @@ def test_unseeded_rows_follow_the_engine_seed():
     assert outputs[0] == outputs[1] and outputs[0] != outputs[2]
 
 
-def test_free_forgets_a_sequences_random_state():
-    sampler = Sampler()
+def test_a_draw_depends_on_seed_and_position_only():
+    # No state between calls: at one position a sequence draws the same token however often it is asked
+    # (a step launched ahead of its predecessor's tokens, a recompute after preemption); the next
+    # position draws anew. Unseeded rows key on the engine seed and their sequence id.
     logits = random_logits(1, seed=7, scale=0.5)
     seq = make_seq(0, seed=11)
-    first = [sampler(logits, [seq])[0].token_id for _ in range(10)]
-    continued = [sampler(logits, [seq])[0].token_id for _ in range(10)]
-    sampler.free(0)
-    restarted = [sampler(logits, [seq])[0].token_id for _ in range(10)]
-    assert restarted == first != continued
+    assert len({Sampler(seed=s)(logits, [seq])[0].token_id for s in range(5)}) == 1
+    drawn = []
+    for _ in range(20):
+        drawn.append(Sampler()(logits, [seq])[0].token_id)
+        seq.append_token(drawn[-1])
+    assert len(set(drawn)) > 5   # 20 draws from ~64 near-equal tokens
+    unseeded = [[Sampler(seed=3)(logits, [make_seq(seq_id)])[0].token_id for _ in range(2)] for seq_id in range(12)]
+    assert all(a == b for a, b in unseeded) and len({a for a, _ in unseeded}) > 3
+
+
+def test_draw_falls_back_to_the_argmax_when_out_of_rounds():
+    logits = random_logits(64, seed=8, scale=1.0)
+    params = torch.tensor([[1.0, 0.3, 0.0]] * 64)   # a nucleus of a few tokens: most first draws fail
+    keys = torch.tensor([[1, 0, 0, position] for position in range(64)])
+    assert draw(logits, params, keys, max_rounds=0).tolist() == logits.argmax(-1).tolist()
+    some = draw(logits, params, keys)
+    allowed = [torch.isfinite(hf_warp(row, SamplingParams(top_p=0.3))) for row in logits]
+    assert all(allowed[i][t] for i, t in enumerate(some.tolist()))
+    assert (some != logits.argmax(-1)).any()   # the nucleus is not always the argmax alone
 
 
 def test_min_tokens_masks_eos_and_stop_token_ids_until_reached():

@@ -170,7 +170,6 @@ class LLMEngine:
                 return []
             self._each_token.discard(request_id)
             self.scheduler.abort(request.seq.seq_id)  # a token still in flight for it is dropped
-            self.sampler.free(request.seq.seq_id)
             if not request.is_incremental and request.seq.sampling_params.detokenize:
                 request.detokenizer.add_tokens_at_once(request.seq.output_token_ids)
                 request.text_len = len(request.detokenizer.text)
@@ -286,9 +285,8 @@ class LLMEngine:
         the host, when the next step is the in-flight decodes again, one token each. Its input
         tokens are gathered on the device from the in-flight step's; the host holds placeholders
         until ``_resolve``. A sequence that the in-flight step's token ends (EOS, a stop token: not
-        known yet) wastes one row of the new step, whose token is dropped (a sampled row also draws
-        its noise: an unseeded row's draws then differ from a synchronous run's; a seeded row's do
-        not). ``min_tokens`` masking holds too (the sampler counts the placeholder as the output it
+        known yet) wastes one row of the new step, whose token is dropped (the sampler's noise is
+        keyed on position, so that row shifts no other draw). ``min_tokens`` masking holds too (the sampler counts the placeholder as the output it
         stands for), and penalties take the in-flight token's value from the device. Waiting
         requests are admitted into the same step behind the decodes, as far as the token budget and
         the free blocks go (never by preempting). None, and nothing changed, when the next step
@@ -457,7 +455,6 @@ class LLMEngine:
     def _retire(self, seq: Sequence) -> None:
         self._requests.pop(seq.request_id, None)
         self._each_token.discard(seq.request_id)
-        self.sampler.free(seq.seq_id)
 
 
 class LLM:

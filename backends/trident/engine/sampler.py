@@ -11,9 +11,15 @@ Order of operations (Hugging Face's, which vLLM follows for the same knobs):
 4. temperature, then top-k, top-p, min-p (HF's warper order and semantics; ties at the top-k
    threshold are kept, top-p keeps the smallest set whose mass exceeds ``p``, and at least one
    token always survives);
-5. one draw per row with the exponential race ``argmax(p / q)``, ``q ~ Exp(1)``: rows with a
-   ``seed`` draw ``q`` from their own ``torch.Generator``, so a seeded request samples the same
-   tokens whatever else is in the batch; the other rows share the engine-wide generator.
+5. one draw per row (``draw``), without sorting the vocabulary: a Gumbel-max race over the row,
+   then, while the candidate is outside the top-p / min-p set, a race over the tokens above it
+   (rejection sampling: every token at or below a rejected candidate is outside too). Exact: the
+   draw follows the filtered distribution. The noise is a hash of (seed, stream, position, round,
+   token), so it needs no generator state: a request with a ``seed`` draws the same tokens whatever
+   else is in the batch, and every row's draw at a position is the same in a synchronous run, a
+   step launched ahead, or a recompute after preemption (unseeded rows hash the engine seed and
+   their sequence id). On CUDA a Triton kernel (``kernels/sampling.py``) does it in two or three
+   passes over the logits; ``draw`` is its PyTorch twin, with the same hash.
 
 Log-probs, when asked for, are those of the distribution the token was drawn from (vLLM's
 ``processed_logprobs``): ``log_softmax`` after penalties, temperature and filters — for greedy
@@ -25,7 +31,11 @@ from dataclasses import dataclass
 
 import torch
 
+from trident.engine import kernels
 from trident.engine.sequence import Sequence
+
+if kernels.IS_AVAILABLE:
+    from trident.engine.kernels.sampling import sample_rows
 
 
 @dataclass
@@ -35,13 +45,11 @@ class SampleResult:
 
 
 class Sampler:
-    """Samples one token per row of ``logits``; keeps per-sequence RNG state for seeded requests."""
+    """Samples one token per row of ``logits``; stateless between steps (the noise is a hash)."""
 
     def __init__(self, seed: int = 0, eos_token_ids: list[int] | tuple[int, ...] = ()):
         self.seed = seed
         self.eos_token_ids = list(eos_token_ids)
-        self._generators: dict[str, torch.Generator] = {}          # engine-wide, one per device
-        self._seq_generators: dict[int, torch.Generator] = {}
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
         """logits: fp32 [num_seqs, vocab], row i for seqs[i]."""
@@ -67,7 +75,8 @@ class Sampler:
         if all(p.is_greedy for p in params) and not any(_needs_logits_processing(s) for s in seqs):
             tokens = logits.argmax(dim=-1)  # [num_seqs]
             return tokens, _chosen_logprobs(logits, tokens) if want_logprobs else None
-        logits = self._process(logits.clone(), seqs, in_flight)
+        if any(_needs_logits_processing(s) for s in seqs):   # written in place: not the caller's tensor
+            logits = self._process(logits.clone(), seqs, in_flight)
         tokens, distribution = self._sample(logits, seqs, want_logprobs)
         return tokens, _chosen_logprobs(distribution, tokens) if want_logprobs else None
 
@@ -82,10 +91,6 @@ class Sampler:
                     or p.presence_penalty or (p.min_tokens and seq.num_output_tokens < p.min_tokens)):
                 return False
         return True
-
-    def free(self, seq_id: int) -> None:
-        """Forget a finished or aborted sequence's RNG state."""
-        self._seq_generators.pop(seq_id, None)
 
     # -- logits processing -------------------------------------------------------------------------
     def _process(self, logits: torch.Tensor, seqs: list[Sequence],
@@ -124,52 +129,99 @@ class Sampler:
         (at a thousand rows of a 50k vocabulary every full pass is ~200 MB: none is spent on what
         the batch does not need)."""
         params = [seq.sampling_params for seq in seqs]
-        greedy = [p.is_greedy for p in params]
-        if all(greedy):
+        if all(p.is_greedy for p in params):
             return logits.argmax(dim=-1), logits
-        device = logits.device
-        temperature = _to(torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
-                                       dtype=logits.dtype), device)  # [num_seqs]
-        warped = apply_top_k_top_p_min_p(logits / temperature[:, None], params)  # [num_seqs, vocab]
-        tokens = self._exponential_race(warped.softmax(dim=-1), seqs)  # [num_seqs]
-        if not any(greedy):
-            return tokens, warped
-        is_greedy = _to(torch.tensor(greedy), device)  # [num_seqs]
-        tokens = torch.where(is_greedy, logits.argmax(dim=-1), tokens)
-        return tokens, torch.where(is_greedy[:, None], logits, warped) if want_distribution else None
-
-    def _exponential_race(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """argmax(p / q) with q ~ Exp(1) picks token t with probability p_t (Gumbel-max in disguise).
-
-        Greedy rows draw nothing, so they never shift the engine-wide random stream."""
-        drawn = [i for i, s in enumerate(seqs) if not s.sampling_params.is_greedy]
-        unseeded = [i for i in drawn if seqs[i].sampling_params.seed is None]
-        if len(unseeded) == len(seqs):   # every row from the shared stream (the common batch): one pass
-            q = torch.empty_like(probs).exponential_(generator=self._engine_generator(probs.device))
+        device, vocab = logits.device, logits.shape[1]
+        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        if any(k < vocab for k in top_k):   # a top-k is scale-free: mask before the temperature
+            logits = _top_k(logits, _to(torch.tensor(top_k), device), max(top_k))
+        row_params, keys = self._row_inputs(seqs)
+        row_params, keys = _to(row_params, device), _to(keys, device)
+        if kernels.supports(logits):
+            tokens = sample_rows(logits, row_params, keys, MAX_ROUNDS)  # [num_seqs]
         else:
-            q = torch.ones_like(probs)  # [num_seqs, vocab]
-            if unseeded:
-                noise = torch.empty((len(unseeded), probs.shape[1]), device=probs.device)
-                q[unseeded] = noise.exponential_(generator=self._engine_generator(probs.device))
-        for i in drawn:
-            if seqs[i].sampling_params.seed is not None:
-                q[i].exponential_(generator=self._seq_generator(seqs[i], probs.device))
-        # An exact 0 draw would turn a masked token's 0 / 0 into NaN, which argmax would pick.
-        q.clamp_(min=torch.finfo(q.dtype).tiny)
-        return (probs / q).argmax(dim=-1)  # [num_seqs]
+            tokens = draw(logits, row_params, keys, MAX_ROUNDS)  # [num_seqs]
+        if not want_distribution:
+            return tokens, None
+        temperature = row_params[:, 0].masked_fill(row_params[:, 0] == 0, 1.0)[:, None]  # [num_seqs, 1]
+        warped = apply_top_k_top_p_min_p(logits / temperature, params)  # [num_seqs, vocab]
+        return tokens, torch.where((row_params[:, 0] == 0)[:, None], logits, warped)
 
-    def _engine_generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        if key not in self._generators:
-            self._generators[key] = torch.Generator(device).manual_seed(self.seed)
-        return self._generators[key]
+    def _row_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 [rows, 3] (temperature, 0 for greedy; top_p; min_p) and int64 [rows, 4] (the seed's
+        low and high 32 bits; stream: 0 for a seeded request, else 1 + the sequence id; position: the
+        output index being drawn, a placeholder counted as the token it stands for)."""
+        values, keys = [], []
+        engine_lo, engine_hi = self.seed & _M32, (self.seed & _M64) >> 32
+        for seq in seqs:
+            p = seq.sampling_params
+            values.append((p.temperature, p.top_p, p.min_p))
+            position = seq.num_output_tokens
+            if p.seed is None:
+                keys.append((engine_lo, engine_hi, (seq.seq_id + 1) & _M32, position))
+            else:
+                keys.append((p.seed & _M32, (p.seed & _M64) >> 32, 0, position))
+        return torch.tensor(values, dtype=torch.float32), torch.tensor(keys, dtype=torch.int64)
 
-    def _seq_generator(self, seq: Sequence, device: torch.device) -> torch.Generator:
-        generator = self._seq_generators.get(seq.seq_id)
-        if generator is None or generator.device != device:
-            generator = torch.Generator(device).manual_seed(seq.sampling_params.seed)
-            self._seq_generators[seq.seq_id] = generator
-        return generator
+
+# -- the draw: rejection sampling over counter-hashed Gumbel noise -------------------------------------
+MAX_ROUNDS = 64   # races after the first; each halves the candidates on average even when top_p is tiny
+_M32, _M64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
+
+
+def draw(logits: torch.Tensor, params: torch.Tensor, keys: torch.Tensor, max_rounds: int = MAX_ROUNDS) -> torch.Tensor:
+    """One token per row [rows] int64 from logits [rows, vocab] (top-k already masked to -inf), params
+    fp32 [rows, 3] (temperature, 0 for greedy; top_p; min_p), keys int64 [rows, 4] (``_row_inputs``).
+
+    The filtered set of a row is the tokens whose logit is at least some threshold: top-p keeps a
+    token when the mass of the tokens strictly above it is below ``top_p`` (HF's and vLLM's set,
+    ties at the edge kept), min-p when its probability is at least ``min_p`` times the largest. So
+    a candidate drawn from the row and rejected rules out every token at or below it, and the next
+    candidate is drawn from the tokens above it: accepted candidates follow the filtered
+    distribution exactly. ``kernels.sampling.sample_rows`` is this function on CUDA."""
+    temperature, top_p, min_p = params.unbind(1)  # [rows] each
+    greedy = temperature == 0
+    x = logits.float() / temperature.masked_fill(greedy, 1.0)[:, None]  # [rows, vocab]
+    top = x.argmax(dim=-1)  # [rows]
+    m = x.max(dim=-1, keepdim=True).values  # [rows, 1]
+    z = (x - m).exp().sum(dim=-1)  # [rows]
+    key1 = _hash32(keys[:, 0] ^ _hash32(keys[:, 1] ^ _hash32(keys[:, 2])))  # [rows]
+    key2 = _hash32(key1 ^ _hash32(keys[:, 3]))
+    token = torch.arange(x.shape[1], device=x.device)  # [vocab]
+    best = _race(x, token, key1, key2, 0).argmax(dim=-1)  # [rows]
+    accepted = greedy | ~((top_p < 1.0) | (min_p > 0.0))
+    for round_ in range(1, max_rounds + 1):
+        pending = (~accepted).nonzero()[:, 0]
+        if pending.numel() == 0:
+            break
+        xp = x[pending]  # [pending, vocab]
+        pivot = xp.gather(1, best[pending, None])  # [pending, 1]
+        mass = torch.where(xp > pivot, (xp - m[pending]).exp(), 0.0).sum(dim=-1)
+        ok = (mass < top_p[pending] * z[pending]) & ((pivot[:, 0] - m[pending, 0]).exp() >= min_p[pending])
+        accepted[pending[ok]] = True
+        again = pending[~ok]
+        score = _race(x[again], token, key1[again], key2[again], round_)
+        best[again] = torch.where(x[again] > pivot[~ok], score, float("-inf")).argmax(dim=-1)
+    # Greedy rows, and a row still undecided after max_rounds (its last candidate unchecked, as in the
+    # kernel; never seen in practice): the argmax, which every filter keeps.
+    return torch.where(greedy | ~accepted, top, best)
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (C. Wellons) on uint32 values held in int64 (``kernels.sampling._hash32``)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def _race(x: torch.Tensor, token: torch.Tensor, key1: torch.Tensor, key2: torch.Tensor, round_: int) -> torch.Tensor:
+    """x - log(-log(u)) [rows, vocab], u uniform in (0, 1) hashed from (row keys, round, token)."""
+    counter = (token + round_ * x.shape[1]) & _M32  # [vocab]
+    h = _hash32((_hash32(counter[None, :] ^ key2[:, None]) + key1[:, None]) & _M32)  # [rows, vocab]
+    u = ((h >> 8).float() + 0.5) * (1.0 / 16777216.0)
+    return x - (-u.log()).log()
 
 
 def apply_repetition_penalty(logits: torch.Tensor, token_ids: list[list[int]], penalties: list[float],
