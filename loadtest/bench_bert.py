@@ -644,18 +644,20 @@ def plot(results: list[Result], path: Path) -> None:
     import matplotlib.pyplot as plt
     cases = sorted({(r.model, r.workload) for r in results})
     labels = list(dict.fromkeys(r.runtime for r in results))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5 + 0.25 * ((len(labels) + 3) // 4)))
     width = 0.8 / len(labels)
+    colors = plt.get_cmap("tab20").colors   # one colour per runtime, however many variants ran
     for i, label in enumerate(labels):
         rows = [next(r for r in results if (r.model, r.workload, r.runtime) == (*c, label)) for c in cases]
         x = np.arange(len(cases)) + i * width
-        axes[0].bar(x, [r.seq_per_s for r in rows], width, label=label)
-        axes[1].bar(x, [r.p50_ms for r in rows], width, label=label)
+        axes[0].bar(x, [r.seq_per_s for r in rows], width, label=label, color=colors[i % len(colors)])
+        axes[1].bar(x, [r.p50_ms for r in rows], width, label=label, color=colors[i % len(colors)])
     for ax, title in zip(axes, ("throughput at batch 128 (seq/s)", "batch-1 latency p50 (ms)")):
         ax.set_xticks(np.arange(len(cases)) + 0.4 - width / 2, [f"{m}\n{w}" for m, w in cases])
         ax.set_title(title)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    legend_rows = (len(labels) + 3) // 4
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * legend_rows, 1, 1))   # the legend below both panels, off the bars
     fig.savefig(path, dpi=110)
 
 
