@@ -106,6 +106,25 @@ def test_greedy_tokens_equal_across_graphs_eager_and_cpu(model_dir):
 
 
 @needs_cuda
+def test_sampled_tokens_equal_across_the_cuda_kernel_and_the_cpu_draw(model_dir):
+    """The sampling kernel (CUDA, graphs) and sampler.draw (CPU) hash the same noise: at fp32 the same
+    seeded and unseeded requests, with top-k / top-p / min-p, sample the same tokens on both."""
+    params = [SamplingParams(temperature=0.9, top_p=0.8 if i % 2 else 1.0, top_k=40 if i % 3 == 1 else 0,
+                             min_p=0.05 if i % 3 == 2 else 0.0, seed=None if i % 4 == 0 else 11 + i, max_tokens=n,
+                             ignore_eos=True) for i, n in enumerate(MAX_TOKENS)]
+
+    def sampled(engine: LLMEngine) -> list[list[int]]:
+        return [out.output_token_ids for out in engine.generate(_prompts(), params)]
+
+    graphed = LLMEngine(_config(model_dir, "cuda"))
+    tokens = sampled(graphed)
+    assert graphed.runner.graphs.num_replays > 0
+    assert tokens == sampled(LLMEngine(_config(model_dir, "cpu")))
+    assert tokens != [out.output_token_ids for out in LLMEngine(_config(model_dir, "cpu")).generate(
+        _prompts(), [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in MAX_TOKENS])]
+
+
+@needs_cuda
 def test_sampled_steps_launch_ahead_under_graphs_and_draw_what_sync_draws(model_dir):
     """Seeded temperature sampling on the device after graph replays (a frequency penalty on some
     rows, which counts the in-flight token from the device): launched ahead (async) or not, the
