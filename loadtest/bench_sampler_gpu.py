@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
 
+from bench_attention_gpu import _median_ms, measured_copy_bandwidth  # noqa: E402  (loadtest/, the script's dir)
 from trident.engine.sampler import Sampler, apply_top_k_top_p_min_p
 from trident.engine.sampling_params import SamplingParams
 from trident.engine.sequence import Sequence
@@ -41,19 +41,6 @@ def sort_based(logits: torch.Tensor, params: list[SamplingParams], generator: to
     return (warped.softmax(dim=-1) / q).argmax(dim=-1)
 
 
-def time_ms(fn, repeats: int) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=1000)
@@ -67,8 +54,7 @@ def main() -> None:
     g = torch.Generator(device).manual_seed(0)
     logits = torch.randn(args.rows, args.vocab, device=device, generator=g) * 2.0
     logits[:, :8] += 8.0
-    copy = torch.empty_like(logits)
-    gbs = 2 * logits.numel() * 4 / (time_ms(lambda: copy.copy_(logits), args.repeats) * 1e-3) / 1e9
+    gbs = measured_copy_bandwidth(device) / 1e9   # read + write
     one_pass_ms = logits.numel() * 4 / (gbs / 2 * 1e9) * 1e3
     print(f"device copy {gbs:.0f} GB/s: one read of the logits = {one_pass_ms:.3f} ms\n")
     print(f"{'case':32s} {'sampler ms':>11s} {'sort-based ms':>14s} {'speed-up':>9s} {'host ms':>8s}")
@@ -76,13 +62,13 @@ def main() -> None:
     for name, values in CASES.items():
         params = SamplingParams(max_tokens=64, **values)
         seqs = [Sequence(i, [1, 2, 3], params) for i in range(args.rows)]
-        ours = time_ms(lambda: sampler.sample(logits, seqs), args.repeats)
+        ours = _median_ms(lambda: sampler.sample(logits, seqs), args.repeats)
         t = time.perf_counter()
         for _ in range(args.repeats):
             sampler.sample(logits, seqs)
         host_ms = (time.perf_counter() - t) / args.repeats * 1e3   # queueing only: nothing waits
         torch.cuda.synchronize()
-        theirs = time_ms(lambda: sort_based(logits, [params] * args.rows, g), args.repeats)
+        theirs = _median_ms(lambda: sort_based(logits, [params] * args.rows, g), args.repeats)
         print(f"{name:32s} {ours:11.3f} {theirs:14.3f} {theirs / ours:8.1f}x {host_ms:8.3f}")
         rows.append(dict(case=name, sampler_ms=ours, sort_based_ms=theirs, host_ms=host_ms))
     if args.json:
