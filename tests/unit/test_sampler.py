@@ -132,6 +132,16 @@ def test_greedy_is_argmax_with_raw_logprobs():
             assert r.logprob is None
 
 
+def test_greedy_rows_beside_sampled_ones_keep_raw_logprobs():
+    # A batch with a sampled row takes the sampling path; a greedy row there still reports the
+    # log-prob of the raw distribution, its top-k notwithstanding.
+    logits = random_logits(2, seed=9)
+    seqs = [make_seq(0, temperature=0.0, top_k=3, logprobs=True), make_seq(1, temperature=0.8, seed=1, logprobs=True)]
+    greedy, _ = Sampler()(logits, seqs)
+    assert greedy.token_id == int(logits[0].argmax())
+    assert greedy.logprob == pytest.approx(float(logits[0].log_softmax(-1).max()), abs=1e-6)
+
+
 def test_logprobs_of_sampled_rows_come_from_the_processed_distribution():
     logits = random_logits(1, seed=6)
     params = dict(temperature=0.5, top_k=3, logprobs=True)

@@ -133,14 +133,15 @@ class Sampler:
             return logits.argmax(dim=-1), logits
         device, vocab = logits.device, logits.shape[1]
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        masked = logits
         if any(k < vocab for k in top_k):   # a top-k is scale-free: mask before the temperature
-            logits = _top_k(logits, _to(torch.tensor(top_k), device), max(top_k))
+            masked = _top_k(logits, _to(torch.tensor(top_k), device), max(top_k))
         row_params, keys = self._row_inputs(seqs)
         row_params, keys = _to(row_params, device), _to(keys, device)
-        if kernels.supports(logits):
-            tokens = sample_rows(logits, row_params, keys, MAX_ROUNDS)  # [num_seqs]
+        if kernels.supports(masked):
+            tokens = sample_rows(masked, row_params, keys, MAX_ROUNDS)  # [num_seqs]
         else:
-            tokens = draw(logits, row_params, keys, MAX_ROUNDS)  # [num_seqs]
+            tokens = draw(masked, row_params, keys, MAX_ROUNDS)  # [num_seqs]
         if not want_distribution:
             return tokens, None
         temperature = row_params[:, 0].masked_fill(row_params[:, 0] == 0, 1.0)[:, None]  # [num_seqs, 1]
