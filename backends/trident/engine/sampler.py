@@ -209,12 +209,14 @@ def draw(logits: torch.Tensor, params: torch.Tensor, keys: torch.Tensor, max_rou
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 (C. Wellons) on uint32 values held in int64 (``kernels.sampling._hash32``)."""
+    """lowbias32 (C. Wellons) on uint32 values held in int64 (``kernels.sampling._hash32``); in place
+    after the first op, which copies (half the time on the CPU, where this runs over [rows, vocab])."""
     x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _M32
-    return x ^ (x >> 16)
+    x.mul_(0x7FEB352D).bitwise_and_(_M32)
+    x ^= x >> 15
+    x.mul_(0x846CA68B).bitwise_and_(_M32)
+    x ^= x >> 16
+    return x
 
 
 def _race(x: torch.Tensor, token: torch.Tensor, key1: torch.Tensor, key2: torch.Tensor, round_: int) -> torch.Tensor:
