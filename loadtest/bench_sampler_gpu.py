@@ -41,12 +41,39 @@ def sort_based(logits: torch.Tensor, params: list[SamplingParams], generator: to
     return (warped.softmax(dim=-1) / q).argmax(dim=-1)
 
 
+SWEEP_PARAMS = {"temperature 1.0": (1.0, 1.0, 0.0), "temperature 0.8, top_p 0.95": (0.8, 0.95, 0.0),
+                "temperature 0.7, top_p 0.5": (0.7, 0.5, 0.0), "min_p 0.05": (1.0, 1.0, 0.05)}
+SWEEP_TILES = [(4096, 8), (2048, 8), (2048, 4), (1024, 4), (1024, 2), (512, 2)]
+
+
+def kernel_sweep(logits: torch.Tensor, repeats: int) -> list[dict]:
+    """GPU time of ``sample_rows`` alone per (BLOCK, num_warps): the launch rule's evidence."""
+    from trident.engine.kernels.sampling import sample_rows
+    rows = logits.shape[0]
+    keys = torch.stack([torch.full((rows,), 5), torch.zeros(rows, dtype=torch.long), torch.arange(rows) + 1,
+                        torch.full((rows,), 7)], 1).to(logits.device)
+    print(f"\nkernel alone, us ({rows} x {logits.shape[1]}):")
+    print(f"{'BLOCK, warps':14s}" + "".join(f"{name:>30s}" for name in SWEEP_PARAMS))
+    out = []
+    for block, warps in SWEEP_TILES:
+        cells = []
+        for name, values in SWEEP_PARAMS.items():
+            params = torch.tensor([values] * rows, dtype=torch.float32, device=logits.device)
+            us = _median_ms(lambda: sample_rows(logits, params, keys, block=block, num_warps=warps), repeats) * 1e3
+            cells.append(us)
+            out.append(dict(block=block, num_warps=warps, case=name, kernel_us=us))
+        print(f"{block:6d}, {warps:<6d}" + "".join(f"{us:30.1f}" for us in cells))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=1000)
     p.add_argument("--vocab", type=int, default=49152, help="49152: SmolLM2; 50257: GPT-2; 128256: Llama 3")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--json", help="write the rows here")
+    p.add_argument("--kernel-sweep", action="store_true",
+                   help="also the kernel alone (inputs built beforehand) over tile sizes and warps")
     args = p.parse_args()
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  rows {args.rows}  vocab {args.vocab}")
@@ -71,10 +98,11 @@ def main() -> None:
         theirs = _median_ms(lambda: sort_based(logits, [params] * args.rows, g), args.repeats)
         print(f"{name:32s} {ours:11.3f} {theirs:14.3f} {theirs / ours:8.1f}x {host_ms:8.3f}")
         rows.append(dict(case=name, sampler_ms=ours, sort_based_ms=theirs, host_ms=host_ms))
+    sweep = kernel_sweep(logits, args.repeats) if args.kernel_sweep else []
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(gpu=torch.cuda.get_device_name(), rows=args.rows, vocab=args.vocab,
-                           copy_gb_s=gbs, results=rows), f, indent=1)
+                           copy_gb_s=gbs, results=rows, kernel_sweep=sweep), f, indent=1)
 
 
 if __name__ == "__main__":
