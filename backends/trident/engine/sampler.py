@@ -27,6 +27,7 @@ rows after penalties only.
 """
 from __future__ import annotations
 
+import array
 from dataclasses import dataclass
 
 import torch
@@ -151,18 +152,20 @@ class Sampler:
     def _row_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 [rows, 3] (temperature, 0 for greedy; top_p; min_p) and int64 [rows, 4] (the seed's
         low and high 32 bits; stream: 0 for a seeded request, else 1 + the sequence id; position: the
-        output index being drawn, a placeholder counted as the token it stands for)."""
-        values, keys = [], []
+        output index being drawn, a placeholder counted as the token it stands for). One flat list
+        through ``array`` (every value is exact in a double): a third of ``torch.tensor``'s time on
+        a thousand rows of tuples."""
+        flat: list[float] = []
         engine_lo, engine_hi = self.seed & _M32, (self.seed & _M64) >> 32
         for seq in seqs:
             p = seq.sampling_params
-            values.append((p.temperature, p.top_p, p.min_p))
-            position = seq.num_output_tokens
+            position = len(seq.token_ids) - seq.num_prompt_tokens   # seq.num_output_tokens, inlined
             if p.seed is None:
-                keys.append((engine_lo, engine_hi, (seq.seq_id + 1) & _M32, position))
+                flat += (p.temperature, p.top_p, p.min_p, engine_lo, engine_hi, (seq.seq_id + 1) & _M32, position)
             else:
-                keys.append((p.seed & _M32, (p.seed & _M64) >> 32, 0, position))
-        return torch.tensor(values, dtype=torch.float32), torch.tensor(keys, dtype=torch.int64)
+                flat += (p.temperature, p.top_p, p.min_p, p.seed & _M32, (p.seed & _M64) >> 32, 0, position)
+        rows = torch.frombuffer(array.array("d", flat), dtype=torch.float64).view(len(seqs), 7)
+        return rows[:, :3].float(), rows[:, 3:].long()
 
 
 # -- the draw: rejection sampling over counter-hashed Gumbel noise -------------------------------------
