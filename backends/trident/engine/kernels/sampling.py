@@ -111,14 +111,16 @@ def _sample_kernel(logits_ptr, stride_row, params_ptr, keys_ptr, out_ptr, vocab,
 
 
 def sample_rows(logits: torch.Tensor, params: torch.Tensor, keys: torch.Tensor, max_rounds: int = 64,
-                block: int = 1024, num_warps: int = 4) -> torch.Tensor:
+                block: int = 4096, num_warps: int = 8) -> torch.Tensor:
     """logits [rows, vocab] (any float dtype, rows may be strided), params fp32 [rows, 3] (temperature,
     0 for greedy; top_p; min_p), keys int64 [rows, 4] (seed low / high 32 bits, stream, position) ->
     tokens int64 [rows]. ``sampler.draw`` is the same computation in PyTorch.
 
-    Tiles of 1024 on 4 warps: 63 registers (sm_90, ptxas), so 8 programs fit an SM and a thousand
-    rows run in one wave; 4096 on 8 warps takes 128 registers, 2 programs an SM, four waves, each
-    program walking its row with few loads in flight (H200, 1000 x 49152, temperature only: 431 us)."""
+    Tiles: 4096 on 8 warps, the launch timed on the H200 (1000 x 49152: 431 us with temperature only,
+    532 us with top-p 0.95; one read of the logits is 96 us). It takes 128 registers (sm_90, ptxas),
+    so two programs fit an SM and a thousand rows run in four waves; 1024 on 4 warps takes 63, eight
+    programs an SM, one wave. ``loadtest/bench_sampler_gpu.py --kernel-sweep`` times both (not yet
+    run): the default moves when it wins."""
     rows, vocab = logits.shape
     assert logits.stride(1) == 1, "logits rows must be contiguous"
     assert params.shape == (rows, 3) and params.dtype == torch.float32 and params.is_contiguous()
