@@ -5,7 +5,7 @@ reference): the same counter-based noise, so both pick the same tokens from the 
 one program walks one row in ``BLOCK``-wide tiles:
 
 1. one pass: the row's max ``m`` and ``z = sum(exp(x - m))`` (online), the argmax (greedy rows stop
-   here), and round 0's exponential race over the whole row;
+   here), and round 0's Gumbel-max race over the whole row;
 2. while the candidate ``c`` is outside the filtered set: one pass sums the mass above it; if that
    mass reaches ``top_p * z`` (or ``c`` is under ``min_p`` of the max), every token at or below ``c``
    is outside too, so the next round races only over tokens above it.
