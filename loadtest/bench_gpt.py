@@ -671,25 +671,30 @@ def run_case(case: Case, args, work: Path, tokenizers: Path | None) -> list[Resu
 
     econfig = engine_config(model_dir, case, args.device, args.dtype, args.max_num_seqs,
                             args.max_num_batched_tokens, args.kv_fraction)
-    profile_dir = Path(args.profile_dir) if args.profile_dir and case == args.cases[0] else None
-    attempt("engine", lambda: run_engine(econfig, case, prompts, profile_dir, profile_steps=tuple(args.profile_steps)))
+    # --profile-dir profiles the first of the engine systems that runs, in the first case.
+    profiles = [Path(args.profile_dir)] if args.profile_dir and case == args.cases[0] else []
+
+    def engine(config, system: str, **options) -> Result:
+        return run_engine(config, case, prompts, profiles.pop() if profiles else None, system,
+                          profile_steps=tuple(args.profile_steps), **options)
+
+    attempt("engine", lambda: engine(econfig, "engine"))
     # The engine as a Triton stream drives it: an output per request per step.
-    attempt("engine_stream", lambda: run_engine(econfig, case, prompts, None, "engine_stream", streaming=True))
+    attempt("engine_stream", lambda: engine(econfig, "engine_stream", streaming=True))
     # The same engine with every step waiting for the previous one's tokens (no async scheduling).
-    attempt("engine_sync", lambda: run_engine(dataclasses.replace(econfig, async_scheduling=False), case, prompts,
-                                              None, "engine_sync"))
+    sync = dataclasses.replace(econfig, async_scheduling=False)
+    attempt("engine_sync", lambda: engine(sync, "engine_sync"))
     # Temperature sampling: the sampler's kernels queued after each forward, launched ahead or not.
-    attempt("engine_sampled", lambda: run_engine(econfig, case, prompts, None, "engine_sampled", sampling=SAMPLED))
-    attempt("engine_sampled_sync", lambda: run_engine(dataclasses.replace(econfig, async_scheduling=False), case,
-                                                      prompts, None, "engine_sampled_sync", sampling=SAMPLED))
+    attempt("engine_sampled", lambda: engine(econfig, "engine_sampled", sampling=SAMPLED))
+    attempt("engine_sampled_sync", lambda: engine(sync, "engine_sampled_sync", sampling=SAMPLED))
     # INT8 weights quantized at load (W8A16, per-channel; build.gpt_int8 is where the perplexity gate
     # lives). W8A8 needs SmoothQuant-calibrated weights from that build, which random weights lack.
     w8a16 = dataclasses.replace(econfig, quantization="int8_weight_only")
-    attempt("engine_w8a16", lambda: run_engine(w8a16, case, prompts, None, "engine_w8a16"))
+    attempt("engine_w8a16", lambda: engine(w8a16, "engine_w8a16"))
     # The same weights with an int8 KV cache (half the bytes the decode attention reads).
-    attempt("engine_w8a16_kv8", lambda: run_engine(
+    attempt("engine_w8a16_kv8", lambda: engine(
         dataclasses.replace(w8a16, model=str(make_kv8_dir(model_dir, model_dir.with_name(model_dir.name + "-kv8"))),
-                            kv_cache_dtype="int8"), case, prompts, None, "engine_w8a16_kv8"))
+                            kv_cache_dtype="int8"), "engine_w8a16_kv8"))
     attempt("hf_static", lambda: run_hf_static(model_dir, case, prompts, args.device, dtype, args.hf_batch))
     if {"triton", "triton_stream", "triton_stream_all"} & set(systems) and case.shape in args.triton_shapes:
         values = {k: v for k, v in asdict(econfig).items() if v is not None and k not in ("model", "tokenizer")}
@@ -803,7 +808,8 @@ def parse_args(argv=None):
                         "values: one server each (triton_ecN)")
     p.add_argument("--tokenizers", default=str(REPO_ROOT / ".bench/tokenizers"),
                    help="folder with smollm2/ and gpt2/ tokenizer files (else a byte-level one)")
-    p.add_argument("--profile-dir", help="write a torch.profiler summary of engine steps (--profile-steps) here")
+    p.add_argument("--profile-dir", help="write a torch.profiler summary of engine steps (--profile-steps) here: "
+                                        "the first engine system that runs, in the first case")
     p.add_argument("--profile-steps", type=int, nargs=2, default=[40, 60], metavar=("FIRST", "END"),
                    help="the engine steps to profile (default 40 60: decodes; 0 12: the prefills)")
     p.add_argument("--out", help="results JSON")
