@@ -286,8 +286,9 @@ class LLMEngine:
         tokens are gathered on the device from the in-flight step's; the host holds placeholders
         until ``_resolve``. A sequence that the in-flight step's token ends (EOS, a stop token: not
         known yet) wastes one row of the new step, whose token is dropped (the sampler's noise is
-        keyed on position, so that row shifts no other draw). ``min_tokens`` masking holds too (the sampler counts the placeholder as the output it
-        stands for), and penalties take the in-flight token's value from the device. Waiting
+        keyed on position, so that row shifts no other draw). ``min_tokens`` masking holds too (the
+        sampler counts the placeholder as the output it stands for), and penalties take the
+        in-flight token's value from the device. Waiting
         requests are admitted into the same step behind the decodes, as far as the token budget and
         the free blocks go (never by preempting). None, and nothing changed, when the next step
         needs anything else: a partial prefill to continue, a preemption, nothing to continue."""

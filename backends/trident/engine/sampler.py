@@ -73,10 +73,11 @@ class Sampler:
             raise ValueError(f"{logits.shape[0]} logits rows for {len(seqs)} sequences")
         params = [seq.sampling_params for seq in seqs]
         want_logprobs = any(p.logprobs for p in params)
-        if all(p.is_greedy for p in params) and not any(_needs_logits_processing(s) for s in seqs):
+        needs_processing = any(_needs_logits_processing(s) for s in seqs)
+        if all(p.is_greedy for p in params) and not needs_processing:
             tokens = logits.argmax(dim=-1)  # [num_seqs]
             return tokens, _chosen_logprobs(logits, tokens) if want_logprobs else None
-        if any(_needs_logits_processing(s) for s in seqs):   # written in place: not the caller's tensor
+        if needs_processing:   # written in place: not the caller's tensor
             logits = self._process(logits.clone(), seqs, in_flight)
         tokens, distribution = self._sample(logits, seqs, want_logprobs)
         return tokens, _chosen_logprobs(distribution, tokens) if want_logprobs else None
@@ -145,9 +146,10 @@ class Sampler:
             tokens = draw(masked, row_params, keys, MAX_ROUNDS)  # [num_seqs]
         if not want_distribution:
             return tokens, None
-        temperature = row_params[:, 0].masked_fill(row_params[:, 0] == 0, 1.0)[:, None]  # [num_seqs, 1]
+        greedy = row_params[:, 0] == 0  # [num_seqs]
+        temperature = row_params[:, 0].masked_fill(greedy, 1.0)[:, None]  # [num_seqs, 1]
         warped = apply_top_k_top_p_min_p(logits / temperature, params)  # [num_seqs, vocab]
-        return tokens, torch.where((row_params[:, 0] == 0)[:, None], logits, warped)
+        return tokens, torch.where(greedy[:, None], logits, warped)
 
     def _row_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 [rows, 3] (temperature, 0 for greedy; top_p; min_p) and int64 [rows, 4] (the seed's
@@ -203,9 +205,9 @@ def draw(logits: torch.Tensor, params: torch.Tensor, keys: torch.Tensor, max_rou
         mass = torch.where(xp > pivot, (xp - m[pending]).exp(), 0.0).sum(dim=-1)
         ok = (mass < top_p[pending] * z[pending]) & ((pivot[:, 0] - m[pending, 0]).exp() >= min_p[pending])
         accepted[pending[ok]] = True
-        again = pending[~ok]
-        score = _race(x[again], token, key1[again], key2[again], round_)
-        best[again] = torch.where(x[again] > pivot[~ok], score, float("-inf")).argmax(dim=-1)
+        again, xa = pending[~ok], xp[~ok]  # [again], [again, vocab]
+        score = _race(xa, token, key1[again], key2[again], round_)
+        best[again] = torch.where(xa > pivot[~ok], score, float("-inf")).argmax(dim=-1)
     # Greedy rows, and a row still undecided after max_rounds (its last candidate unchecked, as in the
     # kernel; never seen in practice): the argmax, which every filter keeps.
     return torch.where(greedy | ~accepted, top, best)

@@ -59,9 +59,8 @@ def _sample_kernel(logits_ptr, stride_row, params_ptr, keys_ptr, out_ptr, vocab,
     offs = tl.arange(0, BLOCK)
 
     # Pass 1: max, sum of exp, argmax, and round 0's race over the whole row.
-    m = -1e30
+    m = -1e30   # the running max (finite, so that z's first rescale is not -inf - -inf)
     z = 0.0
-    top = float("-inf")
     top_i = 0
     best = float("-inf")
     best_i = 0
@@ -71,8 +70,7 @@ def _sample_kernel(logits_ptr, stride_row, params_ptr, keys_ptr, out_ptr, vocab,
         x = tl.load(base + idx, mask=mask, other=float("-inf")).to(tl.float32) * inv_t  # [BLOCK]
         block_max = tl.max(x, axis=0)
         block_i = start + tl.argmax(x, axis=0)
-        top_i = tl.where(block_max > top, block_i, top_i)   # strict: the first max, as torch.argmax
-        top = tl.maximum(top, block_max)
+        top_i = tl.where(block_max > m, block_i, top_i)   # strict: the first max, as torch.argmax
         new_m = tl.maximum(m, block_max)
         z = z * tl.exp(m - new_m) + tl.sum(tl.exp(x - new_m), axis=0)
         m = new_m
